@@ -1,0 +1,67 @@
+"""The ``moe-vlm`` console script. Subcommands dispatch to their modules;
+``train`` hands the remaining arguments to Hydra as overrides."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+USAGE = """usage: moe-vlm <command> [args]
+
+commands:
+  train [hydra overrides]   train a model (default: tiny MoE on embedded data, CPU)
+                            e.g. moe-vlm train model=small routing=deepseek_v3 train.max_steps=50
+                            add --cfg job to print the resolved config, -m for a multirun sweep
+"""
+
+
+def train_main(args: Sequence[str]) -> None:
+    """Run ``moe-vlm train`` with Hydra overrides ``args``."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    from moe_vlm.config.loader import config_dir, register_schema, to_config
+    from moe_vlm.config.schema import ConfigError
+    from moe_vlm.train.loop import train
+
+    register_schema()
+
+    def task(dcfg: DictConfig) -> None:
+        try:
+            cfg = to_config(dcfg)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        run_dir = cfg.run.dir or HydraConfig.get().runtime.output_dir
+        s = train(cfg, run_dir)
+        print(f"run dir: {run_dir}\nstatus: {s['status']}  steps: {s['steps']}  "
+              f"eval loss: {s['initial_eval_loss']:.4f} -> {s.get('final_eval_loss', float('nan')):.4f}  "
+              f"wall: {s['wall_time_s']:.1f}s")
+
+    app = hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(task)
+    saved = sys.argv
+    sys.argv = ["moe-vlm train", *args]
+    try:
+        app()
+    finally:
+        sys.argv = saved
+
+
+COMMANDS = {"train": train_main}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"moe-vlm: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)
+    COMMANDS[cmd](rest)
+
+
+if __name__ == "__main__":
+    main()

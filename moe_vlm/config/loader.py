@@ -1,0 +1,58 @@
+"""Find ``configs/``, register the schema with Hydra, and turn a composed config into
+validated dataclasses. ``load_config`` is the programmatic twin of ``moe-vlm train``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from moe_vlm.config.schema import Config, ConfigError, validate
+
+SCHEMA_NAME = "moe_vlm_schema"
+
+
+def config_dir() -> Path:
+    """The Hydra config directory: ``$MOE_VLM_CONFIG_DIR`` or the repo's ``configs/``."""
+    env = os.environ.get("MOE_VLM_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"no config.yaml in {path}; install the repo in editable mode "
+            "(pip install -e .) or point MOE_VLM_CONFIG_DIR at a configs/ directory")
+    return path
+
+
+def register_schema() -> None:
+    """Register the structured schema (so YAML presets are type-checked on merge) and the
+    ``first_set`` resolver that lets ``run.dir`` double as Hydra's job directory."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+    if not OmegaConf.has_resolver("first_set"):
+        OmegaConf.register_new_resolver("first_set", lambda *xs: next((x for x in xs if x), None))
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Composed ``DictConfig`` -> validated ``Config`` (drops Hydra's own keys)."""
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) \
+        if "hydra" in cfg else cfg
+    obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    assert isinstance(obj, Config)
+    return validate(obj)
+
+
+def load_config(overrides: Sequence[str] = ()) -> Config:
+    """Compose ``configs/config.yaml`` with Hydra overrides, outside of a Hydra app."""
+    register_schema()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except ConfigError:
+        raise
+    except Exception as e:  # Hydra's errors already name the offending key
+        cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
+        raise ConfigError(f"{e}{cause}") from e
+    return to_config(cfg)

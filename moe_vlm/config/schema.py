@@ -1,0 +1,217 @@
+"""Typed config schema: one dataclass per Hydra group, validated in one place.
+
+Hydra merges the YAML presets in ``configs/`` onto these dataclasses (struct mode),
+so an unknown key fails at start-up with the key's path. ``validate`` then checks
+value ranges and combinations that a type cannot express and names the key to
+change. Model code receives these dataclasses, never a ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+GATES = ("softmax_topk", "sigmoid_topk", "expert_choice")
+AUX_SCOPES = ("micro_batch", "sequence", "global_batch")
+BACKENDS = ("auto", "torch", "grouped_mm", "triton")
+SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+NAN_POLICIES = ("stop", "skip")
+ENGINES = ("torch", "deepspeed")
+
+
+class ConfigError(ValueError):
+    """A config value or combination that cannot run; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Decoder shape. ``moe_every=0`` gives a dense model."""
+
+    name: str = "tiny"
+    vocab_size: int = 320
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: Optional[int] = None  # None -> d_model // n_heads
+    d_ff: int = 256  # width of the dense SwiGLU MLP
+    n_dense_layers: int = 0  # the first n layers are dense
+    moe_every: int = 1  # after those, every n-th layer is MoE (0 = none)
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3 style)
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class MoEConfig:
+    """Expert sizes at granularity 1; ``granularity=m`` splits each expert m ways.
+
+    The resolved layer has ``m * n_experts`` routed experts of width ``d_expert / m``
+    with ``m * routing.top_k`` active (same active FLOPs), see ``model.granularity``.
+    Shared experts keep total width ``n_shared * d_expert``.
+    """
+
+    n_experts: int = 8
+    n_shared: int = 0
+    d_expert: int = 128
+    granularity: int = 1
+    backend: str = "auto"
+
+
+@dataclass
+class RoutingConfig:
+    """Gate, balancing losses and capacity. ``capacity_factor=None`` is dropless."""
+
+    name: str = "mixtral_top2"
+    gate: str = "softmax_topk"
+    top_k: int = 2
+    renormalize: bool = True  # softmax_topk: renormalise the k kept weights to sum 1
+    routed_scaling: float = 1.0  # multiplies routed weights (DeepSeek-V3 uses 2.5)
+    aux_loss_coef: float = 0.01
+    aux_loss_scope: str = "micro_batch"
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3); 0 = off
+    capacity_factor: Optional[float] = None  # None = dropless
+
+
+@dataclass
+class DataConfig:
+    """Which dataset and how long each sample is."""
+
+    name: str = "synthetic_text"
+    seq_len: int = 128
+    n_eval_samples: int = 64
+    seed: int = 1234  # data seed, independent of the model seed
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule, batch sizes (global, in samples) and run cadence."""
+
+    max_steps: int = 300
+    batch_size: int = 16  # global batch, samples per optimiser step
+    micro_batch_size: Optional[int] = None  # None = batch_size (no accumulation)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    wsd_decay_frac: float = 0.2  # WSD: fraction of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    precision: str = "auto"  # auto: bf16 autocast on CUDA with bf16, else fp32
+    device: str = "auto"
+    eval_every: int = 50
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    nan_policy: str = "stop"
+    max_skipped_steps: int = 10  # nan_policy=skip: give up after this many
+    stop_after_steps: Optional[int] = None  # exit (resumable) after N steps this call
+    progress: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout. Multi-process engines arrive with expert parallelism."""
+
+    engine: str = "torch"
+    dp: int = 1
+    ep: int = 1
+
+
+@dataclass
+class RunConfig:
+    """Where the run writes. ``dir=None`` uses Hydra's output directory of the job."""
+
+    dir: Optional[str] = None
+    name: str = "run"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _need(value in choices, key, f"unknown value {value!r}; choose one of {list(choices)}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and combinations; raise ``ConfigError`` naming the key to change."""
+    m, moe, r, t = cfg.model, cfg.moe, cfg.routing, cfg.train
+    for key, v in [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
+                   ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+                   ("model.n_kv_heads", m.n_kv_heads), ("model.d_ff", m.d_ff),
+                   ("model.max_seq_len", m.max_seq_len), ("moe.n_experts", moe.n_experts),
+                   ("moe.d_expert", moe.d_expert), ("moe.granularity", moe.granularity),
+                   ("routing.top_k", r.top_k), ("data.seq_len", cfg.data.seq_len),
+                   ("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
+                   ("train.eval_every", t.eval_every), ("data.n_eval_samples", cfg.data.n_eval_samples),
+                   ("train.ckpt_every", t.ckpt_every), ("train.log_every", t.log_every),
+                   ("parallel.dp", cfg.parallel.dp), ("parallel.ep", cfg.parallel.ep)]:
+        _need(v >= 1, key, f"must be >= 1, got {v}")
+    for key, v in [("model.n_dense_layers", m.n_dense_layers), ("model.moe_every", m.moe_every),
+                   ("moe.n_shared", moe.n_shared), ("train.warmup_steps", t.warmup_steps),
+                   ("routing.aux_loss_coef", r.aux_loss_coef), ("routing.z_loss_coef", r.z_loss_coef),
+                   ("routing.bias_update_rate", r.bias_update_rate),
+                   ("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip)]:
+        _need(v >= 0, key, f"must be >= 0, got {v}")
+    _need(m.d_model % m.n_heads == 0 or m.head_dim is not None, "model.d_model",
+          f"{m.d_model} is not divisible by model.n_heads={m.n_heads}; change one or set model.head_dim")
+    _need(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+          f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
+    hd = m.head_dim if m.head_dim is not None else m.d_model // m.n_heads
+    _need(hd % 2 == 0, "model.head_dim", f"rotary embeddings need an even head dim, got {hd}")
+    _need(cfg.data.seq_len <= m.max_seq_len, "data.seq_len",
+          f"{cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _one_of(moe.backend, "moe.backend", BACKENDS)
+    _need(moe.d_expert % moe.granularity == 0, "moe.granularity",
+          f"moe.d_expert={moe.d_expert} must be divisible by the granularity {moe.granularity}")
+    _one_of(r.gate, "routing.gate", GATES)
+    _one_of(r.aux_loss_scope, "routing.aux_loss_scope", AUX_SCOPES)
+    n_exp, k = moe.n_experts * moe.granularity, r.top_k * moe.granularity
+    _need(k <= n_exp, "routing.top_k",
+          f"top_k={r.top_k} (x granularity {moe.granularity} = {k}) exceeds the "
+          f"{n_exp} routed experts (moe.n_experts x moe.granularity)")
+    _need(r.routed_scaling > 0, "routing.routed_scaling", f"must be > 0, got {r.routed_scaling}")
+    if r.capacity_factor is not None:
+        _need(r.capacity_factor > 0, "routing.capacity_factor",
+              f"must be > 0 (or null for dropless), got {r.capacity_factor}")
+    if r.gate == "expert_choice":
+        _need(r.bias_update_rate == 0, "routing.bias_update_rate",
+              "expert_choice is balanced by construction; set routing.bias_update_rate=0")
+    _one_of(t.schedule, "train.schedule", SCHEDULES)
+    _one_of(t.precision, "train.precision", PRECISIONS)
+    _one_of(t.nan_policy, "train.nan_policy", NAN_POLICIES)
+    _need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    _need(0 < t.wsd_decay_frac <= 1, "train.wsd_decay_frac", f"must be in (0, 1], got {t.wsd_decay_frac}")
+    mb = t.micro_batch_size if t.micro_batch_size is not None else t.batch_size
+    _need(mb >= 1 and t.batch_size % mb == 0, "train.micro_batch_size",
+          f"train.batch_size={t.batch_size} must be a positive multiple of the micro batch {mb}")
+    _need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    if t.stop_after_steps is not None:
+        _need(t.stop_after_steps >= 1, "train.stop_after_steps", "must be >= 1 (or null)")
+    _one_of(cfg.parallel.engine, "parallel.engine", ENGINES)
+    _need(cfg.parallel.ep == 1 and cfg.parallel.dp == 1 and cfg.parallel.engine == "torch",
+          "parallel", "only single-process runs (dp=1, ep=1, engine=torch) are implemented so far")
+    return cfg

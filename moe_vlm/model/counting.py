@@ -1,0 +1,44 @@
+"""Parameter and FLOP accounting (total vs active), for summaries and scaling fits.
+
+Conventions (as nanoGPT / PaLM / Chinchilla): a matmul with P weights costs 2P FLOPs
+per token forward; attention scores and the value mix add ``4 * S * H * Hd`` per layer
+(full S x S, not discounting the causal mask); training = 3 x forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe_vlm.model.decoder import DecoderLM
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int  # every parameter (tied head counted once)
+    active: int  # parameters used per token: total minus the unchosen routed experts
+    embedding: int  # token embedding (+ untied head)
+    routed_expert: int  # all routed expert parameters
+
+
+def count_params(model: DecoderLM) -> ParamCounts:
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.embed.weight.numel() + (model.head.weight.numel() if model.head is not None else 0)
+    routed, inactive = 0, 0
+    for moe in model.moe_layers():
+        per_expert = (moe.experts.w_in.numel() + moe.experts.w_out.numel()) // moe.sizes.n_experts
+        routed += per_expert * moe.sizes.n_experts
+        inactive += per_expert * (moe.sizes.n_experts - moe.sizes.top_k)
+    return ParamCounts(total=total, active=total - inactive, embedding=emb, routed_expert=routed)
+
+
+def flops_per_token(model: DecoderLM, seq_len: int, training: bool = True) -> int:
+    """Active FLOPs per token: every active matmul (router and LM head included, the
+    embedding lookup and norms excluded) plus attention over ``seq_len``."""
+    c = count_params(model)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    matmul = c.active - model.embed.weight.numel() - norms
+    if model.head is None:  # tied: the head is still a [V, D] matmul (untied: counted in active)
+        matmul += model.embed.weight.numel()
+    attn = 4 * seq_len * model.cfg.n_heads * model.head_dim * model.cfg.n_layers
+    fwd = 2 * matmul + attn
+    return 3 * fwd if training else fwd

@@ -1,0 +1,157 @@
+"""Decoder-only LM whose FFNs follow a dense/MoE schedule. Readable top to bottom.
+
+Legend: B batch, S sequence, D model width, V vocabulary, L layers.
+
+Build with ``build_model`` (meta device, then ``init_weights`` in one place).
+``forward`` takes token ids or ready embeddings (the VLM splices image embeddings in
+before the decoder) and returns logits, the LM loss and each MoE layer's router output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_vlm.config.schema import ModelConfig, MoEConfig, RoutingConfig
+from moe_vlm.model.granularity import MoESizes, resolve_moe_sizes
+from moe_vlm.model.layers import Attention, RMSNorm, SwiGLU, rotary_tables
+from moe_vlm.model.moe import MoELayer
+from moe_vlm.routing.router import RouterOutput
+
+IGNORE_INDEX = -100
+
+
+def ffn_schedule(n_layers: int, n_dense_layers: int, moe_every: int) -> list[bool]:
+    """``is_moe`` per layer: the first ``n_dense_layers`` dense, then every
+    ``moe_every``-th layer MoE starting with the first one after them (0 = none)."""
+    return [moe_every > 0 and i >= n_dense_layers and (i - n_dense_layers) % moe_every == 0
+            for i in range(n_layers)]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, head_dim: int, ffn: Union[SwiGLU, MoELayer]):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim,
+                              cfg.qk_norm, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = ffn
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Optional[RouterOutput]]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)  # [B, S, D]
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoELayer):
+            y, r = self.ffn(h)
+            return x + y, r
+        return x + self.ffn(h), None
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, S, V]
+    loss: Optional[Tensor] = None  # lm_loss + routing_loss (what to backprop)
+    lm_loss: Optional[Tensor] = None  # mean token cross-entropy over non-ignored labels
+    routing_loss: Optional[Tensor] = None  # sum of the MoE layers' weighted aux + z losses
+    routing: list[RouterOutput] = field(default_factory=list)  # one per MoE layer, in order
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, routing: RoutingConfig):
+        super().__init__()
+        self.cfg, self.moe_cfg, self.routing_cfg = cfg, moe, routing
+        self.head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+        self.moe_sizes: MoESizes = resolve_moe_sizes(moe, routing)
+        self.schedule = ffn_schedule(cfg.n_layers, cfg.n_dense_layers, cfg.moe_every)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList([
+            Block(cfg, self.head_dim,
+                  MoELayer(cfg.d_model, self.moe_sizes, routing, moe.backend) if is_moe
+                  else SwiGLU(cfg.d_model, cfg.d_ff))
+            for is_moe in self.schedule])
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rotary_tables(self.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [S_max, Hd/2]
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [blk.ffn for blk in self.layers if isinstance(blk.ffn, MoELayer)]
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Every parameter and buffer is initialised here, deterministically from seed.
+
+        Normal(0, init_std) everywhere; output projections (attention ``wo``, MLP and
+        expert ``w_out``) scaled by 1/sqrt(2L) as in GPT-2; norms to 1; router bias 0."""
+        g = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
+        std = self.cfg.init_std
+        out_std = std / (2 * self.cfg.n_layers) ** 0.5
+        self.embed.weight.normal_(0.0, std, generator=g)
+        for blk in self.layers:
+            blk.attn_norm.init_weights()
+            blk.ffn_norm.init_weights()
+            a = blk.attn
+            for lin in (a.wq, a.wk, a.wv):
+                lin.weight.normal_(0.0, std, generator=g)
+            a.wo.weight.normal_(0.0, out_std, generator=g)
+            for n in (a.q_norm, a.k_norm):
+                if n is not None:
+                    n.init_weights()
+            ffn = blk.ffn
+            if isinstance(ffn, MoELayer):
+                ffn.router.init_weights(std, generator=g)
+                ffn.experts.init_weights(std, out_std, generator=g)
+                mlps = [ffn.shared] if ffn.shared is not None else []
+            else:
+                mlps = [ffn]
+            for mlp in mlps:
+                mlp.w_in.weight.normal_(0.0, std, generator=g)
+                mlp.w_out.weight.normal_(0.0, out_std, generator=g)
+        self.norm.init_weights()
+        if self.head is not None:
+            self.head.weight.normal_(0.0, std, generator=g)
+        cos, sin = rotary_tables(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
+                                 self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                inputs_embeds: Optional[Tensor] = None) -> ModelOutput:
+        """input_ids [B, S] or inputs_embeds [B, S, D]; labels [B, S] are the *next-token*
+        targets of each position (already shifted), ``-100`` where no loss is taken."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, S, D]
+        s = x.shape[1]
+        if s > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {s} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        routing: list[RouterOutput] = []
+        for blk in self.layers:
+            x, r = blk(x, self.rope_cos, self.rope_sin)
+            if r is not None:
+                routing.append(r)
+        x = self.norm(x)
+        w = self.embed.weight if self.head is None else self.head.weight
+        logits = F.linear(x, w)  # [B, S, V]
+        out = ModelOutput(logits=logits, routing=routing)
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                          ignore_index=IGNORE_INDEX)
+            out.routing_loss = sum((r.loss for r in routing), torch.zeros((), device=x.device))
+            out.loss = out.lm_loss + out.routing_loss
+        return out
+
+
+def build_model(cfg: ModelConfig, moe: MoEConfig, routing: RoutingConfig,
+                device: Union[str, torch.device] = "cpu", seed: int = 0) -> DecoderLM:
+    """Construct on the meta device (no memory, no init work), materialise on ``device``,
+    then initialise every weight once in ``init_weights``."""
+    with torch.device("meta"):
+        model = DecoderLM(cfg, moe, routing)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model

@@ -1,0 +1,88 @@
+"""Dense building blocks: RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP.
+
+Legend: B batch, S sequence, D model width, H query heads, G key/value heads,
+Hd head dim, F MLP width.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self.weight.fill_(1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float,
+                  device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
+    """cos, sin tables [S, Hd/2] in fp32 (rotate-half convention, as Llama/Qwen)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    pos = torch.arange(max_seq_len, device=device).float()
+    ang = torch.outer(pos, inv_freq)  # [S, Hd/2]
+    return ang.cos(), ang.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, S, Hd]; cos/sin [S, Hd/2]. Rotate-half form."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # [B, H, S, Hd/2] each
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with rotary positions via SDPA."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 qk_norm: bool = False, norm_eps: float = 1e-5):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.wq = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)  # [B, S, H, Hd]
+        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)  # [B, S, G, Hd]
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)  # [B, S, G, Hd]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H|G, S, Hd]
+        q, k = apply_rotary(q, cos[:s], sin[:s]), apply_rotary(k, cos[:s], sin[:s])
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, Hd]
+        return self.wo(y.transpose(1, 2).reshape(b, s, -1))  # [B, S, D]
+
+
+class SwiGLU(nn.Module):
+    """``w_out(silu(x W_gate) * (x W_up))``; gate and up share one ``[2F, D]`` weight
+    (rows ``:F`` gate, ``F:`` up) so they run as one GEMM."""
+
+    def __init__(self, d_model: int, d_hidden: int):
+        super().__init__()
+        self.d_hidden = d_hidden
+        self.w_in = nn.Linear(d_model, 2 * d_hidden, bias=False)
+        self.w_out = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w_in(x).chunk(2, dim=-1)  # [..., F] each
+        return self.w_out(F.silu(gate) * up)

@@ -1,0 +1,33 @@
+"""Expert capacity and token dropping (token-choice routing).
+
+Legend: T tokens, K experts per token, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
+    """Slots per expert: ``ceil(capacity_factor * T * K / E)`` (GShard/Switch)."""
+    return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+
+
+def capacity_keep_mask(experts: Tensor, n_experts: int, capacity: int) -> Tensor:
+    """Which assignments fit: ``keep [T, K]`` bool.
+
+    Priority follows GShard: all first choices before any second choice, and within a
+    choice rank, earlier tokens first. An expert keeps its first ``capacity``
+    assignments in that order; the rest are dropped (their tokens keep the residual)."""
+    t, k = experts.shape
+    flat = experts.t().reshape(-1)  # [K*T], choice-rank major
+    order = torch.argsort(flat, stable=True)  # [K*T]
+    counts = torch.bincount(flat, minlength=n_experts)  # [E]
+    starts = torch.cumsum(counts, 0) - counts  # [E]
+    rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+    rank = torch.empty_like(rank_sorted)
+    rank[order] = rank_sorted  # position of each assignment inside its expert's queue
+    return (rank < capacity).reshape(k, t).t()  # [T, K]

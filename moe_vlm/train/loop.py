@@ -1,0 +1,245 @@
+"""One training run: build, (resume,) train with periodic eval and checkpoints, summarise.
+
+Batches are addressed by (step, micro-batch) and the model holds all other state, so
+a run resumed from its last checkpoint replays exactly the losses of an uninterrupted
+run. Host syncs: one ``.item()`` per optimiser step (the finiteness check) plus the
+logging steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from moe_vlm.config.schema import Config, ConfigError
+from moe_vlm.data import DataBundle, build_data
+from moe_vlm.model import DecoderLM, build_model, count_params, flops_per_token
+from moe_vlm.train.checkpoint import load_latest, save_checkpoint
+from moe_vlm.train.optim import build_optimizer, lr_at
+from moe_vlm.train.rundir import MetricsLog, atomic_write, write_json
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss or gradient norm is NaN/inf under ``train.nan_policy=stop``."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available; use auto or cpu")
+    return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """bf16 autocast where supported (``auto``: CUDA with bf16), else None (fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: DecoderLM, data: DataBundle, batch_size: int, device: torch.device,
+             amp: Optional[torch.dtype]) -> float:
+    """Token-weighted mean LM loss over the held-out split."""
+    was_training = model.training
+    model.eval()
+    total, n_tok = torch.zeros((), device=device), 0
+    for batch in data.eval_batches(batch_size):
+        labels = batch["labels"].to(device)
+        with _autocast(device, amp):
+            out = model(batch["input_ids"].to(device), labels=labels)
+        n = int((labels != -100).sum())
+        total += out.lm_loss.float() * n
+        n_tok += n
+    model.train(was_training)
+    return (total / max(1, n_tok)).item()  # host sync
+
+
+def _layer_metrics(model: DecoderLM, routing_steps: list[list[Any]]) -> dict[str, dict]:
+    """Aggregate one step's router outputs (per micro-batch) into per-layer metrics."""
+    moe_ids = [i for i, blk in enumerate(model.layers) if blk.ffn in model.moe_layers()]
+    out = {}
+    for j, layer in enumerate(moe_ids):
+        rs = [step[j] for step in routing_steps]
+        counts = torch.stack([r.counts for r in rs]).sum(0)  # [E]
+        mean = counts.mean().clamp_min(1e-9)
+        out[f"layer_{layer}"] = {
+            "tokens_per_expert": counts.tolist(),
+            "max_violation": (counts.max() / mean - 1).item(),
+            "drop_frac": sum(float(r.stats["drop_frac"]) for r in rs) / len(rs),
+            "entropy": sum(float(r.stats["entropy"]) for r in rs) / len(rs),
+            "aux_loss": sum(float(r.stats["aux_loss"]) for r in rs) / len(rs),
+            "z_loss": sum(float(r.stats["z_loss"]) for r in rs) / len(rs),
+        }
+    return out
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+    """Run (or resume) the training job described by ``cfg`` in ``run_dir``.
+
+    Returns the final summary (also written to ``run_dir/summary.json``)."""
+    t_cfg = cfg.train
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg))))
+
+    device = resolve_device(t_cfg.device)
+    amp = autocast_dtype(t_cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    data = build_data(cfg.data)
+    if data.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
+                          f"tokenizer's {data.tokenizer.vocab_size} ids; raise it")
+    model = build_model(cfg.model, cfg.moe, cfg.routing, device=device, seed=cfg.seed)
+    opt = build_optimizer(model, t_cfg)
+    micro_bs = t_cfg.micro_batch_size or t_cfg.batch_size
+    n_micro = t_cfg.batch_size // micro_bs
+    counts = count_params(model)
+    moes = model.moe_layers()
+    summary: dict[str, Any] = {
+        "status": "running", "params_total": counts.total, "params_active": counts.active,
+        "params_embedding": counts.embedding,
+        "flops_per_token": flops_per_token(model, cfg.data.seq_len, training=True),
+        "device": str(device), "precision": str(amp or torch.float32).replace("torch.", ""),
+        "expert_backend": moes[0].experts.backend_name(
+            torch.empty(0, cfg.model.d_model, device=device)) if moes else None,
+        "config": asdict(cfg),
+    }
+
+    state = load_latest(ckpt_dir, map_location=device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step, prior = state["step"], state["summary"]
+        summary.update({k: prior[k] for k in ("initial_eval_loss", "tokens_seen", "wall_time_s",
+                                              "skipped_steps", "final_train_loss") if k in prior})
+        summary["resumed_from"] = step
+        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
+    else:
+        step = 0
+        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=None)
+        summary.update(tokens_seen=0, wall_time_s=0.0, skipped_steps=0)
+        summary["initial_eval_loss"] = evaluate(model, data, micro_bs, device, amp)
+        log.log({"step": 0, "eval_loss": summary["initial_eval_loss"]})
+    summary["steps"] = step
+    write_json(run_dir / "summary.json", summary)
+
+    def checkpoint() -> Path:
+        return save_checkpoint(ckpt_dir, step, {
+            "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "rng": torch.get_rng_state(), "summary": summary}, keep=t_cfg.keep_checkpoints)
+
+    t_start, wall0 = time.time(), summary["wall_time_s"]
+    t_window, tok_window = time.time(), 0
+    stop_at = t_cfg.max_steps if t_cfg.stop_after_steps is None else \
+        min(t_cfg.max_steps, step + t_cfg.stop_after_steps)
+    bar = _progress(t_cfg.max_steps, step, t_cfg.progress)
+    model.train()
+    try:
+        while step < stop_at:
+            lr = lr_at(step, t_cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            lm_sum = torch.zeros((), device=device)
+            rt_sum = torch.zeros((), device=device)
+            routing_steps = []
+            for micro in range(n_micro):
+                batch = data.train_batch(step, micro, micro_bs, t_cfg.batch_size)
+                with _autocast(device, amp):
+                    out = model(batch["input_ids"].to(device), labels=batch["labels"].to(device))
+                (out.loss / n_micro).backward()
+                lm_sum += out.lm_loss.detach() / n_micro
+                rt_sum += out.routing_loss.detach() / n_micro
+                routing_steps.append(out.routing)
+            clip = t_cfg.grad_clip if t_cfg.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            finite = bool(torch.isfinite(lm_sum + rt_sum) & torch.isfinite(grad_norm))  # host sync
+            if not finite:
+                opt.zero_grad(set_to_none=True)
+                bad = f"loss={(lm_sum + rt_sum).item():.4g}, grad_norm={grad_norm.item():.4g}"
+                if t_cfg.nan_policy == "stop":
+                    path = checkpoint()
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step} ({bad}). The state before this step "
+                        f"is saved at {path}. Lower train.lr, raise train.warmup_steps, check "
+                        f"the data, or set train.nan_policy=skip to skip such steps.")
+                summary["skipped_steps"] += 1
+                print(f"warning: skipped step {step} with non-finite {bad}")
+                if summary["skipped_steps"] > t_cfg.max_skipped_steps:
+                    path = checkpoint()
+                    raise NonFiniteLossError(
+                        f"{summary['skipped_steps']} non-finite steps (limit "
+                        f"train.max_skipped_steps={t_cfg.max_skipped_steps}); state saved at {path}")
+            else:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if cfg.routing.bias_update_rate > 0:
+                    for j, moe in enumerate(moes):
+                        moe.update_bias(torch.stack([r[j].counts for r in routing_steps]).sum(0),
+                                        cfg.routing.bias_update_rate)
+            step += 1
+            n_tok = t_cfg.batch_size * cfg.data.seq_len
+            summary["tokens_seen"] += n_tok
+            tok_window += n_tok
+            summary["steps"] = step
+            if bar is not None:
+                bar.update(1)
+
+            row: dict[str, Any] = {}
+            if step % t_cfg.log_every == 0 or step == stop_at or not finite:
+                now = time.time()
+                summary["final_train_loss"] = lm_sum.item()
+                row.update(loss=lm_sum.item(), routing_loss=rt_sum.item(), lr=lr,
+                           grad_norm=grad_norm.item(), tokens_per_s=tok_window / max(1e-9, now - t_window),
+                           tokens_seen=summary["tokens_seen"], skipped=not finite,
+                           routing=_layer_metrics(model, routing_steps))
+                t_window, tok_window = now, 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
+            if step % t_cfg.eval_every == 0 or step == t_cfg.max_steps:
+                row["eval_loss"] = summary["final_eval_loss"] = evaluate(model, data, micro_bs, device, amp)
+            if row:
+                log.log({"step": step, **row})
+            if step % t_cfg.ckpt_every == 0 or step == stop_at:
+                summary["wall_time_s"] = wall0 + time.time() - t_start
+                checkpoint()
+        summary["wall_time_s"] = wall0 + time.time() - t_start
+        summary["status"] = "completed" if step >= t_cfg.max_steps else "running"
+        write_json(run_dir / "summary.json", summary)
+        return summary
+    except BaseException as e:
+        summary["wall_time_s"] = wall0 + time.time() - t_start
+        summary["status"] = "failed"
+        summary["error"] = f"{type(e).__name__}: {e}"
+        write_json(run_dir / "summary.json", summary)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,49 @@
+"""AdamW with parameter groups and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moe_vlm.config.schema import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (linear, expert, router and embedding weights); no decay on
+    norms and biases. The router's balance bias is a buffer, so no optimiser sees it."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimiser step ``step`` (0-based).
+
+    Linear warmup to ``lr``, then ``cosine`` decay to ``min_lr_ratio * lr`` at
+    ``max_steps``; ``wsd`` holds ``lr`` and decays linearly over the last
+    ``wsd_decay_frac`` of the steps (warmup-stable-decay); ``constant`` holds it."""
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "cosine":
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        frac = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * frac))
+    decay_start = cfg.max_steps - max(1, round(cfg.wsd_decay_frac * cfg.max_steps))
+    if step < decay_start:
+        return peak
+    frac = min(1.0, (step - decay_start + 1) / (cfg.max_steps - decay_start))
+    return peak + (floor - peak) * frac
