@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny configs composed through the real Hydra presets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from moe_vlm.config import Config, load_config
+
+# Tests are CPU-only and deterministic; keep torch from oversubscribing 2 cores.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+FAST = ["train.batch_size=4", "data.seq_len=32", "data.n_eval_samples=8",
+        "train.progress=false", "train.warmup_steps=2"]
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """``tiny_config(*overrides)`` -> a validated Config for a seconds-long run in tmp."""
+
+    def make(*overrides: str) -> Config:
+        return load_config([*FAST, f"run.dir={tmp_path / 'run'}", *overrides])
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

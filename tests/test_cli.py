@@ -1,0 +1,56 @@
+"""The console script: the default job (shortened) runs end to end and its loss falls."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moe_vlm.cli import main
+
+
+def _run(args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-m", "moe_vlm.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.timeout(300)
+def test_default_job_short_version_loss_falls(tmp_path):
+    # The default job with fewer steps: same model, routing, data and schedule shape.
+    r = _run(["train", "train.max_steps=60", "train.eval_every=30", "train.warmup_steps=6",
+              "train.progress=false"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list((tmp_path / "outputs").glob("*/*/summary.json"))  # Hydra's job dir
+    assert len(runs) == 1
+    s = json.loads(runs[0].read_text())
+    assert s["status"] == "completed" and s["steps"] == 60
+    assert s["final_eval_loss"] < 0.7 * s["initial_eval_loss"]
+    assert (runs[0].parent / "config.yaml").is_file()
+    assert (runs[0].parent / "metrics.jsonl").is_file()
+
+
+def test_config_error_exits_with_message(tmp_path):
+    r = _run(["train", "routing.gate=nope", f"run.dir={tmp_path}/r"], cwd=tmp_path)
+    assert r.returncode != 0
+    assert "routing.gate" in r.stderr
+
+
+def test_unknown_command_and_help(capsys):
+    main(["--help"])
+    assert "moe-vlm train" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["frobnicate"])
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_console_script_installed():
+    import shutil
+    exe = shutil.which("moe-vlm")
+    if exe is None:
+        pytest.skip("package not installed with its console script")
+    r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "train" in r.stdout

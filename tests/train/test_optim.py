@@ -1,0 +1,53 @@
+"""Learning-rate schedules and parameter groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from moe_vlm.config import TrainConfig
+from moe_vlm.config import load_config
+from moe_vlm.model import build_model
+from moe_vlm.train.optim import build_optimizer, lr_at, param_groups
+
+
+def test_warmup_cosine():
+    c = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110, schedule="cosine")
+    assert lr_at(0, c) == pytest.approx(0.1)
+    assert lr_at(9, c) == pytest.approx(1.0)
+    assert lr_at(10, c) == pytest.approx(1.0)
+    assert lr_at(60, c) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(110, c) == pytest.approx(0.1)
+    lrs = [lr_at(s, c) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_wsd():
+    c = TrainConfig(lr=2.0, min_lr_ratio=0.0, warmup_steps=5, max_steps=100, schedule="wsd",
+                    wsd_decay_frac=0.2)
+    assert lr_at(2, c) == pytest.approx(2.0 * 3 / 5)
+    assert all(lr_at(s, c) == 2.0 for s in range(5, 80))
+    assert lr_at(89, c) == pytest.approx(2.0 * (1 - 10 / 20))
+    assert lr_at(99, c) == pytest.approx(0.0)
+
+
+def test_constant():
+    c = TrainConfig(lr=0.5, warmup_steps=0, schedule="constant")
+    assert {lr_at(s, c) for s in range(50)} == {0.5}
+
+
+def test_param_groups_no_decay_on_norms_and_router_bias_not_optimised():
+    cfg = load_config(["model.tie_embeddings=false"])
+    model = build_model(cfg.model, cfg.moe, cfg.routing)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert nd and all("norm" in n for n in nd)
+    assert any("router.weight" in n for n in d) and any("experts.w_in" in n for n in d)
+    assert "embed.weight" in d and "head.weight" in d
+    assert len(d) + len(nd) == len(list(model.parameters()))
+    opt = build_optimizer(model, cfg.train)
+    assert all(p is not model.layers[0].ffn.router.bias for g in opt.param_groups for p in g["params"])
