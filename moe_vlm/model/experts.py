@@ -31,14 +31,22 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _accum_dtype(x: Tensor) -> torch.dtype:
+    """Combine in fp32 (fp64 for fp64 inputs, so the reference keeps full precision)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def experts_torch(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor,
                   w_in: Tensor, w_out: Tensor) -> Tensor:
     """Reference: ``y[t] = sum_{(t,e,w)} w * SwiGLU_e(x[t])`` by looping over experts.
 
     x [T, D], token_idx/expert_idx/weight [N], w_in [E, D, 2F], w_out [E, F, D] -> [T, D].
     One host sync per expert (``nonzero``)."""
-    dt = _compute_dtype(x)
-    y = torch.zeros(x.shape[0], x.shape[1], device=x.device, dtype=torch.float32)  # [T, D]
+    dt, acc = _compute_dtype(x), _accum_dtype(x)
+    # Start from an exact zero that is still connected to every input, so the result stays
+    # differentiable (with zero gradients) even when no expert receives a token.
+    y = (x[:0].sum() + w_in[:0].sum() + w_out[:0].sum() + weight[:0].sum()).to(acc)
+    y = y.expand(x.shape[0], x.shape[1]).contiguous()  # [T, D]
     for e in range(w_in.shape[0]):
         sel = (expert_idx == e).nonzero().squeeze(1)  # host sync
         if sel.numel() == 0:
@@ -46,7 +54,7 @@ def experts_torch(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tens
         tok = token_idx[sel]
         gate, up = (x[tok].to(dt) @ w_in[e].to(dt)).chunk(2, dim=-1)  # [n, F] each
         out = (F.silu(gate) * up) @ w_out[e].to(dt)  # [n, D]
-        y = y.index_add(0, tok, out.float() * weight[sel, None].float())
+        y = y.index_add(0, tok, out.to(acc) * weight[sel, None].to(acc))
     return y.to(x.dtype)
 
 
@@ -78,8 +86,9 @@ def experts_grouped_mm(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight:
     rows = x[tok].to(dt)  # [N, D], expert-sorted
     gate, up = torch._grouped_mm(rows, w_in.to(dt), offs=offsets).chunk(2, dim=-1)  # [N, F]
     out = torch._grouped_mm(F.silu(gate) * up, w_out.to(dt), offs=offsets)  # [N, D]
-    y = torch.zeros(x.shape[0], x.shape[1], device=x.device, dtype=torch.float32)
-    y = y.index_add(0, tok, out.float() * weight[order, None].float())  # [T, D]
+    acc = _accum_dtype(x)
+    y = torch.zeros(x.shape[0], x.shape[1], device=x.device, dtype=acc)
+    y = y.index_add(0, tok, out.to(acc) * weight[order, None].to(acc))  # [T, D]
     return y.to(x.dtype)
 
 
@@ -113,6 +122,8 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, d_model
         if grouped_mm_supported(device, dtype, d_model, d_expert) is None:
             return "grouped_mm"
         return "torch"
+    if name == "triton":
+        _triton_backend()  # raises with a message naming the alternatives
     if name == "grouped_mm":
         why = grouped_mm_supported(device, dtype, d_model, d_expert)
         if why:
@@ -146,7 +157,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor) -> Tensor:
         """x [T, D] -> [T, D]: sum over each token's assignments of weight * expert(x)."""
-        key = (x.device, _compute_dtype(x))
+        key = (self.backend, x.device, _compute_dtype(x))
         fn = self._resolved.get(key)
         if fn is None:
             fn = BACKENDS[self.backend_name(x)]()

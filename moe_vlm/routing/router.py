@@ -64,7 +64,8 @@ class Router(nn.Module):
         """x [T, D] (T = n_seqs * S tokens, sequence-major)."""
         cfg, n_exp, k = self.cfg, self.n_experts, self.top_k
         t = x.shape[0]
-        logits = F.linear(x.float(), self.weight.float())  # [T, E] fp32
+        dt = torch.promote_types(x.dtype, torch.float32)  # fp32 routing (fp64 stays fp64)
+        logits = F.linear(x.to(dt), self.weight.to(dt))  # [T, E]
         use_bias = self.bias if cfg.bias_update_rate > 0 else None
         dev = x.device
 
