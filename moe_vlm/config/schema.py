@@ -47,6 +47,41 @@ class ModelConfig:
 
 
 @dataclass
+class VisionConfig:
+    """Vision tower. ``name``: ``none`` (text-only model), ``vit`` (built from this
+    config), ``hf`` (a local Hugging Face SigLIP/CLIP vision checkpoint at ``hf_path``;
+    its own config then overrides the sizes here)."""
+
+    name: str = "none"
+    hf_path: Optional[str] = None
+    image_size: int = 32
+    patch_size: int = 8
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 256
+    act: str = "gelu_tanh"  # gelu | gelu_tanh | quick_gelu
+    norm_eps: float = 1e-6
+    cls_token: bool = False  # CLIP: a class token in front of the patches
+    pre_norm: bool = False  # CLIP: LayerNorm on the embeddings before the blocks
+    post_norm: bool = True  # SigLIP: LayerNorm on the last layer's output
+    pos_emb: str = "learned"  # learned | rope2d
+    select_layer: int = -1  # which block's output feeds the projector (LLaVA uses -2)
+    drop_cls: bool = True  # drop the class token from the features (if any)
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass
+class ProjectorConfig:
+    """Vision features -> decoder embeddings. ``merge=2`` concatenates each 2x2 patch
+    neighbourhood first (pixel shuffle), giving 4x fewer image tokens."""
+
+    type: str = "mlp2x_gelu"
+    merge: int = 1
+
+
+@dataclass
 class MoEConfig:
     """Expert sizes at granularity 1; ``granularity=m`` splits each expert m ways.
 
@@ -82,10 +117,19 @@ class RoutingConfig:
 class DataConfig:
     """Which dataset and how long each sample is."""
 
-    name: str = "synthetic_text"
+    name: str = "synthetic_text"  # synthetic_text | synthetic_vlm | llava
     seq_len: int = 128
     n_eval_samples: int = 64
     seed: int = 1234  # data seed, independent of the model seed
+    tokenizer: str = "byte"  # byte | bpe (trained on the embedded corpus) | hf (local dir)
+    tokenizer_path: Optional[str] = None  # tokenizer=hf: a local Hugging Face tokenizer dir
+    bpe_vocab_size: int = 512
+    path: Optional[str] = None  # llava: conversation JSON/JSONL file
+    image_dir: Optional[str] = None  # llava: folder the rows' "image" paths are relative to
+    eval_path: Optional[str] = None  # llava: held-out JSON/JSONL (default: last n_eval_samples rows)
+    streaming: bool = False  # llava: stream rows instead of loading the file
+    pack: bool = False  # pack several samples into each sequence
+    max_images_per_seq: int = 4  # packing budget: images per packed sequence
 
 
 @dataclass
@@ -138,6 +182,8 @@ class RunConfig:
 class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -13,17 +13,13 @@ from typing import Any, Callable, Protocol
 import torch
 
 from moe_vlm.config.schema import ConfigError, DataConfig
+from moe_vlm.data.sample import IGNORE_INDEX, collate
 from moe_vlm.data.synthetic_text import SyntheticText
 from moe_vlm.data.tokenizer import ByteTokenizer
 
 
 class SampleSource(Protocol):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]: ...
-
-
-def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack equal-length samples: each key -> [B, ...]."""
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
 @dataclass

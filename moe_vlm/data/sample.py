@@ -1,0 +1,39 @@
+"""The sample format every dataset yields, and the collate that batches it.
+
+A sample is a dict of tensors (S tokens, N images, H x W pixels):
+
+- ``input_ids`` [S] long: text token ids. Each image appears as a run of
+  ``n_image_tokens`` copies of ``tokenizer.image_id``; the model splices the image's
+  projected features into exactly those positions, images in order.
+- ``labels`` [S] long: the next-token target of each position (already shifted), or
+  ``-100`` where no loss is taken (prompts, image placeholders, padding).
+- ``pixel_values`` [N, 3, H, W] float: the sample's images, normalised, in placeholder
+  order. ``N`` may be 0 (a text-only sample).
+- ``answer_ids`` [S] long (optional): ``-1``, or the index (within the sample) of the
+  question whose answer this position's label belongs to. Eval uses it for exact-match
+  accuracy; labelled positions with ``-1`` count as caption/other text.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def collate(samples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample: ids with ``pad_id``, labels with -100, answer ids
+    with -1; images concatenated in sample order -> ``pixel_values`` [sum N, 3, H, W]."""
+    s_max = max(int(s["input_ids"].numel()) for s in samples)
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "answer_ids": -1}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in fill.items():
+        if key not in samples[0]:
+            continue
+        rows = torch.full((len(samples), s_max), value, dtype=torch.long)  # [B, S]
+        for i, s in enumerate(samples):
+            rows[i, : s[key].numel()] = s[key]
+        out[key] = rows
+    if "pixel_values" in samples[0]:
+        out["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])  # [N, 3, H, W]
+    return out
