@@ -158,6 +158,8 @@ class TrainConfig:
     nan_policy: str = "stop"
     max_skipped_steps: int = 10  # nan_policy=skip: give up after this many
     stop_after_steps: Optional[int] = None  # exit (resumable) after N steps this call
+    trainable: list[str] = field(default_factory=lambda: ["all"])  # groups: moe_vlm.train.freeze
+    init_from: Optional[str] = None  # start from this run dir's (or file's) checkpoint weights
     progress: bool = True
 
 
@@ -199,6 +201,41 @@ def _need(cond: bool, key: str, msg: str) -> None:
 
 def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
     _need(value in choices, key, f"unknown value {value!r}; choose one of {list(choices)}")
+
+
+def _validate_vision(cfg: Config) -> None:
+    v, d = cfg.vision, cfg.data
+    _one_of(v.name, "vision.name", ("none", "vit", "hf"))
+    _one_of(d.name, "data.name", ("synthetic_text", "synthetic_vlm", "llava"))
+    _one_of(d.tokenizer, "data.tokenizer", ("byte", "bpe", "hf"))
+    if d.tokenizer == "hf":
+        _need(bool(d.tokenizer_path), "data.tokenizer_path", "data.tokenizer=hf needs a local tokenizer directory")
+    if d.name == "llava":
+        _need(bool(d.path), "data.path", "data=llava needs the conversation JSON/JSONL file")
+    if d.name != "synthetic_text":
+        _need(v.name != "none", "vision.name",
+              f"data.name={d.name} needs a vision tower; pick e.g. vision=vit_tiny or vision=hf")
+    _one_of(cfg.projector.type, "projector.type", ("mlp2x_gelu",))
+    _need(cfg.projector.merge >= 1, "projector.merge", f"must be >= 1, got {cfg.projector.merge}")
+    _need(d.max_images_per_seq >= 1, "data.max_images_per_seq", "must be >= 1")
+    if v.name == "hf":
+        _need(bool(v.hf_path), "vision.hf_path", "vision.name=hf needs a local SigLIP/CLIP directory")
+        return
+    if v.name == "none":
+        return
+    _one_of(v.act, "vision.act", ("gelu", "gelu_tanh", "quick_gelu"))
+    _one_of(v.pos_emb, "vision.pos_emb", ("learned", "rope2d"))
+    _need(v.image_size % v.patch_size == 0, "vision.image_size",
+          f"{v.image_size} is not a multiple of vision.patch_size={v.patch_size}")
+    _need(v.d_model % v.n_heads == 0, "vision.d_model",
+          f"{v.d_model} is not divisible by vision.n_heads={v.n_heads}")
+    _need(len(v.image_mean) == 3 and len(v.image_std) == 3, "vision.image_mean",
+          "image_mean and image_std need 3 values (RGB)")
+    side = v.image_size // v.patch_size
+    if cfg.projector.merge > 1:
+        _need(side % cfg.projector.merge == 0 and (v.drop_cls or not v.cls_token), "projector.merge",
+              f"merge {cfg.projector.merge} needs the {side}x{side} patch grid side to divide by it "
+              "and the class token dropped")
 
 
 def validate(cfg: Config) -> Config:
@@ -257,6 +294,7 @@ def validate(cfg: Config) -> Config:
     _need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     if t.stop_after_steps is not None:
         _need(t.stop_after_steps >= 1, "train.stop_after_steps", "must be >= 1 (or null)")
+    _validate_vision(cfg)
     _one_of(cfg.parallel.engine, "parallel.engine", ENGINES)
     _need(cfg.parallel.ep == 1 and cfg.parallel.dp == 1 and cfg.parallel.engine == "torch",
           "parallel", "only single-process runs (dp=1, ep=1, engine=torch) are implemented so far")

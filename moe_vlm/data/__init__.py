@@ -1,20 +1,24 @@
-"""Datasets behind one small interface so the default job can swap text for image-text.
+"""Datasets behind one small interface, so the training loop does not care whether it
+reads embedded text, embedded image-text scenes, or LLaVA-format data from disk.
 
 A ``DataBundle`` gives deterministic training batches addressed by (step, micro-batch):
-resuming needs no iterator state, and a multi-process run can take its slice of the
-same global batch. Imports no model code.
+resuming needs no iterator state for map-style sources, and a multi-process run can take
+its slice of the same global batch. Imports no model code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 
-from moe_vlm.config.schema import ConfigError, DataConfig
+from moe_vlm.config.schema import ConfigError, DataConfig, VisionConfig
 from moe_vlm.data.sample import IGNORE_INDEX, collate
 from moe_vlm.data.synthetic_text import SyntheticText
+from moe_vlm.data.synthetic_vlm import SyntheticVLM, chance_accuracy
 from moe_vlm.data.tokenizer import ByteTokenizer
 
 
@@ -24,37 +28,129 @@ class SampleSource(Protocol):
 
 @dataclass
 class DataBundle:
-    train: SampleSource  # indexable; unbounded or with __len__
-    eval: SampleSource  # indexable, with __len__
+    train: Any  # map-style (indexable; unbounded or with __len__) or iterable-only (streaming)
+    eval: Any  # indexable, with __len__
     tokenizer: Any
     collate: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]] = collate
+    chance_accuracy: Optional[float] = None  # of the eval questions, if it has any
+    seed: int = 0
+    _perm: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _stream: Optional[tuple[int, Iterator]] = field(default=None, repr=False)
+
+    def _sample(self, g: int) -> dict[str, torch.Tensor]:
+        """Global training sample ``g``: direct for unbounded sources, a fresh seeded
+        permutation per epoch for finite ones, in order for streaming ones."""
+        src = self.train
+        if not hasattr(src, "__getitem__"):
+            return self._stream_sample(g)
+        try:
+            n = len(src)
+        except TypeError:  # unbounded synthetic stream
+            return src[g]
+        epoch, pos = divmod(g, n)
+        if epoch not in self._perm:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = {epoch: torch.randperm(n, generator=gen)}
+        return src[int(self._perm[epoch][pos])]
+
+    def _stream_sample(self, g: int) -> dict[str, torch.Tensor]:
+        # Streaming sources are read in order, epoch after epoch; jumping back (resume)
+        # restarts the stream and skips ahead.
+        if self._stream is None or self._stream[0] > g:
+            self._stream = (0, iter(self.train))
+        pos, it = self._stream
+        while True:
+            try:
+                sample = next(it)
+            except StopIteration:
+                if pos == 0:
+                    raise ValueError("the streaming training set yielded no usable sample") from None
+                it = iter(self.train)
+                continue
+            if pos == g:
+                self._stream = (pos + 1, it)
+                return sample
+            pos += 1
 
     def train_batch(self, step: int, micro: int, micro_batch_size: int,
                     batch_size: int) -> dict[str, torch.Tensor]:
-        """Micro-batch ``micro`` of global step ``step``: samples
+        """Micro-batch ``micro`` of global step ``step``: global samples
         ``step*batch_size + micro*micro_batch_size + [0, micro_batch_size)``."""
         start = step * batch_size + micro * micro_batch_size
-        return self.collate([self.train[start + i] for i in range(micro_batch_size)])
+        return self.collate([self._sample(start + i) for i in range(micro_batch_size)])
 
     def eval_batches(self, batch_size: int):
-        n = len(self.eval)  # type: ignore[arg-type]
+        n = len(self.eval)
         for start in range(0, n, batch_size):
             yield self.collate([self.eval[i] for i in range(start, min(n, start + batch_size))])
 
 
-def _synthetic_text(cfg: DataConfig) -> DataBundle:
+def n_image_tokens_for(vision: VisionConfig, merge: int) -> int:
+    """Decoder tokens per image for a vision config and projector merge factor."""
+    p = (vision.image_size // vision.patch_size) ** 2
+    p += int(vision.cls_token and not vision.drop_cls)
+    return p // (merge * merge)
+
+
+def _synthetic_text(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBundle:
     return DataBundle(train=SyntheticText(cfg.seq_len, cfg.seed, "train"),
                       eval=SyntheticText(cfg.seq_len, cfg.seed, "eval", cfg.n_eval_samples),
-                      tokenizer=ByteTokenizer())
+                      tokenizer=tokenizer, seed=cfg.seed)
 
 
-DATASETS: dict[str, Callable[[DataConfig], DataBundle]] = {"synthetic_text": _synthetic_text}
+def _synthetic_vlm(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBundle:
+    from moe_vlm.data.chat import render_conversation
+
+    if vision is None:
+        raise ConfigError("vision: data=synthetic_vlm needs a vision tower; pick vision=vit_tiny "
+                          "(or another vision preset), or use data=synthetic_text")
+    render = functools.partial(render_conversation, tokenizer=tokenizer,
+                               n_image_tokens=n_image_tokens)
+    args = (cfg.seq_len, cfg.seed)
+    img = (vision.image_size, vision.image_mean, vision.image_std, render)
+    ev = SyntheticVLM(*args, "eval", *img, n_samples=cfg.n_eval_samples)
+    chance = chance_accuracy([t for i in range(len(ev)) for t in ev.question_types(i)])
+    return DataBundle(train=SyntheticVLM(*args, "train", *img), eval=ev, tokenizer=tokenizer,
+                      collate=functools.partial(collate, pad_id=tokenizer.pad_id),
+                      chance_accuracy=chance, seed=cfg.seed)
 
 
-def build_data(cfg: DataConfig) -> DataBundle:
+def _llava(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBundle:
+    from moe_vlm.data.llava import build_llava_sources
+
+    if vision is None:
+        raise ConfigError("vision: data=llava needs a vision tower (e.g. vision=hf "
+                          "vision.hf_path=/path/to/siglip)")
+    train, ev = build_llava_sources(cfg, tokenizer, n_image_tokens, vision.image_size,
+                                    vision.image_mean, vision.image_std)
+    if cfg.pack:
+        from moe_vlm.data.packing import PackedSource
+        train = PackedSource(train, cfg.seq_len, cfg.max_images_per_seq, tokenizer.pad_id)
+    return DataBundle(train=train, eval=ev, tokenizer=tokenizer,
+                      collate=functools.partial(collate, pad_id=tokenizer.pad_id), seed=cfg.seed)
+
+
+DATASETS: dict[str, Callable[..., DataBundle]] = {
+    "synthetic_text": _synthetic_text, "synthetic_vlm": _synthetic_vlm, "llava": _llava}
+
+
+def build_data(cfg: DataConfig, tokenizer: Any = None, vision: Optional[VisionConfig] = None,
+               n_image_tokens: int = 0) -> DataBundle:
+    """The datasets of ``cfg``. Image-text sets need the vision config (image size and
+    normalisation) and how many placeholder tokens an image takes in the decoder."""
     if cfg.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset {cfg.name!r}; choose one of {list(DATASETS)}")
-    return DATASETS[cfg.name](cfg)
+    return DATASETS[cfg.name](cfg, tokenizer or ByteTokenizer(), vision, n_image_tokens)
 
 
-__all__ = ["ByteTokenizer", "DataBundle", "SyntheticText", "build_data", "collate", "DATASETS"]
+def build_tokenizer_for(cfg: DataConfig, run_dir: Optional[Path] = None):
+    """The run's tokenizer: byte-level, a BPE trained on the embedded corpus (saved in the
+    run directory), or a local Hugging Face tokenizer directory."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    from moe_vlm.data.tokenizers import build_tokenizer
+    return build_tokenizer(cfg, run_dir)
+
+
+__all__ = ["ByteTokenizer", "DataBundle", "IGNORE_INDEX", "SyntheticText", "SyntheticVLM",
+           "build_data", "build_tokenizer_for", "collate", "n_image_tokens_for", "DATASETS"]

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 from moe_vlm.model.decoder import DecoderLM
+
+
+def _decoder(model: nn.Module) -> DecoderLM:
+    return getattr(model, "decoder", model)  # a VisionLanguageModel wraps a DecoderLM
 
 
 @dataclass(frozen=True)
@@ -20,9 +26,12 @@ class ParamCounts:
     routed_expert: int  # all routed expert parameters
 
 
-def count_params(model: DecoderLM) -> ParamCounts:
+def count_params(model: nn.Module) -> ParamCounts:
+    """Counts of a ``DecoderLM`` or a ``VisionLanguageModel`` (vision tower and projector
+    included in total and active)."""
     total = sum(p.numel() for p in model.parameters())
-    emb = model.embed.weight.numel() + (model.head.weight.numel() if model.head is not None else 0)
+    dec = _decoder(model)
+    emb = dec.embed.weight.numel() + (dec.head.weight.numel() if dec.head is not None else 0)
     routed, inactive = 0, 0
     for moe in model.moe_layers():
         per_expert = (moe.experts.w_in.numel() + moe.experts.w_out.numel()) // moe.sizes.n_experts
@@ -31,9 +40,11 @@ def count_params(model: DecoderLM) -> ParamCounts:
     return ParamCounts(total=total, active=total - inactive, embedding=emb, routed_expert=routed)
 
 
-def flops_per_token(model: DecoderLM, seq_len: int, training: bool = True) -> int:
-    """Active FLOPs per token: every active matmul (router and LM head included, the
-    embedding lookup and norms excluded) plus attention over ``seq_len``."""
+def flops_per_token(model: nn.Module, seq_len: int, training: bool = True) -> int:
+    """Active decoder FLOPs per sequence position: every active matmul (router and LM head
+    included, the embedding lookup and norms excluded) plus attention over ``seq_len``.
+    For a VLM this is the decoder's cost per token; the vision tower runs once per image."""
+    model = _decoder(model)
     c = count_params(model)
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     matmul = c.active - model.embed.weight.numel() - norms

@@ -42,3 +42,34 @@ def load_latest(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> Opt
         except Exception as e:  # noqa: BLE001 - fall back to an older checkpoint
             print(f"warning: could not read checkpoint {path} ({e}); trying an older one")
     return None
+
+
+def load_weights(model: torch.nn.Module, source: str | Path,
+                 map_location: str | torch.device = "cpu") -> Path:
+    """Load only the model weights of another run (``train.init_from``): a run directory
+    (its newest checkpoint), a ``checkpoints/`` directory, or one ``.pt`` file. Shapes and
+    names must match exactly; the error lists what differs."""
+    src = Path(source)
+    if src.is_dir():
+        found = list_checkpoints(src / "checkpoints") or list_checkpoints(src)
+        if not found:
+            raise FileNotFoundError(f"train.init_from: no checkpoints/step_*.pt under {src}")
+        src = found[-1][1]
+    elif not src.is_file():
+        raise FileNotFoundError(f"train.init_from: {src} is neither a run directory nor a checkpoint file")
+    state = torch.load(src, map_location=map_location, weights_only=False)
+    weights = state["model"] if isinstance(state, dict) and "model" in state else state
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shape = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    if missing or unexpected or shape:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        raise ValueError(
+            f"train.init_from: {src} does not fit this model: missing {few(missing) or 'none'}; "
+            f"unexpected {few(unexpected) or 'none'}; shape mismatch {few(shape) or 'none'}. "
+            "Use the same model/vision/moe settings as that run (a dense checkpoint needs "
+            "upcycling before MoE training).")
+    model.load_state_dict(weights)
+    return src

@@ -8,7 +8,6 @@ logging steps.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,9 +17,11 @@ import torch
 from omegaconf import OmegaConf
 
 from moe_vlm.config.schema import Config, ConfigError
-from moe_vlm.data import DataBundle, build_data
-from moe_vlm.model import DecoderLM, build_model, count_params, flops_per_token
-from moe_vlm.train.checkpoint import load_latest, save_checkpoint
+from moe_vlm.data import build_data, build_tokenizer_for
+from moe_vlm.model import build_model, count_params, flops_per_token
+from moe_vlm.train.checkpoint import load_latest, load_weights, save_checkpoint
+from moe_vlm.train.evaluate import autocast, evaluate, model_inputs
+from moe_vlm.train.freeze import apply_trainable
 from moe_vlm.train.optim import build_optimizer, lr_at
 from moe_vlm.train.rundir import MetricsLog, atomic_write, write_json
 
@@ -49,39 +50,21 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return None
 
 
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def _layer_metrics(model: torch.nn.Module, routing_steps: list[list[Any]],
+                   modality: list[Optional[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, dict]:
+    """Aggregate one step's router outputs (per micro-batch) into per-layer metrics.
 
-
-@torch.no_grad()
-def evaluate(model: DecoderLM, data: DataBundle, batch_size: int, device: torch.device,
-             amp: Optional[torch.dtype]) -> float:
-    """Token-weighted mean LM loss over the held-out split."""
-    was_training = model.training
-    model.eval()
-    total, n_tok = torch.zeros((), device=device), 0
-    for batch in data.eval_batches(batch_size):
-        labels = batch["labels"].to(device)
-        with _autocast(device, amp):
-            out = model(batch["input_ids"].to(device), labels=labels)
-        n = int((labels != -100).sum())
-        total += out.lm_loss.float() * n
-        n_tok += n
-    model.train(was_training)
-    return (total / max(1, n_tok)).item()  # host sync
-
-
-def _layer_metrics(model: DecoderLM, routing_steps: list[list[Any]]) -> dict[str, dict]:
-    """Aggregate one step's router outputs (per micro-batch) into per-layer metrics."""
-    moe_ids = [i for i, blk in enumerate(model.layers) if blk.ffn in model.moe_layers()]
+    ``modality[m]`` holds the (is_image, is_text) token masks [T] of micro-batch m, or
+    None for text-only data; with them each layer also reports its load split by
+    modality (``tokens_per_expert_image`` / ``_text``)."""
+    decoder = getattr(model, "decoder", model)
+    moe_ids = [i for i, blk in enumerate(decoder.layers) if blk.ffn in decoder.moe_layers()]
     out = {}
     for j, layer in enumerate(moe_ids):
         rs = [step[j] for step in routing_steps]
         counts = torch.stack([r.counts for r in rs]).sum(0)  # [E]
         mean = counts.mean().clamp_min(1e-9)
-        out[f"layer_{layer}"] = {
+        row = {
             "tokens_per_expert": counts.tolist(),
             "max_violation": (counts.max() / mean - 1).item(),
             "drop_frac": sum(float(r.stats["drop_frac"]) for r in rs) / len(rs),
@@ -89,6 +72,16 @@ def _layer_metrics(model: DecoderLM, routing_steps: list[list[Any]]) -> dict[str
             "aux_loss": sum(float(r.stats["aux_loss"]) for r in rs) / len(rs),
             "z_loss": sum(float(r.stats["z_loss"]) for r in rs) / len(rs),
         }
+        if modality[0] is not None:
+            n_exp = counts.numel()
+            img = torch.zeros(n_exp, device=counts.device)
+            txt = torch.zeros(n_exp, device=counts.device)
+            for r, (is_img, is_txt) in zip(rs, modality):
+                img += torch.bincount(r.expert_idx[is_img[r.token_idx]], minlength=n_exp)
+                txt += torch.bincount(r.expert_idx[is_txt[r.token_idx]], minlength=n_exp)
+            row["tokens_per_expert_image"] = img.tolist()
+            row["tokens_per_expert_text"] = txt.tolist()
+        out[f"layer_{layer}"] = row
     return out
 
 
@@ -112,42 +105,69 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     device = resolve_device(t_cfg.device)
     amp = autocast_dtype(t_cfg.precision, device)
     torch.manual_seed(cfg.seed)
-    data = build_data(cfg.data)
-    if data.tokenizer.vocab_size > cfg.model.vocab_size:
+    tokenizer = build_tokenizer_for(cfg.data, run_dir)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
-                          f"tokenizer's {data.tokenizer.vocab_size} ids; raise it")
-    model = build_model(cfg.model, cfg.moe, cfg.routing, device=device, seed=cfg.seed)
+                          f"tokenizer's {tokenizer.vocab_size} ids; raise it")
+    if cfg.vision.name == "none":
+        model = build_model(cfg.model, cfg.moe, cfg.routing, device=device, seed=cfg.seed)
+        data = build_data(cfg.data, tokenizer)
+    else:
+        from moe_vlm.model.vlm import build_vlm
+        model = build_vlm(cfg, tokenizer.image_id, device=device, seed=cfg.seed)
+        data = build_data(cfg.data, tokenizer, model.vision.cfg, model.n_image_tokens)
+    state = load_latest(ckpt_dir, map_location=device)
+    if state is None and t_cfg.init_from:
+        load_weights(model, t_cfg.init_from, map_location=device)
+    n_params = apply_trainable(model, list(t_cfg.trainable))
     opt = build_optimizer(model, t_cfg)
     micro_bs = t_cfg.micro_batch_size or t_cfg.batch_size
     n_micro = t_cfg.batch_size // micro_bs
     counts = count_params(model)
     moes = model.moe_layers()
+    image_id = getattr(tokenizer, "image_id", None) if cfg.vision.name != "none" else None
     summary: dict[str, Any] = {
         "status": "running", "params_total": counts.total, "params_active": counts.active,
-        "params_embedding": counts.embedding,
+        "params_embedding": counts.embedding, "params_trainable": n_params["trainable"],
         "flops_per_token": flops_per_token(model, cfg.data.seq_len, training=True),
         "device": str(device), "precision": str(amp or torch.float32).replace("torch.", ""),
         "expert_backend": moes[0].experts.backend_name(
             torch.empty(0, cfg.model.d_model, device=device)) if moes else None,
         "config": asdict(cfg),
     }
+    if data.chance_accuracy is not None:
+        summary["chance_accuracy"] = data.chance_accuracy
+    if t_cfg.init_from:
+        summary["init_from"] = t_cfg.init_from
 
-    state = load_latest(ckpt_dir, map_location=device)
+    def run_eval() -> dict[str, float]:
+        res = evaluate(model, data, micro_bs, device, amp)
+        summary["final_eval_loss"] = res["eval_loss"]
+        for k in ("eval_accuracy", "caption_loss"):
+            if k in res:
+                summary[k] = res[k]
+        return res
+
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         step, prior = state["step"], state["summary"]
-        summary.update({k: prior[k] for k in ("initial_eval_loss", "tokens_seen", "wall_time_s",
-                                              "skipped_steps", "final_train_loss") if k in prior})
+        summary.update({k: prior[k] for k in (
+            "initial_eval_loss", "initial_eval_accuracy", "tokens_seen", "wall_time_s",
+            "skipped_steps", "final_train_loss", "final_eval_loss", "eval_accuracy",
+            "caption_loss") if k in prior})
         summary["resumed_from"] = step
         log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
     else:
         step = 0
         log = MetricsLog(run_dir / "metrics.jsonl", resume_step=None)
         summary.update(tokens_seen=0, wall_time_s=0.0, skipped_steps=0)
-        summary["initial_eval_loss"] = evaluate(model, data, micro_bs, device, amp)
-        log.log({"step": 0, "eval_loss": summary["initial_eval_loss"]})
+        res = run_eval()
+        summary["initial_eval_loss"] = res["eval_loss"]
+        if "eval_accuracy" in res:
+            summary["initial_eval_accuracy"] = res["eval_accuracy"]
+        log.log({"step": 0, **res})
     summary["steps"] = step
     write_json(run_dir / "summary.json", summary)
 
@@ -162,6 +182,7 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         min(t_cfg.max_steps, step + t_cfg.stop_after_steps)
     bar = _progress(t_cfg.max_steps, step, t_cfg.progress)
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         while step < stop_at:
             lr = lr_at(step, t_cfg)
@@ -169,17 +190,24 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
                 g["lr"] = lr
             lm_sum = torch.zeros((), device=device)
             rt_sum = torch.zeros((), device=device)
-            routing_steps = []
+            routing_steps, modality = [], []
             for micro in range(n_micro):
                 batch = data.train_batch(step, micro, micro_bs, t_cfg.batch_size)
-                with _autocast(device, amp):
-                    out = model(batch["input_ids"].to(device), labels=batch["labels"].to(device))
+                inputs = model_inputs(batch, device)
+                with autocast(device, amp):
+                    out = model(**inputs)
+                if image_id is not None:
+                    ids = inputs["input_ids"].flatten()  # [T]
+                    is_img = ids == image_id
+                    modality.append((is_img, ~is_img & (ids != tokenizer.pad_id)))
+                else:
+                    modality.append(None)
                 (out.loss / n_micro).backward()
                 lm_sum += out.lm_loss.detach() / n_micro
                 rt_sum += out.routing_loss.detach() / n_micro
                 routing_steps.append(out.routing)
             clip = t_cfg.grad_clip if t_cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
             finite = bool(torch.isfinite(lm_sum + rt_sum) & torch.isfinite(grad_norm))  # host sync
             if not finite:
                 opt.zero_grad(set_to_none=True)
@@ -219,12 +247,12 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
                 row.update(loss=lm_sum.item(), routing_loss=rt_sum.item(), lr=lr,
                            grad_norm=grad_norm.item(), tokens_per_s=tok_window / max(1e-9, now - t_window),
                            tokens_seen=summary["tokens_seen"], skipped=not finite,
-                           routing=_layer_metrics(model, routing_steps))
+                           routing=_layer_metrics(model, routing_steps, modality))
                 t_window, tok_window = now, 0
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
             if step % t_cfg.eval_every == 0 or step == t_cfg.max_steps:
-                row["eval_loss"] = summary["final_eval_loss"] = evaluate(model, data, micro_bs, device, amp)
+                row.update(run_eval())
             if row:
                 log.log({"step": step, **row})
             if step % t_cfg.ckpt_every == 0 or step == stop_at:
