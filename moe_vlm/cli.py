@@ -12,6 +12,8 @@ commands:
   train [hydra overrides]   train a model (default: tiny MoE on embedded data, CPU)
                             e.g. moe-vlm train model=small routing=deepseek_v3 train.max_steps=50
                             add --cfg job to print the resolved config, -m for a multirun sweep
+  plot-routing RUN_DIR [--out PNG] [--last N]
+                            per-layer expert x modality (image/text) load heatmap of a VLM run
 """
 
 
@@ -48,7 +50,26 @@ def train_main(args: Sequence[str]) -> None:
         sys.argv = saved
 
 
-COMMANDS = {"train": train_main}
+def plot_routing_main(args: Sequence[str]) -> None:
+    """``moe-vlm plot-routing RUN_DIR [--out PNG] [--last N]``."""
+    import argparse
+
+    from moe_vlm.analysis.modality import plot_modality_heatmap
+
+    ap = argparse.ArgumentParser(prog="moe-vlm plot-routing",
+                                 description="expert x modality load heatmap of a VLM run")
+    ap.add_argument("run_dir")
+    ap.add_argument("--out", default=None, help="PNG path (default RUN_DIR/modality_routing.png)")
+    ap.add_argument("--last", type=int, default=None, help="only the last N logged steps")
+    a = ap.parse_args(list(args))
+    try:
+        print(plot_modality_heatmap(a.run_dir, a.out, a.last))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"moe-vlm plot-routing: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+COMMANDS = {"train": train_main, "plot-routing": plot_routing_main}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -12,7 +12,8 @@ from moe_vlm.config import Config, load_config
 # Tests are CPU-only and deterministic; keep torch from oversubscribing 2 cores.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-FAST = ["train.batch_size=4", "data.seq_len=32", "data.n_eval_samples=8",
+TEXT = ["vision=none", "data=synthetic_text"]  # text-only decoder runs
+FAST = [*TEXT, "train.lr=3e-3", "train.batch_size=4", "data.seq_len=32", "data.n_eval_samples=8",
         "train.progress=false", "train.warmup_steps=2"]
 
 

@@ -79,10 +79,38 @@ class DataBundle:
         start = step * batch_size + micro * micro_batch_size
         return self.collate([self._sample(start + i) for i in range(micro_batch_size)])
 
+    def stats(self) -> dict[str, int]:
+        """Counters of skipped rows (missing/corrupt images, too long, malformed) and
+        packing, summed over the train and eval sources that keep them."""
+        out: dict[str, int] = {}
+        for src in (self.train, self.eval):
+            for k, v in getattr(src, "stats", {}).items():
+                out[k] = out.get(k, 0) + int(v)
+        return out
+
     def eval_batches(self, batch_size: int):
         n = len(self.eval)
         for start in range(0, n, batch_size):
             yield self.collate([self.eval[i] for i in range(start, min(n, start + batch_size))])
+
+
+class PackedSource:
+    """Iterable training source that packs the samples of ``source`` (one pass, in order,
+    repeated per epoch by ``DataBundle``) into sequences of ``seq_len`` tokens holding at
+    most ``max_images`` images each."""
+
+    def __init__(self, source: Any, seq_len: int, max_images: int, pad_id: int):
+        from moe_vlm.data.packing import Packer
+
+        self.source = source
+        self.packer = Packer(seq_len, max_images, pad_id)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {**getattr(self.source, "stats", {}), **self.packer.stats}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self.packer.pack(iter(self.source))
 
 
 def n_image_tokens_for(vision: VisionConfig, merge: int) -> int:
@@ -124,7 +152,6 @@ def _llava(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBundle:
     train, ev = build_llava_sources(cfg, tokenizer, n_image_tokens, vision.image_size,
                                     vision.image_mean, vision.image_std)
     if cfg.pack:
-        from moe_vlm.data.packing import PackedSource
         train = PackedSource(train, cfg.seq_len, cfg.max_images_per_seq, tokenizer.pad_id)
     return DataBundle(train=train, eval=ev, tokenizer=tokenizer,
                       collate=functools.partial(collate, pad_id=tokenizer.pad_id), seed=cfg.seed)

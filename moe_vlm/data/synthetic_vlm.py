@@ -4,8 +4,8 @@ and question/answer pairs about them. Generated on the fly, deterministic per
 
 A scene puts 1-3 shapes into distinct quadrants of an image: each has a kind (circle,
 square, triangle), a colour (6), a size (small, big) and a position (the quadrant).
-Half the samples are captions ("a big red circle at the top left and ..."), half are
-1-2 questions whose answers can only be read off the image: how many shapes, the colour
+30% of the samples are captions ("a big red circle at the top left and ..."), the rest
+ask 2-3 questions whose answers can only be read off the image: how many shapes, the colour
 or kind at a position, the colour of a named kind, whether a coloured shape is present.
 Chance accuracy per question is 1/(number of possible answers of its type), which is
 what ``chance_accuracy`` averages over the eval questions.
@@ -27,6 +27,7 @@ COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 
 SIZES = ["small", "big"]
 QUADRANTS = ["top left", "top right", "bottom left", "bottom right"]
 COUNTS = ["one", "two", "three"]
+CAPTION_FRAC = 0.3  # share of caption samples; the rest ask 2-3 questions
 # Number of possible answers per question type, for the chance level.
 N_OPTIONS = {"count": len(COUNTS), "color_at": len(COLORS), "kind_at": len(KINDS),
              "color_of": len(COLORS), "exists": 2}
@@ -101,11 +102,11 @@ def synthetic_vlm_row(seed: int, split: str, index: int) -> tuple[list[Shape], l
     ``split`` salts the generator, so train and eval scenes differ."""
     rng = random.Random(f"vlm/{seed}/{split}/{index}")
     scene = random_scene(rng)
-    if rng.random() < 0.5:
+    if rng.random() < CAPTION_FRAC:
         turns = [{"from": "human", "value": "<image>\ndescribe the image."},
                  {"from": "gpt", "value": caption(scene)}]
         return scene, turns, []
-    qs = questions(scene, rng, rng.randint(1, 2))
+    qs = questions(scene, rng, rng.randint(2, 3))
     turns = []
     for i, (_, q, a) in enumerate(qs):
         turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + q})
@@ -136,11 +137,13 @@ class SyntheticVLM:
         return synthetic_vlm_row(self.seed, self.split, index)[2]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        scene, turns, _ = synthetic_vlm_row(self.seed, self.split, index)
+        scene, turns, qtypes = synthetic_vlm_row(self.seed, self.split, index)
         rng = random.Random(f"vlm-img/{self.seed}/{self.split}/{index}")
         img = torch.from_numpy(render(scene, self.image_size, rng)).permute(2, 0, 1)  # [3, H, W]
         pixels = ((img - self.mean) / self.std).unsqueeze(0)  # [1, 3, H, W]
         ids, labels, answer_ids = self.render_turns(turns, n_images=1)
+        if not qtypes:  # a caption: scored by caption loss, not exact match
+            answer_ids = [-1] * len(answer_ids)
         if len(ids) > self.seq_len:
             raise ValueError(f"synthetic sample {index} has {len(ids)} tokens > data.seq_len="
                              f"{self.seq_len}; raise data.seq_len")

@@ -248,6 +248,8 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
                            grad_norm=grad_norm.item(), tokens_per_s=tok_window / max(1e-9, now - t_window),
                            tokens_seen=summary["tokens_seen"], skipped=not finite,
                            routing=_layer_metrics(model, routing_steps, modality))
+                if data.stats():
+                    row["data"] = summary["data_stats"] = data.stats()
                 t_window, tok_window = now, 0
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")

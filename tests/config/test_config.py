@@ -18,6 +18,7 @@ def test_default_composes_to_schema():
     cfg = load_config()
     assert isinstance(cfg, Config)
     assert cfg.model.name == "tiny" and cfg.routing.name == "deepseekmoe"
+    assert cfg.vision.name == "vit" and cfg.data.name == "synthetic_vlm"
     assert cfg.moe.n_shared == 1 and cfg.moe.granularity == 4
 
 
@@ -59,6 +60,12 @@ def test_overrides_and_experiment_preset():
     (["train.lr=abc"], "train.lr"),
     (["model=no_such_model"], "model/no_such_model"),
     (["parallel.ep=2"], "parallel"),
+    (["vision=none"], "vision.name"),  # the default data needs images
+    (["vision=hf"], "vision.hf_path"),
+    (["data=llava", "data.seq_len=128"], "data.path"),
+    (["vision.image_size=30"], "vision.image_size"),
+    (["projector.merge=3"], "projector.merge"),
+    (["data.tokenizer=hf"], "data.tokenizer_path"),
 ])
 def test_bad_config_names_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:

@@ -13,7 +13,7 @@ IMG = ByteTokenizer.image_id
 
 
 def _model(*overrides: str):
-    cfg = load_config(["moe.backend=torch", *overrides])
+    cfg = load_config(["moe.backend=torch", "projector.merge=1", *overrides])
     return build_vlm(cfg, IMG, seed=0).eval()
 
 

@@ -16,7 +16,7 @@ from moe_vlm.train import train
 from moe_vlm.train.checkpoint import list_checkpoints
 from moe_vlm.train.rundir import read_jsonl
 
-ARGS = ["train.max_steps=60", "train.ckpt_every=5", "train.log_every=1", "train.eval_every=30",
+ARGS = ["vision=none", "data=synthetic_text", "train.lr=3e-3", "train.max_steps=60", "train.ckpt_every=5", "train.log_every=1", "train.eval_every=30",
         "train.batch_size=4", "data.seq_len=32", "data.n_eval_samples=8",
         "train.progress=false", "train.warmup_steps=2"]
 
@@ -43,6 +43,7 @@ def test_sigkill_then_rerun_matches_uninterrupted(tiny_config, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
+        proc.stderr.close()
     killed_at = list_checkpoints(run / "checkpoints")[-1][0]
     assert killed_at < 60, "the run finished before it could be killed"
 

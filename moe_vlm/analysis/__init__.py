@@ -1,0 +1,1 @@
+"""Reading run directories back: plots and tables built from metrics.jsonl/summary.json."""
