@@ -7,15 +7,17 @@ from moe_vlm.config.schema import (
     ModelConfig,
     MoEConfig,
     ParallelConfig,
+    ProjectorConfig,
     RoutingConfig,
     RunConfig,
     TrainConfig,
+    VisionConfig,
     validate,
 )
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "ParallelConfig",
-    "RoutingConfig", "RunConfig", "TrainConfig", "validate", "load_config", "config_dir",
+    "ProjectorConfig", "RoutingConfig", "RunConfig", "TrainConfig", "VisionConfig", "validate", "load_config", "config_dir",
 ]
 
 

@@ -41,7 +41,7 @@ class DataBundle:
         """Global training sample ``g``: direct for unbounded sources, a fresh seeded
         permutation per epoch for finite ones, in order for streaming ones."""
         src = self.train
-        if not hasattr(src, "__getitem__"):
+        if getattr(src, "streaming", False) or not hasattr(src, "__getitem__"):
             return self._stream_sample(g)
         try:
             n = len(src)

@@ -47,3 +47,26 @@ def test_text_is_readable_and_tokenizer_round_trips():
 def test_unknown_dataset():
     with pytest.raises(ConfigError, match="data.name"):
         build_data(DataConfig(name="nope"))
+
+
+def test_synthetic_vlm_deterministic_learnable_format():
+    from moe_vlm.config import DataConfig, VisionConfig
+    from moe_vlm.data.synthetic_vlm import N_OPTIONS, synthetic_vlm_row
+
+    vis = VisionConfig(name="vit")
+    a = build_data(DataConfig(name="synthetic_vlm", seq_len=192, n_eval_samples=16), ByteTokenizer(), vis, 4)
+    b = build_data(DataConfig(name="synthetic_vlm", seq_len=192, n_eval_samples=16), ByteTokenizer(), vis, 4)
+    c = build_data(DataConfig(name="synthetic_vlm", seq_len=192, seed=99, n_eval_samples=16),
+                   ByteTokenizer(), vis, 4)
+    for i in (0, 3, 500):
+        x, y = a.train[i], b.train[i]
+        for k in x:
+            assert torch.equal(x[k], y[k])
+        assert x["pixel_values"].shape == (1, 3, 32, 32)
+        assert int((x["input_ids"] == ByteTokenizer.image_id).sum()) == 4
+    assert any(not torch.equal(a.train[i]["pixel_values"], c.train[i]["pixel_values"]) for i in range(4))
+    assert not torch.equal(a.train[0]["pixel_values"], a.eval[0]["pixel_values"])
+    kinds = [synthetic_vlm_row(1234, "eval", i)[2] for i in range(16)]
+    assert any(kinds) and any(not k for k in kinds)  # questions and captions both occur
+    assert 0 < a.chance_accuracy < 1
+    assert set(t for k in kinds for t in k) <= set(N_OPTIONS)
