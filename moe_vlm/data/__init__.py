@@ -176,7 +176,11 @@ def build_tokenizer_for(cfg: DataConfig, run_dir: Optional[Path] = None):
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     from moe_vlm.data.tokenizers import build_tokenizer
-    return build_tokenizer(cfg, run_dir)
+    corpus = None  # the embedded text corpus
+    if cfg.tokenizer == "bpe" and cfg.name == "synthetic_vlm":
+        from moe_vlm.data.synthetic_vlm import synthetic_vlm_corpus
+        corpus = synthetic_vlm_corpus(cfg.seed)
+    return build_tokenizer(cfg, run_dir, corpus)
 
 
 __all__ = ["ByteTokenizer", "DataBundle", "IGNORE_INDEX", "SyntheticText", "SyntheticVLM",

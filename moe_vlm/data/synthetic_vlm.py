@@ -114,6 +114,15 @@ def synthetic_vlm_row(seed: int, split: str, index: int) -> tuple[list[Shape], l
     return scene, turns, [t for t, _, _ in qs]
 
 
+def synthetic_vlm_corpus(seed: int, n_rows: int = 2000):
+    """The training rows' conversation texts (template words included), for fitting a
+    BPE tokenizer to the embedded image-text set."""
+    for i in range(n_rows):
+        for turn in synthetic_vlm_row(seed, "train", i)[1]:
+            prefix = "USER: " if turn["from"] == "human" else "\nASSISTANT: "
+            yield prefix + turn["value"].replace("<image>", "")
+
+
 class SyntheticVLM:
     """Map-style source of image-text samples in the format of ``moe_vlm.data.sample``.
 

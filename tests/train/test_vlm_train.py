@@ -88,3 +88,26 @@ def test_modality_metrics_and_heatmap(tmp_path):
     assert s["chance_accuracy"] > 0 and "eval_accuracy" in s and "caption_loss" in s
     summary = json.loads((run / "summary.json").read_text())
     assert {"eval_accuracy", "chance_accuracy", "initial_eval_accuracy"} <= set(summary)
+
+
+def test_bpe_tokenizer_trained_saved_and_reused_on_resume(tmp_path):
+    run = tmp_path / "r"
+    cfg = _cfg(run, "data.tokenizer=bpe", "data.bpe_vocab_size=400", "model.vocab_size=400",
+               "train.max_steps=4", "train.ckpt_every=2", "train.stop_after_steps=2")
+    s1 = train(cfg, cfg.run.dir)
+    tok_file = run / "tokenizer.json"
+    assert tok_file.is_file() and s1["steps"] == 2
+    before = tok_file.read_bytes()
+    from moe_vlm.data.tokenizers import BPETokenizer
+    tok = BPETokenizer.load(tok_file)
+    assert len(tok.encode("what color is the shape at the top left?")) < 25  # merges learned
+    s2 = train(_cfg(run, "data.tokenizer=bpe", "data.bpe_vocab_size=400", "model.vocab_size=400",
+                    "train.max_steps=4", "train.ckpt_every=2"), run)
+    assert s2["status"] == "completed" and s2["resumed_from"] == 2
+    assert tok_file.read_bytes() == before
+
+
+def test_tokenizer_larger_than_model_vocab_is_a_clear_error(tmp_path):
+    cfg = _cfg(tmp_path / "r", "data.tokenizer=bpe", "data.bpe_vocab_size=400", "train.max_steps=1")
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        train(cfg, cfg.run.dir)
