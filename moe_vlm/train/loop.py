@@ -191,8 +191,10 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
             lm_sum = torch.zeros((), device=device)
             rt_sum = torch.zeros((), device=device)
             routing_steps, modality = [], []
+            n_tok = 0  # real (non-padding) tokens this step
             for micro in range(n_micro):
                 batch = data.train_batch(step, micro, micro_bs, t_cfg.batch_size)
+                n_tok += int((batch["input_ids"] != tokenizer.pad_id).sum())  # CPU tensor, no device sync
                 inputs = model_inputs(batch, device)
                 with autocast(device, amp):
                     out = model(**inputs)
@@ -233,7 +235,6 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
                         moe.update_bias(torch.stack([r[j].counts for r in routing_steps]).sum(0),
                                         cfg.routing.bias_update_rate)
             step += 1
-            n_tok = t_cfg.batch_size * cfg.data.seq_len
             summary["tokens_seen"] += n_tok
             tok_window += n_tok
             summary["steps"] = step
