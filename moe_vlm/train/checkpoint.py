@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,7 +41,7 @@ def load_latest(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> Opt
         try:
             return torch.load(path, map_location=map_location, weights_only=False)
         except Exception as e:  # noqa: BLE001 - fall back to an older checkpoint
-            print(f"warning: could not read checkpoint {path} ({e}); trying an older one")
+            warnings.warn(f"could not read checkpoint {path} ({e}); trying an older one")
     return None
 
 

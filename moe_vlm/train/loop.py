@@ -9,6 +9,7 @@ logging steps.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -221,7 +222,7 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
                         f"is saved at {path}. Lower train.lr, raise train.warmup_steps, check "
                         f"the data, or set train.nan_policy=skip to skip such steps.")
                 summary["skipped_steps"] += 1
-                print(f"warning: skipped step {step} with non-finite {bad}")
+                warnings.warn(f"skipped step {step} with non-finite {bad}")
                 if summary["skipped_steps"] > t_cfg.max_skipped_steps:
                     path = checkpoint()
                     raise NonFiniteLossError(
