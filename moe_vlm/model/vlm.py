@@ -106,9 +106,9 @@ class VisionLanguageModel(nn.Module):
 
 def build_vlm(cfg: Config, image_token_id: int, device: Union[str, torch.device] = "cpu",
               seed: int = 0) -> VisionLanguageModel:
-    """Decoder and projector from config (meta device, then one ``init_weights``); the
-    vision tower from config or from a local Hugging Face checkpoint (``vision.name=hf``,
-    whose weights are kept)."""
+    """Decoder from config (meta device, then one ``init_weights``), projector freshly
+    initialised, and the vision tower from config or from a local Hugging Face checkpoint
+    (``vision.name=hf``, whose weights are kept)."""
     decoder = build_model(cfg.model, cfg.moe, cfg.routing, device=device, seed=seed)
     vision = build_vision(cfg.vision, device=device, seed=seed + 1)
     model = VisionLanguageModel(decoder, vision, cfg.projector, image_token_id)

@@ -70,3 +70,36 @@ def test_synthetic_vlm_deterministic_learnable_format():
     assert any(kinds) and any(not k for k in kinds)  # questions and captions both occur
     assert 0 < a.chance_accuracy < 1
     assert set(t for k in kinds for t in k) <= set(N_OPTIONS)
+
+
+class _Finite:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"input_ids": torch.tensor([i]), "labels": torch.tensor([i])}
+
+
+class _Stream:
+    streaming = True
+
+    def __iter__(self):
+        return iter([{"input_ids": torch.tensor([i]), "labels": torch.tensor([i])} for i in range(5)])
+
+
+def test_bundle_finite_sources_are_permuted_per_epoch_and_streams_resume():
+    from moe_vlm.data import DataBundle
+
+    b = DataBundle(train=_Finite(6), eval=_Finite(2), tokenizer=ByteTokenizer(), seed=3)
+    ids = [int(b.train_batch(s, 0, 3, 3)["input_ids"][i]) for s in range(4) for i in range(3)]
+    assert sorted(ids[:6]) == list(range(6)) and sorted(ids[6:]) == list(range(6))
+    assert ids[:6] != ids[6:]  # a fresh order each epoch
+    again = DataBundle(train=_Finite(6), eval=_Finite(2), tokenizer=ByteTokenizer(), seed=3)
+    assert int(again.train_batch(3, 0, 3, 3)["input_ids"][2]) == ids[-1]  # addressable, no state
+    s = DataBundle(train=_Stream(), eval=_Finite(2), tokenizer=ByteTokenizer())
+    seq = [int(s.train_batch(k, 0, 2, 2)["input_ids"][j]) for k in range(4) for j in range(2)]
+    assert seq == [0, 1, 2, 3, 4, 0, 1, 2]  # in order, epoch after epoch
+    assert s.train_batch(1, 0, 2, 2)["input_ids"].flatten().tolist() == [2, 3]  # jump back
