@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -20,10 +20,6 @@ from moe_vlm.data.sample import IGNORE_INDEX, collate
 from moe_vlm.data.synthetic_text import SyntheticText
 from moe_vlm.data.synthetic_vlm import SyntheticVLM, chance_accuracy
 from moe_vlm.data.tokenizer import ByteTokenizer
-
-
-class SampleSource(Protocol):
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass
@@ -113,13 +109,6 @@ class PackedSource:
         return self.packer.pack(iter(self.source))
 
 
-def n_image_tokens_for(vision: VisionConfig, merge: int) -> int:
-    """Decoder tokens per image for a vision config and projector merge factor."""
-    p = (vision.image_size // vision.patch_size) ** 2
-    p += int(vision.cls_token and not vision.drop_cls)
-    return p // (merge * merge)
-
-
 def _synthetic_text(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBundle:
     return DataBundle(train=SyntheticText(cfg.seq_len, cfg.seed, "train"),
                       eval=SyntheticText(cfg.seq_len, cfg.seed, "eval", cfg.n_eval_samples),
@@ -184,4 +173,4 @@ def build_tokenizer_for(cfg: DataConfig, run_dir: Optional[Path] = None):
 
 
 __all__ = ["ByteTokenizer", "DataBundle", "IGNORE_INDEX", "SyntheticText", "SyntheticVLM",
-           "build_data", "build_tokenizer_for", "collate", "n_image_tokens_for", "DATASETS"]
+           "build_data", "build_tokenizer_for", "collate", "DATASETS"]

@@ -17,12 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_vlm.config.schema import ModelConfig, MoEConfig, RoutingConfig
+from moe_vlm.data.sample import IGNORE_INDEX
 from moe_vlm.model.granularity import MoESizes, resolve_moe_sizes
 from moe_vlm.model.layers import Attention, RMSNorm, SwiGLU, rotary_tables
 from moe_vlm.model.moe import MoELayer
 from moe_vlm.routing.router import RouterOutput
-
-IGNORE_INDEX = -100
 
 
 def ffn_schedule(n_layers: int, n_dense_layers: int, moe_every: int) -> list[bool]:

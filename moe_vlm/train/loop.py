@@ -59,7 +59,7 @@ def _layer_metrics(model: torch.nn.Module, routing_steps: list[list[Any]],
     None for text-only data; with them each layer also reports its load split by
     modality (``tokens_per_expert_image`` / ``_text``)."""
     decoder = getattr(model, "decoder", model)
-    moe_ids = [i for i, blk in enumerate(decoder.layers) if blk.ffn in decoder.moe_layers()]
+    moe_ids = [i for i, is_moe in enumerate(decoder.schedule) if is_moe]
     out = {}
     for j, layer in enumerate(moe_ids):
         rs = [step[j] for step in routing_steps]
