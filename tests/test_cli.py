@@ -15,7 +15,7 @@ from moe_vlm.cli import main
 def _run(args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, "-m", "moe_vlm.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=540)
 
 
 @pytest.mark.timeout(600)
