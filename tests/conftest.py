@@ -7,6 +7,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. Set before anything
+# imports triton_kernels: the interpreter is chosen when a kernel is decorated.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from moe_vlm.config import Config, load_config
 
 # Tests are CPU-only and deterministic; keep torch from oversubscribing 2 cores.

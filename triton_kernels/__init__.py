@@ -1,5 +1,25 @@
-"""Triton grouped-GEMM and token permute/unpermute kernels (imports only torch + triton).
+"""Triton kernels for MoE expert compute (imports only torch + triton, never ``moe_vlm``).
 
-The kernels arrive with the kernels issue; ``moe_vlm.model.experts`` already looks for
-``triton_kernels.moe_experts`` and falls back to ``grouped_mm`` / ``torch`` until then.
+- ``grouped_gemm(x, w, offsets)``: per-expert GEMMs over expert-sorted rows, one
+  persistent launch, forward and backward (``grouped_gemm.py``).
+- ``permute(x, experts)`` / ``unpermute(rows, perm, weights)``: token order <-> expert
+  order, with the weighted combine fused into unpermute (``permute.py``).
+- ``moe_experts(x, token_idx, expert_idx, weight, w_in, w_out)``: the fused SwiGLU MoE
+  expert function (gather fused into GEMM 1, SwiGLU in its epilogue, GEMM 2, combine),
+  the ``triton`` expert backend of the model (``moe.py``); ``moe_experts_topk`` takes
+  ``experts/weights [T, K]`` directly.
+
+Each op has a plain-torch ``*_reference`` twin; ``inputs.py`` makes the inputs that
+tests and benchmarks share. Kernels run compiled on CUDA and on the CPU under
+``TRITON_INTERPRET=1`` (slow; for tests at small sizes).
 """
+
+from triton_kernels.grouped_gemm import grouped_gemm, grouped_gemm_reference
+from triton_kernels.moe import moe_experts, moe_experts_reference, moe_experts_topk
+from triton_kernels.permute import permute, permute_reference, unpermute, unpermute_reference
+
+__all__ = [
+    "grouped_gemm", "grouped_gemm_reference",
+    "moe_experts", "moe_experts_reference", "moe_experts_topk",
+    "permute", "permute_reference", "unpermute", "unpermute_reference",
+]

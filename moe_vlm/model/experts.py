@@ -10,8 +10,10 @@ Backends (identical results within dtype tolerance):
 - ``torch``: a per-expert loop, the readable ground truth; any device, any dtype.
 - ``grouped_mm``: sort assignments by expert, gather, two ``torch._grouped_mm`` calls,
   weighted scatter-add. Needs fp32/bf16/fp16 and widths whose rows are 16-byte aligned.
-- ``triton``: ours, from ``triton_kernels`` (the kernels issue plugs it in here).
-- ``auto``: the fastest of those that runs on this device, dtype and shape.
+- ``triton``: ours, ``triton_kernels.moe_experts`` (gather fused into the first grouped
+  GEMM, SwiGLU in its epilogue, fused weighted combine). CUDA; CPU only under
+  ``TRITON_INTERPRET=1`` (tests).
+- ``auto``: ``triton`` on CUDA, else ``grouped_mm`` where it runs, else ``torch``.
 """
 
 from __future__ import annotations
@@ -92,14 +94,36 @@ def experts_grouped_mm(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight:
     return y.to(x.dtype)
 
 
-def _triton_backend() -> ExpertFn:
+def triton_supported(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None if the Triton expert kernels can run here, else the reason."""
     try:
-        from triton_kernels import moe_experts  # type: ignore[attr-defined]
+        import triton_kernels  # noqa: F401
     except ImportError as e:
-        raise NotImplementedError(
-            "moe.backend=triton: the Triton expert kernels are not available in this "
-            "build yet; use moe.backend=auto, torch or grouped_mm") from e
-    return moe_experts
+        return f"triton_kernels cannot be imported ({e}); install triton"
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"the Triton kernels support fp32/bf16/fp16, not {dtype}"
+    if device.type == "cpu":
+        from triton_kernels._utils import interpreting
+        if not interpreting():
+            return "the Triton kernels need CUDA (or TRITON_INTERPRET=1 on CPU, for tests)"
+    elif device.type != "cuda":
+        return f"the Triton kernels need CUDA, not {device.type}"
+    return None
+
+
+def _triton_backend() -> ExpertFn:
+    """``triton_kernels.moe_experts`` behind the backend signature, in the compute dtype
+    (the kernels ignore autocast, so the cast happens here, differentiably)."""
+    from triton_kernels import moe_experts
+
+    def experts_triton(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor,
+                       w_in: Tensor, w_out: Tensor) -> Tensor:
+        dt = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            y = moe_experts(x.to(dt), token_idx, expert_idx, weight, w_in.to(dt), w_out.to(dt))
+        return y.to(x.dtype)
+
+    return experts_triton
 
 
 BACKENDS: dict[str, Callable[[], ExpertFn]] = {
@@ -113,17 +137,16 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, d_model
                     d_expert: int) -> str:
     """Pick a concrete backend name; ``auto`` prefers triton (CUDA), then grouped_mm."""
     if name == "auto":
-        if device.type == "cuda":
-            try:
-                _triton_backend()
-                return "triton"
-            except NotImplementedError:
-                pass
+        if device.type == "cuda" and triton_supported(device, dtype) is None:
+            return "triton"
         if grouped_mm_supported(device, dtype, d_model, d_expert) is None:
             return "grouped_mm"
         return "torch"
     if name == "triton":
-        _triton_backend()  # raises with a message naming the alternatives
+        why = triton_supported(device, dtype)
+        if why:
+            raise ValueError(f"moe.backend=triton cannot run here: {why}; "
+                             "use moe.backend=auto, torch or grouped_mm")
     if name == "grouped_mm":
         why = grouped_mm_supported(device, dtype, d_model, d_expert)
         if why:

@@ -257,13 +257,48 @@ def test_resolve_backend_explicit():
         resolve_backend("cutlass", CPU, torch.float32, 16, 8)
 
 
-def test_triton_backend_not_available():
-    with pytest.raises(NotImplementedError, match="triton"):
-        experts_mod.BACKENDS["triton"]()
+@pytest.mark.parametrize("case", CASES)
+def test_triton_backend_matches_torch(case):
+    """The model's triton backend (Triton's CPU interpreter here) against the loop."""
+    t, tok, exp = make_case(case)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(t, D, generator=g, requires_grad=True)
+    w_in = (torch.randn(E, D, 2 * FF, generator=g) * 0.3).requires_grad_()
+    w_out = (torch.randn(E, FF, D, generator=g) * 0.3).requires_grad_()
+    w = torch.rand(tok.numel(), generator=g, requires_grad=True)
+    go = torch.randn(t, D, generator=g)
+    leaves = (x, w_in, w_out, w)
+    outs = {}
+    for name in ("torch", "triton"):
+        y = experts_mod.BACKENDS[name]()(x, tok, exp, w, w_in, w_out)
+        outs[name] = (y, torch.autograd.grad(y, leaves, go))
+    torch.testing.assert_close(outs["triton"][0], outs["torch"][0], atol=1e-5, rtol=1e-4)
+    for a, b in zip(outs["triton"][1], outs["torch"][1]):
+        torch.testing.assert_close(a, b, atol=4e-5, rtol=2e-4)
+
+
+def test_triton_backend_under_bf16_autocast_close_to_torch():
+    t, tok, exp = make_case("random")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(t, D, generator=g)
+    w_in, w_out = torch.randn(E, D, 2 * FF, generator=g) * 0.3, torch.randn(E, FF, D, generator=g) * 0.3
+    w = torch.rand(tok.numel(), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_tr = experts_mod.BACKENDS["triton"]()(x, tok, exp, w, w_in, w_out)
+        y_to = experts_torch(x, tok, exp, w, w_in, w_out)
+    assert y_tr.dtype == y_to.dtype == torch.float32
+    torch.testing.assert_close(y_tr, y_to, atol=3e-2, rtol=3e-2)
+
+
+def test_triton_backend_refused_where_it_cannot_run(monkeypatch):
+    with pytest.raises(ValueError, match=r"triton.*float64.*moe.backend=auto, torch or grouped_mm"):
+        resolve_backend("triton", CPU, torch.float64, 16, 8)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_backend("auto", CPU, torch.float32, 16, 8) == "grouped_mm"
     ex = GroupedExperts(E, D, FF, backend="triton")
     ex.init_weights(0.1, 0.1, torch.Generator().manual_seed(0))
     t, tok, exp = make_case("random")
-    with pytest.raises(NotImplementedError, match="moe.backend=auto, torch or grouped_mm"):
+    with pytest.raises(ValueError, match=r"need CUDA \(or TRITON_INTERPRET=1.*moe.backend=auto"):
         ex(torch.randn(t, D), tok, exp, torch.ones(tok.numel()))
 
 

@@ -1,0 +1,69 @@
+"""Shared launcher helpers: interpreter detection, launch sizes, input validation.
+
+Kernels here run compiled on CUDA and under ``TRITON_INTERPRET=1`` on the CPU (tests).
+Two interpreter quirks shape the code: its ``tl.dot`` silently returns garbage on bf16
+operands (so launchers ask kernels to upcast dot operands to fp32 there), and
+autotuning would run every config in Python (so the interpreter gets one small config).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(*tensors: Tensor, op: str) -> None:
+    """Kernels need CUDA tensors, or CPU tensors under the interpreter; all on one device."""
+    devs = {t.device for t in tensors}
+    if len(devs) != 1:
+        raise ValueError(f"{op}: all inputs must be on one device, got {sorted(map(str, devs))}")
+    dev = next(iter(devs))
+    if dev.type == "cpu" and not interpreting():
+        raise ValueError(f"{op}: CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter); "
+                         "on CPU use the *_reference functions or moe.backend=torch/grouped_mm")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{op}: unsupported device {dev}; use CUDA")
+
+
+def check_float(t: Tensor, name: str, op: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be fp32, bf16 or fp16, got {t.dtype}")
+
+
+def check_same_dtype(op: str, **tensors: Tensor) -> None:
+    dts = {n: t.dtype for n, t in tensors.items()}
+    if len(set(dts.values())) != 1:
+        raise TypeError(f"{op}: dtypes must match, got "
+                        + ", ".join(f"{n}={d}" for n, d in dts.items()))
+
+
+def check_shape(t: Tensor, ndim: int, name: str, op: str, legend: str) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {legend} ({ndim}-D), got shape {tuple(t.shape)}")
+
+
+def check_int(t: Tensor, name: str, op: str) -> None:
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: {name} must be int32 or int64, got {t.dtype}")
+
+
+def contiguous(*tensors: Tensor) -> Iterable[Tensor]:
+    """Kernels assume unit stride on the last dimension; copy only when needed."""
+    return tuple(t if t.is_contiguous() else t.contiguous() for t in tensors)
+
+
+def n_programs(device: torch.device, per_sm: int = 1) -> int:
+    """Persistent-kernel grid: a few programs per SM on CUDA, a handful in the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+    return 4

@@ -1,0 +1,328 @@
+"""Grouped GEMM: one GEMM per expert over expert-sorted rows, in one persistent launch.
+
+    y[r, :] = x[r, :] @ w[e(r)]      for rows r in group e = [offsets[e-1], offsets[e])
+
+Legend: R rows (expert-sorted), K reduction width, N output width, E groups (experts).
+Shapes: ``x [R, K]``, ``w [E, K, N]``, ``offsets [E]`` int32 cumulative group ends
+(non-decreasing, ``offsets[-1] <= R``; rows past ``offsets[-1]`` come out as zeros).
+Dtypes: fp32, bf16, fp16 (x and w alike), fp32 accumulation, output in the input dtype.
+Any group size, including zero; K and N need not be multiples of the block sizes.
+Backward: ``dx = dy @ w[e]^T`` per group (the same kernel reading w transposed) and
+``dw[e] = x_e^T @ dy_e`` (a kernel tiled over (e, K, N) that reduces over the group).
+
+Tile scheduling is persistent: a fixed grid of programs (a few per SM) walks the tiles of
+all groups in order, reading group ends from ``offsets`` on the device, so launching never
+waits for the host to learn the group sizes. The same two kernels also serve the fused
+MoE function (``triton_kernels.moe``): rows of ``x`` can be gathered through an index
+(permute fused into the first GEMM), scaled per row, and the first GEMM can finish with a
+SwiGLU epilogue (gate and up accumulated side by side, ``silu(gate) * up`` stored).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from triton_kernels._utils import (
+    check_device,
+    check_float,
+    check_int,
+    check_same_dtype,
+    check_shape,
+    interpreting,
+    n_programs,
+)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def grouped_gemm_reference(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """Plain-torch loop over groups (fp32 accumulation). One host sync (``tolist``)."""
+    out = torch.zeros(x.shape[0], w.shape[2], dtype=x.dtype, device=x.device)  # [R, N]
+    start = 0
+    for e, end in enumerate(offsets.tolist()):  # host sync
+        if end > start:
+            out[start:end] = (x[start:end].float() @ w[e].float()).to(x.dtype)
+        start = end
+    return out
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _gg_kernel(
+    a_ptr, a_idx_ptr, scale_ptr, w_ptr, c_ptr, h_ptr, offs_ptr,
+    R, E, N, K,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_cm, stride_hm,
+    HAS_A_IDX: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """C[r, n] = scale[r] * sum_k A[src(r), k] * W[e(r), k, n] over persistent tiles.
+
+    src(r) = a_idx[r] if HAS_A_IDX else r. With SWIGLU, W has 2N columns (gate | up):
+    H[r, :] = [gate | up] is stored and C[r, n] = silu(gate) * up. Group E (one past the
+    last) is the tail of rows past offsets[E-1]: it is written as zeros."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tile = pid
+    tile_base = 0
+    start = 0
+    for e in range(0, E + 1):
+        if e < E:
+            end = tl.load(offs_ptr + e)
+        else:
+            end = R
+        tiles_m = tl.cdiv(end - start, BLOCK_M)
+        tiles_e = tiles_m * tiles_n
+        while tile < tile_base + tiles_e:
+            local = tile - tile_base
+            tm = local % tiles_m  # m fastest: neighbouring programs share a weight tile
+            tn = local // tiles_m
+            offs_m = start + tm * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < end
+            offs_n = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if e < E:
+                if HAS_A_IDX:
+                    src = tl.load(a_idx_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+                else:
+                    src = offs_m.to(tl.int64)
+                w_base = w_ptr + e * stride_we.to(tl.int64)
+                for k0 in range(0, K, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    mask_k = offs_k < K
+                    a = tl.load(a_ptr + src[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                    w_ptrs = w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+                    w_mask = mask_k[:, None] & mask_n[None, :]
+                    b = tl.load(w_ptrs, mask=w_mask, other=0.0)
+                    if DOT_FP32:
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                    if SWIGLU:
+                        bu = tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0)
+                        if DOT_FP32:
+                            bu = bu.to(tl.float32)
+                        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+                if HAS_SCALE:
+                    s = tl.load(scale_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+                    acc = acc * s[:, None]
+                    acc_u = acc_u * s[:, None]
+            rows64 = offs_m.to(tl.int64)
+            out_mask = mask_m[:, None] & mask_n[None, :]
+            if SWIGLU:
+                h_ptrs = h_ptr + rows64[:, None] * stride_hm + offs_n[None, :]
+                gate = acc.to(h_ptr.dtype.element_ty)
+                up = acc_u.to(h_ptr.dtype.element_ty)
+                tl.store(h_ptrs, gate, mask=out_mask)
+                tl.store(h_ptrs + N, up, mask=out_mask)
+                # the activation is computed from the stored (rounded) gate/up, exactly as the
+                # backward recomputes it
+                g32 = gate.to(tl.float32)
+                acc = g32 * tl.sigmoid(g32) * up.to(tl.float32)
+            tl.store(c_ptr + rows64[:, None] * stride_cm + offs_n[None, :],
+                     acc.to(c_ptr.dtype.element_ty), mask=out_mask)
+            tile += nprog
+        tile_base += tiles_e
+        start = end
+
+
+@triton.jit
+def _gg_dw_kernel(
+    a_ptr, a_idx_ptr, b_ptr, b_idx_ptr, dw_ptr, offs_ptr,
+    E, K, N,
+    stride_am, stride_bm, stride_dwe, stride_dwk,
+    HAS_A_IDX: tl.constexpr, HAS_B_IDX: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dW[e, k, n] = sum_{r in group e} A[srcA(r), k] * B[srcB(r), n]; persistent over
+    (e, k-tile, n-tile) tiles, each reducing over its group's rows (zeros if empty)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    total = E * tiles_k * tiles_n
+    for tile in range(pid, total, nprog):
+        e = tile // (tiles_k * tiles_n)
+        rest = tile % (tiles_k * tiles_n)
+        tk = rest % tiles_k
+        tn = rest // tiles_k
+        end = tl.load(offs_ptr + e)
+        if e > 0:
+            start = tl.load(offs_ptr + e - 1)
+        else:
+            start = end * 0
+        offs_k = tk * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        offs_n = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for m0 in range(start, end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < end
+            if HAS_A_IDX:
+                sa = tl.load(a_idx_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+            else:
+                sa = offs_m.to(tl.int64)
+            if HAS_B_IDX:
+                sb = tl.load(b_idx_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+            else:
+                sb = offs_m.to(tl.int64)
+            at = tl.load(a_ptr + sa[None, :] * stride_am + offs_k[:, None],
+                         mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BK, BM]
+            b = tl.load(b_ptr + sb[:, None] * stride_bm + offs_n[None, :],
+                        mask=mask_m[:, None] & mask_n[None, :], other=0.0)  # [BM, BN]
+            if DOT_FP32:
+                at = at.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(at, b, acc, input_precision=PRECISION)
+        dw_ptrs = (dw_ptr + e * stride_dwe.to(tl.int64) + offs_k[:, None].to(tl.int64) * stride_dwk
+                   + offs_n[None, :])
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty),
+                 mask=mask_k[:, None] & mask_n[None, :])
+
+
+def _gpu_configs(swiglu: bool) -> list[triton.Config]:
+    """Autotune space for H100-class GPUs (SwiGLU tiles hold two accumulators)."""
+    shapes = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+              (64, 64, 64, 4, 4), (128, 128, 32, 4, 4)]
+    if swiglu:
+        shapes = [s for s in shapes if s[0] * s[1] <= 128 * 128]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+_INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
+_tuned: dict[tuple[str, bool], object] = {}
+
+
+def _kernel(name: str, swiglu: bool = False):
+    """The kernel to launch: autotuned on GPU (cached per variant), plain in the interpreter."""
+    base = {"gg": _gg_kernel, "dw": _gg_dw_kernel}[name]
+    if interpreting():
+        return base, dict(_INTERPRET_BLOCKS)
+    key = (name, swiglu)
+    if key not in _tuned:
+        tune_key = ["N", "K"] if name == "gg" else ["K", "N"]
+        _tuned[key] = triton.autotune(configs=_gpu_configs(swiglu), key=tune_key)(base)
+    return _tuned[key], {}
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    interp = interpreting()
+    fp32 = dtype == torch.float32 or interp
+    return {"DOT_FP32": interp and dtype != torch.float32, "PRECISION": "ieee" if fp32 else "tf32"}
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def gg_forward(a: Tensor, w: Tensor, offsets: Tensor, *, a_idx: Optional[Tensor] = None,
+               scale: Optional[Tensor] = None, transpose_w: bool = False, swiglu: bool = False,
+               n_rows: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Launch ``_gg_kernel``; no validation (callers validate). Returns ``(c, h)``.
+
+    a [Ra, K] (rows gathered through ``a_idx [R]`` when given, else R = Ra), w [E, K, N]
+    (or [E, N, K] read transposed), offsets [E] int32, scale [R] -> c [R, N]; with
+    ``swiglu`` w has 2N columns and h [R, 2N] holds gate | up."""
+    rows = n_rows if n_rows is not None else (a_idx.shape[0] if a_idx is not None else a.shape[0])
+    e = w.shape[0]
+    if transpose_w:
+        kdim, ncols = w.shape[2], w.shape[1]
+        s_wk, s_wn = w.stride(2), w.stride(1)
+    else:
+        kdim, ncols = w.shape[1], w.shape[2]
+        s_wk, s_wn = w.stride(1), w.stride(2)
+    n = ncols // 2 if swiglu else ncols
+    c = torch.empty(rows, n, device=a.device, dtype=a.dtype)  # [R, N]
+    h = torch.empty(rows, 2 * n, device=a.device, dtype=a.dtype) if swiglu else None  # [R, 2N]
+    dummy = offsets
+    kern, blocks = _kernel("gg", swiglu)
+    grid = (n_programs(a.device),)
+    kern[grid](
+        a, a_idx if a_idx is not None else dummy, scale if scale is not None else dummy,
+        w, c, h if h is not None else c, offsets,
+        rows, e, n, kdim,
+        a.stride(0), a.stride(1), w.stride(0), s_wk, s_wn, c.stride(0),
+        h.stride(0) if h is not None else 0,
+        HAS_A_IDX=a_idx is not None, HAS_SCALE=scale is not None, SWIGLU=swiglu,
+        **_dot_args(a.dtype), **blocks)
+    return c, h
+
+
+def gg_weight_grad(a: Tensor, b: Tensor, offsets: Tensor, n_experts: int, *,
+                   a_idx: Optional[Tensor] = None, b_idx: Optional[Tensor] = None,
+                   out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Launch ``_gg_dw_kernel``: ``dw [E, K, N]`` with ``dw[e] = A_e^T @ B_e`` (rows of A and
+    B optionally gathered through ``a_idx`` / ``b_idx``, both indexed by sorted row)."""
+    kdim, n = a.shape[1], b.shape[1]
+    dw = torch.empty(n_experts, kdim, n, device=a.device, dtype=out_dtype or a.dtype)  # [E, K, N]
+    dummy = offsets
+    kern, blocks = _kernel("dw")
+    grid = (n_programs(a.device, per_sm=2),)
+    kern[grid](
+        a, a_idx if a_idx is not None else dummy, b, b_idx if b_idx is not None else dummy,
+        dw, offsets, n_experts, kdim, n,
+        a.stride(0), b.stride(0), dw.stride(0), dw.stride(1),
+        HAS_A_IDX=a_idx is not None, HAS_B_IDX=b_idx is not None,
+        **_dot_args(a.dtype), **blocks)
+    return dw
+
+
+def check_offsets(offsets: Tensor, n_experts: int, op: str) -> Tensor:
+    """int32 contiguous ``offsets [E]``; int64 is converted. Monotonicity is the caller's
+    promise (checking it would cost a host sync)."""
+    check_int(offsets, "offsets", op)
+    check_shape(offsets, 1, "offsets", op, "[E] cumulative group ends")
+    if offsets.shape[0] != n_experts:
+        raise ValueError(f"{op}: offsets has {offsets.shape[0]} entries but w has "
+                         f"{n_experts} experts; pass one cumulative end per expert")
+    return offsets.to(torch.int32).contiguous()
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class _GroupedGemm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+        y, _ = gg_forward(x, w, offsets)
+        ctx.save_for_backward(x, w, offsets)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, w, offsets = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx, _ = gg_forward(dy, w, offsets, transpose_w=True)  # [R, K]
+        if ctx.needs_input_grad[1]:
+            dw = gg_weight_grad(x, dy, offsets, w.shape[0], out_dtype=w.dtype)  # [E, K, N]
+        return dx, dw, None
+
+
+def grouped_gemm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """``x [R, K]`` (rows sorted by group) times ``w [E, K, N]`` per group -> ``[R, N]``.
+
+    ``offsets [E]`` are cumulative group ends (int32; int64 accepted). Differentiable in
+    ``x`` and ``w``. Rows past ``offsets[-1]`` get zeros (and zero gradient)."""
+    op = "grouped_gemm"
+    check_shape(x, 2, "x", op, "[rows, K]")
+    check_shape(w, 3, "w", op, "[E, K, N]")
+    check_float(x, "x", op)
+    check_same_dtype(op, x=x, w=w)
+    check_device(x, w, offsets, op=op)
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"{op}: x has K={x.shape[1]} columns but w is {tuple(w.shape)} "
+                         f"([E, K, N] with K={w.shape[1]})")
+    offsets = check_offsets(offsets, w.shape[0], op)
+    return _GroupedGemm.apply(x.contiguous(), w.contiguous(), offsets)

@@ -1,0 +1,218 @@
+"""Fused SwiGLU MoE experts: permute into GEMM 1, SwiGLU in its epilogue, GEMM 2, combine.
+
+    y[t] = sum_{assignments (t, e, w)} w * (silu(x[t] @ Wg[e]) * (x[t] @ Wu[e])) @ Wo[e]
+
+Legend: T tokens, D model width, F expert width, E experts, N assignments (rows).
+Shapes: ``x [T, D]``; flat assignments ``token_idx, expert_idx, weight [N]`` (any order,
+any number per token: top-k, capacity-dropped, expert-choice); ``w_in [E, D, 2F]``
+(columns ``:F`` gate, ``F:`` up), ``w_out [E, F, D]``. Dtypes: x and weights fp32, bf16
+or fp16 alike, routing weights any float; fp32 accumulation everywhere.
+
+Forward is three launches after a device-side index plan (stable sorts, no host sync):
+1. grouped GEMM 1 reads token rows of ``x`` through the row->token index (the permute
+   is fused into the A-operand load), accumulates gate and up side by side and stores
+   ``h = [gate | up]`` and ``act = silu(gate) * up``;
+2. grouped GEMM 2: ``out = act @ w_out[e]``;
+3. combine: per token, the routing-weighted fp32 sum of its rows.
+Saved for backward: ``h [N, 2F]`` (plus ``x``, weights and int32 indices): less than the
+``torch._grouped_mm`` pipeline, which keeps the permuted rows, gate, up, silu(gate),
+their product and the expert outputs.
+
+Backward: ``g = dy[token] @ w_out[e]^T`` (gather fused again), one elementwise pass
+gives ``dh``, ``w * act`` and the routing-weight gradient ``<g, act>``, two weight-gradient
+grouped GEMMs, ``drows = dh @ w_in[e]^T`` and a combine for ``dx``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from triton_kernels._utils import (
+    check_device,
+    check_float,
+    check_int,
+    check_same_dtype,
+    check_shape,
+    interpreting,
+)
+from triton_kernels.grouped_gemm import gg_forward, gg_weight_grad
+from triton_kernels.permute import TokenIndex, combine_rows, expert_plan
+
+
+# ----------------------------------------------------------------------------- reference
+
+def moe_experts_reference(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor,
+                          w_in: Tensor, w_out: Tensor) -> Tensor:
+    """Plain torch: loop over experts, SwiGLU in the input dtype, weighted fp32 combine.
+    One host sync per expert (``nonzero``)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    y = torch.zeros(x.shape[0], x.shape[1], device=x.device, dtype=acc)  # [T, D]
+    for e in range(w_in.shape[0]):
+        sel = (expert_idx == e).nonzero().squeeze(1)  # host sync
+        if sel.numel() == 0:
+            continue
+        tok = token_idx[sel]
+        gate, up = (x[tok] @ w_in[e]).chunk(2, dim=-1)  # [n, F]
+        out = (F.silu(gate) * up) @ w_out[e]  # [n, D]
+        y = y.index_add(0, tok, out.to(acc) * weight[sel, None].to(acc))
+    # keep every input in the graph so all gradients exist (zeros when nothing is routed)
+    y = y + 0 * (w_in.sum() + w_out.sum() + weight.sum()).to(acc)
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _swiglu_bwd_kernel(g_ptr, h_ptr, w_ptr, dh_ptr, actw_ptr, dw_ptr, R, FF,
+                       stride_g, stride_h, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Per row r (weight w, h = [a | b], g = dL/d(out_r) @ Wo^T unweighted):
+    act = silu(a) * b;  dw = <g, act>;  dact = w * g;
+    dh = [dact * b * silu'(a) | dact * silu(a)];  actw = w * act."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < R
+    r64 = offs_m.to(tl.int64)
+    wt = tl.load(w_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+    dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for f0 in range(0, FF, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        m = mask_m[:, None] & (offs_f < FF)[None, :]
+        g = tl.load(g_ptr + r64[:, None] * stride_g + offs_f[None, :], mask=m, other=0.0).to(tl.float32)
+        h_ptrs = h_ptr + r64[:, None] * stride_h + offs_f[None, :]
+        a = tl.load(h_ptrs, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(h_ptrs + FF, mask=m, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(a)
+        silu = a * sig
+        act = silu * b
+        dot += tl.sum(g * act, axis=1)
+        dact = g * wt[:, None]
+        dh_ptrs = dh_ptr + r64[:, None] * stride_h + offs_f[None, :]
+        tl.store(dh_ptrs, (dact * b * sig * (1.0 + a * (1.0 - sig))).to(dh_ptr.dtype.element_ty), mask=m)
+        tl.store(dh_ptrs + FF, (dact * silu).to(dh_ptr.dtype.element_ty), mask=m)
+        tl.store(actw_ptr + r64[:, None] * stride_g + offs_f[None, :],
+                 (act * wt[:, None]).to(actw_ptr.dtype.element_ty), mask=m)
+    tl.store(dw_ptr + offs_m, dot, mask=mask_m)
+
+
+def swiglu_backward(g: Tensor, h: Tensor, w_row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dh [N, 2F], actw [N, F], dw_row [N] fp32) from g [N, F], h [N, 2F], w_row [N]."""
+    n, f = g.shape
+    dh = torch.empty_like(h)
+    actw = torch.empty_like(g)
+    dw = torch.empty(n, device=g.device, dtype=torch.float32)
+    if n == 0:
+        return dh, actw, dw
+    bm = 16 if interpreting() else 32
+    bf = min(triton.next_power_of_2(f), 128 if interpreting() else 256)
+    _swiglu_bwd_kernel[(triton.cdiv(n, bm),)](g, h, w_row, dh, actw, dw, n, f, g.stride(0),
+                                              h.stride(0), BLOCK_M=bm, BLOCK_F=bf)
+    return dh, actw, dw
+
+
+# ----------------------------------------------------------------------------- index plan
+
+def _token_order(token_idx: Tensor, expert_idx: Tensor, weight: Tensor, n_tokens: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, TokenIndex]:
+    """Stable sort of flat assignments by token (no host sync): returns the sort order,
+    sorted token/expert/weight and the token CSR (``tok_ptr [T+1]``)."""
+    ts = torch.argsort(token_idx, stable=True)  # [N]
+    counts = torch.bincount(token_idx, minlength=n_tokens)  # [T]
+    tok_ptr = torch.zeros(n_tokens + 1, dtype=torch.int32, device=token_idx.device)
+    tok_ptr[1:] = torch.cumsum(counts, 0)
+    return ts, token_idx[ts], expert_idx[ts], weight[ts], TokenIndex(n_tokens, tok_ptr=tok_ptr)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class _MoEExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, weight_s: Tensor, tok_s: Tensor,
+                exp_s: Tensor, tok_ptr: Optional[Tensor], k: int) -> Tensor:
+        """Assignments already token-sorted (``*_s [N]``); tokens either fixed-K or CSR."""
+        t, n_exp = x.shape[0], w_in.shape[0]
+        idx = TokenIndex(t, k=k, tok_ptr=tok_ptr)
+        order, row_of, offsets = expert_plan(exp_s, n_exp)  # [N], [N], [E]
+        src_row = tok_s[order.long()].to(torch.int32)  # [N] token of each row
+        w_row = weight_s[order.long()].contiguous()  # [N] routing weight of each row
+        act, h = gg_forward(x, w_in, offsets, a_idx=src_row, swiglu=True)  # [N, F], [N, 2F]
+        out, _ = gg_forward(act, w_out, offsets)  # [N, D]
+        y = combine_rows(out, row_of, idx, weight_s)  # [T, D]
+        ctx.save_for_backward(x, w_in, w_out, h, src_row, w_row, row_of, offsets, tok_ptr)
+        ctx.k = k
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, w_in, w_out, h, src_row, w_row, row_of, offsets, tok_ptr = ctx.saved_tensors
+        dy = dy.contiguous()
+        n_exp = w_in.shape[0]
+        idx = TokenIndex(x.shape[0], k=ctx.k, tok_ptr=tok_ptr)
+        g, _ = gg_forward(dy, w_out, offsets, a_idx=src_row, transpose_w=True)  # [N, F]
+        dh, actw, dw_row = swiglu_backward(g, h, w_row)  # [N, 2F], [N, F], [N]
+        dw_out = gg_weight_grad(actw, dy, offsets, n_exp, b_idx=src_row)  # [E, F, D]
+        dw_in = gg_weight_grad(x, dh, offsets, n_exp, a_idx=src_row)  # [E, D, 2F]
+        drows, _ = gg_forward(dh, w_in, offsets, transpose_w=True)  # [N, D]
+        dx = combine_rows(drows, row_of, idx, None)  # [T, D]
+        dweight_s = dw_row[row_of.long()]  # [N] back to token-sorted assignment order
+        return dx, dw_in, dw_out, dweight_s, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public
+
+def _validate(x: Tensor, w_in: Tensor, w_out: Tensor, op: str) -> None:
+    check_shape(x, 2, "x", op, "[T, D]")
+    check_shape(w_in, 3, "w_in", op, "[E, D, 2F]")
+    check_shape(w_out, 3, "w_out", op, "[E, F, D]")
+    check_float(x, "x", op)
+    check_same_dtype(op, x=x, w_in=w_in, w_out=w_out)
+    e, d, f2 = w_in.shape
+    if x.shape[1] != d or f2 % 2 or tuple(w_out.shape) != (e, f2 // 2, d):
+        raise ValueError(f"{op}: shapes do not fit: x {tuple(x.shape)} [T, D], w_in "
+                         f"{tuple(w_in.shape)} [E, D, 2F], w_out {tuple(w_out.shape)} [E, F, D]")
+
+
+def moe_experts(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor,
+                w_in: Tensor, w_out: Tensor) -> Tensor:
+    """Routed SwiGLU experts over flat assignments -> ``y [T, D]`` (x's dtype).
+
+    The ``triton`` expert backend of ``moe_vlm``; same signature as its other backends.
+    Differentiable in ``x``, ``w_in``, ``w_out`` and ``weight``. No host sync."""
+    op = "moe_experts"
+    _validate(x, w_in, w_out, op)
+    for name, v in (("token_idx", token_idx), ("expert_idx", expert_idx)):
+        check_int(v, name, op)
+        check_shape(v, 1, name, op, "[N]")
+    check_float(weight, "weight", op)
+    if not token_idx.shape == expert_idx.shape == weight.shape:
+        raise ValueError(f"{op}: token_idx, expert_idx, weight must all be [N]; got "
+                         f"{tuple(token_idx.shape)}, {tuple(expert_idx.shape)}, {tuple(weight.shape)}")
+    check_device(x, token_idx, expert_idx, weight, w_in, w_out, op=op)
+    ts, tok_s, exp_s, w_s, idx = _token_order(token_idx, expert_idx, weight, x.shape[0])
+    y = _MoEExperts.apply(x.contiguous(), w_in.contiguous(), w_out.contiguous(), w_s,
+                          tok_s, exp_s, idx.tok_ptr, 0)
+    return y
+
+
+def moe_experts_topk(x: Tensor, experts: Tensor, weights: Tensor, w_in: Tensor,
+                     w_out: Tensor) -> Tensor:
+    """Token-choice form: ``experts, weights [T, K]`` (every token has K assignments) ->
+    ``y [T, D]``. Skips the token sort of ``moe_experts``."""
+    op = "moe_experts_topk"
+    _validate(x, w_in, w_out, op)
+    check_shape(experts, 2, "experts", op, "[T, K]")
+    check_shape(weights, 2, "weights", op, "[T, K]")
+    check_int(experts, "experts", op)
+    check_float(weights, "weights", op)
+    if experts.shape != weights.shape or experts.shape[0] != x.shape[0]:
+        raise ValueError(f"{op}: experts {tuple(experts.shape)} and weights "
+                         f"{tuple(weights.shape)} must both be [T, K] with T={x.shape[0]}")
+    check_device(x, experts, weights, w_in, w_out, op=op)
+    t, k = experts.shape
+    tok = torch.arange(t, device=x.device, dtype=torch.int32).repeat_interleave(k)  # [N]
+    return _MoEExperts.apply(x.contiguous(), w_in.contiguous(), w_out.contiguous(),
+                             weights.reshape(-1), tok, experts.reshape(-1), None, k)
