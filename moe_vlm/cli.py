@@ -14,6 +14,13 @@ commands:
                             add --cfg job to print the resolved config, -m for a multirun sweep
   plot-routing RUN_DIR [--out PNG] [--last N]
                             per-layer expert x modality (image/text) load heatmap of a VLM run
+  upcycle --from SRC --method {copy,split,drop,noise} --out DIR [key=value ...]
+                            dense checkpoint (ours or a local HF Llama/Qwen2/Qwen3) -> MoE
+  import-hf --from HF_DIR --out DIR
+                            local Hugging Face checkpoint -> our checkpoint directory
+  export-hf --from CKPT_DIR --out HF_DIR
+                            our checkpoint -> Hugging Face directory (Qwen3-MoE, Mixtral, dots1,
+                            Llama, Qwen2, Qwen3) that transformers loads
 """
 
 
@@ -69,7 +76,16 @@ def plot_routing_main(args: Sequence[str]) -> None:
         raise SystemExit(2) from None
 
 
-COMMANDS = {"train": train_main, "plot-routing": plot_routing_main}
+def _lazy(name: str):
+    def run(args: Sequence[str]) -> None:
+        from moe_vlm import checkpoints_cli
+        getattr(checkpoints_cli, name)(args)
+    return run
+
+
+COMMANDS = {"train": train_main, "plot-routing": plot_routing_main,
+            "upcycle": _lazy("upcycle_main"), "import-hf": _lazy("import_hf_main"),
+            "export-hf": _lazy("export_hf_main")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

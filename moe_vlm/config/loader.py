@@ -56,3 +56,30 @@ def load_config(overrides: Sequence[str] = ()) -> Config:
         cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
         raise ConfigError(f"{e}{cause}") from e
     return to_config(cfg)
+
+
+def apply_overrides(cfg: Config | str | Path, overrides: Sequence[str] = ()) -> Config:
+    """A ``Config`` (or a run's saved ``config.yaml``) plus dotted ``key=value`` overrides
+    -> validated ``Config``. No Hydra composition: config groups (``routing=NAME``) do not
+    apply here, only dotted keys (``routing.top_k=2``)."""
+    if not isinstance(cfg, Config):
+        path = Path(cfg)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config file at {path}")
+    bad = [o for o in overrides if "=" not in o or "." not in o.split("=", 1)[0]]
+    if bad:
+        raise ConfigError(f"overrides must be dotted key=value pairs (e.g. moe.n_experts=8), got {bad}")
+    try:
+        base = OmegaConf.structured(cfg) if isinstance(cfg, Config) else OmegaConf.load(cfg)
+        merged = OmegaConf.merge(OmegaConf.structured(Config), base,
+                                 OmegaConf.from_dotlist(list(overrides)))
+        obj = OmegaConf.to_object(merged)
+    except Exception as e:  # OmegaConf names the key and the expected type
+        raise ConfigError(f"{e}") from e
+    assert isinstance(obj, Config)
+    return validate(obj)
+
+
+def config_from_file(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """A run's saved ``config.yaml`` (plus dotted overrides) -> validated ``Config``."""
+    return apply_overrides(Path(path), overrides)

@@ -14,6 +14,8 @@ from typing import Optional
 GATES = ("softmax_topk", "sigmoid_topk", "expert_choice")
 AUX_SCOPES = ("micro_batch", "sequence", "global_batch")
 BACKENDS = ("auto", "torch", "grouped_mm", "triton")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+UPCYCLE_METHODS = ("none", "copy", "split", "drop", "noise")
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 NAN_POLICIES = ("stop", "skip")
@@ -42,6 +44,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3 style)
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2 style)
+    # RoPE frequency scaling as in transformers' rope_scaling: none | linear | llama3
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 8192  # llama3 only: original_max_position_embeddings
     tie_embeddings: bool = True
     init_std: float = 0.02
 
@@ -173,6 +182,22 @@ class ParallelConfig:
 
 
 @dataclass
+class UpcycleConfig:
+    """Start the MoE model from a dense checkpoint (``moe_vlm.upcycling``). Applied when
+    a run starts fresh (not on resume); ``none`` trains from scratch."""
+
+    method: str = "none"  # none | copy | split | drop | noise
+    source: Optional[str] = None  # our run dir / checkpoint .pt, or a local HF directory
+    base: str = "auto"  # drop/noise start from copy or split (auto: copy when widths allow)
+    shared: str = "slice"  # shared experts from the dense FFN: slice | whole | random
+    permute: bool = False  # shuffle the dense hidden units before slicing (Qwen1.5-MoE)
+    drop_ratio: float = 0.5  # drop: fraction of each expert's units re-initialised
+    noise_std: float = 0.01  # noise: std relative to each weight matrix's std
+    router_std: Optional[float] = None  # None: model.init_std
+    seed: Optional[int] = None  # None: the run's seed
+
+
+@dataclass
 class RunConfig:
     """Where the run writes. ``dir=None`` uses Hydra's output directory of the job."""
 
@@ -191,6 +216,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -266,6 +292,12 @@ def validate(cfg: Config) -> Config:
     _need(hd % 2 == 0, "model.head_dim", f"rotary embeddings need an even head dim, got {hd}")
     _need(cfg.data.seq_len <= m.max_seq_len, "data.seq_len",
           f"{cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _one_of(m.rope_scaling, "model.rope_scaling", ROPE_SCALINGS)
+    if m.rope_scaling != "none":
+        _need(m.rope_factor > 0, "model.rope_factor", f"must be > 0, got {m.rope_factor}")
+    if m.rope_scaling == "llama3":
+        _need(m.rope_high_freq_factor > m.rope_low_freq_factor, "model.rope_high_freq_factor",
+              "must exceed model.rope_low_freq_factor")
     _one_of(moe.backend, "moe.backend", BACKENDS)
     _need(moe.d_expert % moe.granularity == 0, "moe.granularity",
           f"moe.d_expert={moe.d_expert} must be divisible by the granularity {moe.granularity}")
@@ -282,6 +314,19 @@ def validate(cfg: Config) -> Config:
     if r.gate == "expert_choice":
         _need(r.bias_update_rate == 0, "routing.bias_update_rate",
               "expert_choice is balanced by construction; set routing.bias_update_rate=0")
+    u = cfg.upcycle
+    _one_of(u.method, "upcycle.method", UPCYCLE_METHODS)
+    _one_of(u.base, "upcycle.base", ("auto", "copy", "split"))
+    _one_of(u.shared, "upcycle.shared", ("slice", "whole", "random"))
+    if u.method != "none":
+        _need(u.source is not None, "upcycle.source",
+              f"upcycle.method={u.method} needs the dense checkpoint: set upcycle.source=PATH")
+        _need(t.init_from is None, "train.init_from",
+              "set either train.init_from or upcycle.method, not both")
+        _need(m.moe_every > 0, "model.moe_every",
+              "upcycling makes MoE layers: set model.moe_every >= 1 (1 = every layer)")
+    _need(0 <= u.drop_ratio <= 1, "upcycle.drop_ratio", f"must be in [0, 1], got {u.drop_ratio}")
+    _need(u.noise_std >= 0, "upcycle.noise_std", f"must be >= 0, got {u.noise_std}")
     _one_of(t.schedule, "train.schedule", SCHEDULES)
     _one_of(t.precision, "train.precision", PRECISIONS)
     _one_of(t.nan_policy, "train.nan_policy", NAN_POLICIES)

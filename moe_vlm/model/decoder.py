@@ -24,6 +24,14 @@ from moe_vlm.model.moe import MoELayer
 from moe_vlm.routing.router import RouterOutput
 
 
+def rope_scaling(cfg: ModelConfig) -> dict:
+    """The ``rotary_tables`` scaling keywords of a model config."""
+    return dict(scaling=cfg.rope_scaling, factor=cfg.rope_factor,
+                low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor,
+                original_max_len=cfg.rope_original_max_len)
+
+
 def ffn_schedule(n_layers: int, n_dense_layers: int, moe_every: int) -> list[bool]:
     """``is_moe`` per layer: the first ``n_dense_layers`` dense, then every
     ``moe_every``-th layer MoE starting with the first one after them (0 = none)."""
@@ -36,7 +44,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim,
-                              cfg.qk_norm, cfg.norm_eps)
+                              cfg.qk_norm, cfg.norm_eps, cfg.qkv_bias)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
 
@@ -73,7 +81,7 @@ class DecoderLM(nn.Module):
             for is_moe in self.schedule])
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rotary_tables(self.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rotary_tables(self.head_dim, cfg.max_seq_len, cfg.rope_theta, **rope_scaling(cfg))
         self.register_buffer("rope_cos", cos, persistent=False)  # [S_max, Hd/2]
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -96,6 +104,8 @@ class DecoderLM(nn.Module):
             a = blk.attn
             for lin in (a.wq, a.wk, a.wv):
                 lin.weight.normal_(0.0, std, generator=g)
+                if lin.bias is not None:
+                    lin.bias.zero_()
             a.wo.weight.normal_(0.0, out_std, generator=g)
             for n in (a.q_norm, a.k_norm):
                 if n is not None:
@@ -114,7 +124,7 @@ class DecoderLM(nn.Module):
         if self.head is not None:
             self.head.weight.normal_(0.0, std, generator=g)
         cos, sin = rotary_tables(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
-                                 self.rope_cos.device)
+                                 self.rope_cos.device, **rope_scaling(self.cfg))
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 

@@ -6,6 +6,8 @@ Hd head dim, F MLP width.
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -27,10 +29,32 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float,
-                  device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
-    """cos, sin tables [S, Hd/2] in fp32 (rotate-half convention, as Llama/Qwen)."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: str = "none", factor: float = 1.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                  original_max_len: int = 8192, device: Optional[torch.device] = None) -> Tensor:
+    """Inverse frequencies [Hd/2], with transformers' ``linear`` or ``llama3`` scaling."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    if scaling == "linear":
+        return inv_freq / factor
+    if scaling == "llama3":  # Llama 3.1: stretch low frequencies, keep high, blend between
+        low_wavelen = original_max_len / low_freq_factor
+        high_wavelen = original_max_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled)
+    if scaling != "none":
+        raise ValueError(f"unknown rope scaling {scaling!r}; use none, linear or llama3")
+    return inv_freq
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float,
+                  device: Optional[torch.device] = None, **scaling) -> tuple[Tensor, Tensor]:
+    """cos, sin tables [S, Hd/2] in fp32 (rotate-half convention, as Llama/Qwen);
+    ``scaling``: keyword arguments of ``rope_inv_freq``."""
+    inv_freq = rope_inv_freq(head_dim, theta, device=device, **scaling)  # [Hd/2]
     pos = torch.arange(max_seq_len, device=device).float()
     ang = torch.outer(pos, inv_freq)  # [S, Hd/2]
     return ang.cos(), ang.sin()
@@ -47,12 +71,12 @@ class Attention(nn.Module):
     """Causal grouped-query attention with rotary positions via SDPA."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                 qk_norm: bool = False, norm_eps: float = 1e-5):
+                 qk_norm: bool = False, norm_eps: float = 1e-5, qkv_bias: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.wq = nn.Linear(d_model, n_heads * head_dim, bias=False)
-        self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
-        self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.wq = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * head_dim, d_model, bias=False)
         self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None

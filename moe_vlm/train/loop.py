@@ -120,6 +120,10 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     state = load_latest(ckpt_dir, map_location=device)
     if state is None and t_cfg.init_from:
         load_weights(model, t_cfg.init_from, map_location=device)
+    upcycled = None
+    if state is None and cfg.upcycle.method != "none":
+        from moe_vlm.upcycling.upcycle import upcycle_from_config
+        upcycled = upcycle_from_config(model, cfg)
     n_params = apply_trainable(model, list(t_cfg.trainable))
     opt = build_optimizer(model, t_cfg)
     micro_bs = t_cfg.micro_batch_size or t_cfg.batch_size
@@ -140,6 +144,8 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         summary["chance_accuracy"] = data.chance_accuracy
     if t_cfg.init_from:
         summary["init_from"] = t_cfg.init_from
+    if upcycled is not None:
+        summary["upcycle"] = upcycled
 
     def run_eval() -> dict[str, float]:
         res = evaluate(model, data, micro_bs, device, amp)
@@ -157,7 +163,7 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         summary.update({k: prior[k] for k in (
             "initial_eval_loss", "initial_eval_accuracy", "tokens_seen", "wall_time_s",
             "skipped_steps", "final_train_loss", "final_eval_loss", "eval_accuracy",
-            "caption_loss") if k in prior})
+            "caption_loss", "upcycle") if k in prior})
         summary["resumed_from"] = step
         log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
     else:

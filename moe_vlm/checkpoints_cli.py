@@ -1,0 +1,172 @@
+"""``moe-vlm upcycle``, ``moe-vlm import-hf`` and ``moe-vlm export-hf``.
+
+``upcycle`` and ``import-hf`` write a *checkpoint directory* that training starts from:
+
+    DIR/config.yaml                      full config, with train.init_from=DIR
+    DIR/checkpoints/step_00000000.pt     {"model": state_dict}
+    DIR/upcycle.json | DIR/import.json   what was done (and, for upcycling, the logit check)
+
+so either ``moe-vlm train --config-path DIR --config-name config [overrides]`` or
+``moe-vlm train train.init_from=DIR <the same model overrides>`` trains from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from moe_vlm.config.schema import Config, ConfigError, UpcycleConfig
+
+
+def _refuse_nonempty(out: Path, prog: str) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{prog}: {out} exists and is not empty; choose a new --out")
+
+
+def _build(cfg: Config) -> nn.Module:
+    """The model a config describes, on CPU (VLM if it has a vision tower)."""
+    from moe_vlm.model import build_model
+
+    if cfg.vision.name == "none":
+        return build_model(cfg.model, cfg.moe, cfg.routing, "cpu", cfg.seed)
+    from moe_vlm.model.vlm import build_vlm
+    return build_vlm(cfg, image_token_id=0, device="cpu", seed=cfg.seed)  # weights do not use it
+
+
+def write_checkpoint_dir(out: Path, cfg: Config, state: dict, record_name: str,
+                         record: dict) -> None:
+    """Write the directory described in the module docstring (each file atomically)."""
+    from moe_vlm.train.checkpoint import save_checkpoint
+    from moe_vlm.train.rundir import atomic_write, write_json
+
+    out = out.resolve()
+    cfg = replace(cfg, train=replace(cfg.train, init_from=str(out)),
+                  upcycle=UpcycleConfig(), run=replace(cfg.run, dir=None))
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "checkpoints", 0, {"model": state, "step": 0}, keep=1)
+    write_json(out / record_name, record)
+    atomic_write(out / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg))))
+
+
+@torch.no_grad()
+def logit_gap(dense: nn.Module, moe: nn.Module, vocab: int, seq: int, seed: int = 0) -> float:
+    """Max |logit difference| of the two decoders on random token ids (fp32)."""
+    dec_a, dec_b = getattr(dense, "decoder", dense), getattr(moe, "decoder", moe)
+    ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(seed))
+    return float((dec_a.eval()(ids).logits - dec_b.eval()(ids).logits).abs().max())
+
+
+def upcycle_main(args: Sequence[str]) -> None:
+    """``moe-vlm upcycle --from SRC --method M --out DIR [key=value ...]``."""
+    from moe_vlm.config.loader import apply_overrides
+    from moe_vlm.upcycling.methods import METHODS
+    from moe_vlm.upcycling.source import default_target_moe, load_checkpoint
+    from moe_vlm.upcycling.upcycle import upcycle_into
+
+    ap = argparse.ArgumentParser(prog="moe-vlm upcycle", description=(
+        "Upcycle a dense checkpoint (our run dir / .pt, or a local Hugging Face Llama/Qwen2/"
+        "Qwen3 directory) into an MoE checkpoint directory. Target sizes and options are "
+        "dotted overrides on the source's config, e.g. moe.n_experts=8 moe.granularity=4 "
+        "routing.top_k=1 model.n_dense_layers=1 upcycle.permute=true upcycle.shared=slice."))
+    ap.add_argument("--from", dest="source", required=True)
+    ap.add_argument("--method", required=True, choices=list(METHODS))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    a = ap.parse_args(list(args))
+    out = Path(a.out)
+    try:
+        _refuse_nonempty(out, "moe-vlm upcycle")
+        src = load_checkpoint(a.source)
+        cfg = apply_overrides(default_target_moe(src.config), [
+            *a.overrides, f"upcycle.method={a.method}", f"upcycle.source={a.source}"])
+        target = _build(cfg)
+        report = upcycle_into(target, src.state_dict, cfg.upcycle, seed=cfg.seed)
+        dense_cfg = src.config
+        if cfg.vision.name != "none" and dense_cfg.vision.name == "none":
+            dense_cfg = replace(dense_cfg, vision=cfg.vision, projector=cfg.projector)
+        dense = _build(dense_cfg)
+        dense.load_state_dict(src.state_dict, strict=False)
+        gap = logit_gap(dense, target, cfg.model.vocab_size, min(16, cfg.model.max_seq_len))
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, ConfigError) as e:
+        print(f"moe-vlm upcycle: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    record = {**asdict(report), "source": str(src.path), "source_kind": src.kind,
+              "overrides": list(a.overrides), "max_abs_logit_diff_vs_dense": gap}
+    write_checkpoint_dir(out, cfg, target.state_dict(), "upcycle.json", record)
+    sizes = getattr(target, "decoder", target).moe_sizes
+    print(f"upcycled {src.kind} checkpoint {src.path} with {a.method} (base {report.base}, "
+          f"m={report.shards}) -> {out}\n  MoE layers {report.moe_layers}: {sizes.n_experts} "
+          f"experts of width {sizes.d_expert}, top-{sizes.top_k}, shared width {sizes.d_shared}\n"
+          f"  function preserving: {report.function_preserving} ({report.reason}); "
+          f"max |logit diff| vs dense at step 0: {gap:.3g}\n"
+          f"  train: moe-vlm train --config-path {out.resolve()} --config-name config")
+
+
+def import_hf_main(args: Sequence[str]) -> None:
+    """``moe-vlm import-hf --from HF_DIR --out DIR``."""
+    from moe_vlm.upcycling.source import load_checkpoint
+
+    ap = argparse.ArgumentParser(prog="moe-vlm import-hf", description=(
+        "Convert a local Hugging Face checkpoint (Llama, Qwen2, Qwen3, Qwen3-MoE, Mixtral, "
+        "dots1) into our checkpoint directory."))
+    ap.add_argument("--from", dest="source", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(list(args))
+    out = Path(a.out)
+    try:
+        _refuse_nonempty(out, "moe-vlm import-hf")
+        if not (Path(a.source) / "config.json").is_file():
+            raise FileNotFoundError(f"{a.source}: no config.json (a Hugging Face model directory)")
+        src = load_checkpoint(a.source)
+        model = _build(src.config)
+        model.load_state_dict(src.state_dict)
+    except (ValueError, FileNotFoundError, FileExistsError, ConfigError) as e:
+        print(f"moe-vlm import-hf: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    write_checkpoint_dir(out, src.config, model.state_dict(), "import.json",
+                         {"source": str(src.path)})
+    m = src.config.model
+    print(f"imported {src.path} -> {out}: {m.n_layers} layers x d_model {m.d_model}, vocab "
+          f"{m.vocab_size}, {'MoE' if m.moe_every else 'dense'}\n"
+          f"  train: moe-vlm train --config-path {out.resolve()} --config-name config")
+
+
+def export_hf_main(args: Sequence[str]) -> None:
+    """``moe-vlm export-hf --from CKPT_DIR --out HF_DIR``."""
+    from moe_vlm.upcycling.hf import export_hf, hf_class_for
+    from moe_vlm.upcycling.source import load_checkpoint
+
+    ap = argparse.ArgumentParser(prog="moe-vlm export-hf", description=(
+        "Write our checkpoint (a run or checkpoint directory, or a .pt inside one) as a "
+        "Hugging Face model directory that transformers loads with its own classes."))
+    ap.add_argument("--from", dest="source", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--decoder-only", action="store_true",
+                    help="export the language model of a vision-language checkpoint")
+    a = ap.parse_args(list(args))
+    try:
+        src = load_checkpoint(a.source)
+        sd = src.state_dict
+        if any(k.startswith("decoder.") for k in sd):
+            if not a.decoder_only:
+                raise ValueError("this is a vision-language checkpoint; Hugging Face classes "
+                                 "here hold the language model only: pass --decoder-only")
+            sd = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
+        c = src.config
+        kind = hf_class_for(c.model, c.moe, c.routing)
+        dtype = getattr(torch, a.dtype) if a.dtype else None
+        path = export_hf(sd, c.model, c.moe, c.routing, a.out, dtype=dtype)
+    except (ValueError, FileNotFoundError, FileExistsError, ConfigError) as e:
+        print(f"moe-vlm export-hf: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"exported {src.path} as {kind} -> {path}")
+    print(json.dumps({"model_type": kind, "path": str(path)}))

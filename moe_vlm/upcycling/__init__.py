@@ -1,0 +1,18 @@
+"""Upcycling dense checkpoints into MoE models, and moving checkpoints to and from
+Hugging Face.
+
+- ``methods``: one dense FFN -> routed experts + router + shared expert (copy, split with
+  virtual groups, drop, noise) and which combinations preserve the dense function;
+- ``upcycle``: ``upcycle_into(model, dense_state, UpcycleConfig)`` for a whole decoder or
+  VLM, following the target's MoE schedule;
+- ``source``: ``load_checkpoint(path)`` reads one of our runs or a local HF directory;
+- ``hf``: ``import_hf`` / ``export_hf`` between our models and transformers' Llama, Qwen2,
+  Qwen3, Qwen3-MoE, Mixtral and dots1 formats.
+"""
+
+from moe_vlm.upcycling.methods import METHODS, preserves_function, upcycle_ffn
+from moe_vlm.upcycling.source import Checkpoint, load_checkpoint
+from moe_vlm.upcycling.upcycle import UpcycleReport, upcycle_into
+
+__all__ = ["METHODS", "Checkpoint", "UpcycleReport", "load_checkpoint", "preserves_function",
+           "upcycle_ffn", "upcycle_into"]

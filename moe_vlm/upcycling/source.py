@@ -1,0 +1,65 @@
+"""Where dense weights come from: one of our runs (or checkpoint files), or a local
+Hugging Face directory (Llama / Qwen2 / Qwen3), as one ``Config`` plus a state dict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moe_vlm.config.schema import Config
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    config: Config  # the source's full config (HF: model/moe/routing from config.json)
+    state_dict: dict[str, Tensor]
+    path: Path  # the weights file or HF directory that was read
+    kind: str  # "run" | "hf"
+
+
+def _newest(ckpt_dir: Path) -> Path | None:
+    files = sorted(ckpt_dir.glob("step_*.pt"))
+    return files[-1] if files else None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read ``path``: a run directory (its ``config.yaml`` and newest
+    ``checkpoints/step_*.pt``), a ``.pt`` file inside a run, or a Hugging Face directory
+    (``config.json`` + safetensors)."""
+    from moe_vlm.config.loader import config_from_file
+
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file():
+        from moe_vlm.upcycling.hf import import_hf
+        imp = import_hf(p)
+        cfg = Config(model=imp.model, moe=imp.moe, routing=imp.routing)
+        return Checkpoint(cfg, imp.state_dict, p, "hf")
+    if p.is_dir():
+        run_dir, weights = p, _newest(p / "checkpoints") or _newest(p)
+        if weights is None:
+            raise FileNotFoundError(f"{p}: no checkpoints/step_*.pt (and no config.json of a "
+                                    "Hugging Face model) in this directory")
+    elif p.is_file():
+        weights = p
+        run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    else:
+        raise FileNotFoundError(f"{p} does not exist")
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir / 'config.yaml'} is missing: the checkpoint's model "
+                                "config is read from its run directory")
+    cfg = config_from_file(run_dir / "config.yaml")
+    state = torch.load(weights, map_location="cpu", weights_only=False)
+    sd = state["model"] if isinstance(state, dict) and "model" in state else state
+    return Checkpoint(cfg, sd, weights, "run")
+
+
+def default_target_moe(cfg: Config) -> Config:
+    """A dense source's config with ``model.moe_every=1`` (every layer MoE) unless the
+    source already has MoE layers; the user's overrides apply on top."""
+    if cfg.model.moe_every == 0:
+        return replace(cfg, model=replace(cfg.model, moe_every=1))
+    return cfg
+
