@@ -141,7 +141,7 @@ def import_hf_main(args: Sequence[str]) -> None:
 
 def export_hf_main(args: Sequence[str]) -> None:
     """``moe-vlm export-hf --from CKPT_DIR --out HF_DIR``."""
-    from moe_vlm.upcycling.hf import export_hf, hf_class_for
+    from moe_vlm.upcycling.hf import export_hf
     from moe_vlm.upcycling.source import load_checkpoint
 
     ap = argparse.ArgumentParser(prog="moe-vlm export-hf", description=(
@@ -162,9 +162,9 @@ def export_hf_main(args: Sequence[str]) -> None:
                                  "here hold the language model only: pass --decoder-only")
             sd = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
         c = src.config
-        kind = hf_class_for(c.model, c.moe, c.routing)
         dtype = getattr(torch, a.dtype) if a.dtype else None
         path = export_hf(sd, c.model, c.moe, c.routing, a.out, dtype=dtype)
+        kind = json.loads((path / "config.json").read_text())["model_type"]
     except (ValueError, FileNotFoundError, FileExistsError, ConfigError) as e:
         print(f"moe-vlm export-hf: {e}", file=sys.stderr)
         raise SystemExit(2) from None

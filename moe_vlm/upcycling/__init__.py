@@ -10,9 +10,11 @@ Hugging Face.
   Qwen3, Qwen3-MoE, Mixtral and dots1 formats.
 """
 
+from moe_vlm.upcycling.hf import HFImport, export_hf, hf_class_for, import_hf, read_hf_checkpoint
 from moe_vlm.upcycling.methods import METHODS, preserves_function, upcycle_ffn
 from moe_vlm.upcycling.source import Checkpoint, load_checkpoint
 from moe_vlm.upcycling.upcycle import UpcycleReport, upcycle_into
 
-__all__ = ["METHODS", "Checkpoint", "UpcycleReport", "load_checkpoint", "preserves_function",
+__all__ = ["METHODS", "Checkpoint", "HFImport", "UpcycleReport", "export_hf", "hf_class_for",
+           "import_hf", "load_checkpoint", "preserves_function", "read_hf_checkpoint",
            "upcycle_ffn", "upcycle_into"]

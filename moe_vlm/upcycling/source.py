@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moe_vlm.config.schema import Config
+from moe_vlm.config.schema import Config, DataConfig
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file():
         from moe_vlm.upcycling.hf import import_hf
         imp = import_hf(p)
-        cfg = Config(model=imp.model, moe=imp.moe, routing=imp.routing)
+        data = DataConfig(seq_len=min(DataConfig.seq_len, imp.model.max_seq_len))
+        if any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            data = replace(data, tokenizer="hf", tokenizer_path=str(p.resolve()))
+        cfg = Config(model=imp.model, moe=imp.moe, routing=imp.routing, data=data)
         return Checkpoint(cfg, imp.state_dict, p, "hf")
     if p.is_dir():
         run_dir, weights = p, _newest(p / "checkpoints") or _newest(p)
