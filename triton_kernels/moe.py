@@ -152,13 +152,19 @@ class _MoEExperts(torch.autograd.Function):
         dy = dy.contiguous()
         n_exp = w_in.shape[0]
         idx = TokenIndex(x.shape[0], k=ctx.k, tok_ptr=tok_ptr)
+        need_x, need_in, need_out, need_w = ctx.needs_input_grad[:4]
         g, _ = gg_forward(dy, w_out, offsets, a_idx=src_row, transpose_w=True)  # [N, F]
         dh, actw, dw_row = swiglu_backward(g, h, w_row)  # [N, 2F], [N, F], [N]
-        dw_out = gg_weight_grad(actw, dy, offsets, n_exp, b_idx=src_row)  # [E, F, D]
-        dw_in = gg_weight_grad(x, dh, offsets, n_exp, a_idx=src_row)  # [E, D, 2F]
-        drows, _ = gg_forward(dh, w_in, offsets, transpose_w=True)  # [N, D]
-        dx = combine_rows(drows, row_of, idx, None)  # [T, D]
-        dweight_s = dw_row[row_of.long()]  # [N] back to token-sorted assignment order
+        dx = dw_in = dw_out = dweight_s = None
+        if need_out:
+            dw_out = gg_weight_grad(actw, dy, offsets, n_exp, b_idx=src_row)  # [E, F, D]
+        if need_in:
+            dw_in = gg_weight_grad(x, dh, offsets, n_exp, a_idx=src_row)  # [E, D, 2F]
+        if need_x:
+            drows, _ = gg_forward(dh, w_in, offsets, transpose_w=True)  # [N, D]
+            dx = combine_rows(drows, row_of, idx, None)  # [T, D]
+        if need_w:
+            dweight_s = dw_row[row_of.long()]  # [N] back to token-sorted assignment order
         return dx, dw_in, dw_out, dweight_s, None, None, None, None
 
 

@@ -120,3 +120,14 @@ def test_bad_inputs_raise_clear_errors():
         moe_experts(p["x"], tok, exp, wgt, p["w_in"].half(), p["w_out"])
     with pytest.raises(ValueError, match=r"experts \(8, 2\) and weights \(8, 1\)"):
         moe_experts_topk(p["x"], p["experts"], p["weights"][:, :1], p["w_in"], p["w_out"])
+
+
+def test_frozen_inputs_get_no_gradient_and_the_rest_still_match():
+    p = make_moe(11, 16, 16, 4, 2, device=DEV)
+    p["w_in"].requires_grad_()  # only the first expert weights train
+    tok, exp, wgt = flat_assignments(p["experts"], p["weights"])
+    y = moe_experts(p["x"], tok, exp, wgt, p["w_in"], p["w_out"])
+    ref = moe_experts_reference(p["x"], tok, exp, wgt, p["w_in"], p["w_out"])
+    (got,) = torch.autograd.grad(y, p["w_in"], p["dy"])
+    (want,) = torch.autograd.grad(ref, p["w_in"], p["dy"])
+    torch.testing.assert_close(got, want, atol=4e-5, rtol=2e-4)
