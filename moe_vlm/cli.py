@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 USAGE = """usage: moe-vlm <command> [args]
@@ -18,6 +19,12 @@ commands:
                             dense checkpoint (ours or a local HF Llama/Qwen2/Qwen3) -> MoE
   import-hf --from HF_DIR --out DIR
                             local Hugging Face checkpoint -> our checkpoint directory
+  results ROOT [--out TABLE.csv]
+                            one row per run directory under ROOT (config, metrics, status)
+  plot ROOT --kind {curves,final,load,isoflop} [--key K] [--out PNG]
+                            sweep figures: loss curves, final loss vs a key, expert load, IsoFLOP
+  fit TABLE.csv --law {chinchilla,krajewski,clark} [--out DIR]
+                            fit a scaling law (with bootstrap CIs) to a results table
   export-hf --from CKPT_DIR --out HF_DIR
                             our checkpoint -> Hugging Face directory (Qwen3-MoE, Mixtral, dots1,
                             Llama, Qwen2, Qwen3) that transformers loads
@@ -28,33 +35,58 @@ def train_main(args: Sequence[str]) -> None:
     """Run ``moe-vlm train`` with Hydra overrides ``args``."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig
 
-    from moe_vlm.config.loader import config_dir, register_schema, to_config
+    from moe_vlm.config.loader import config_dir, register_schema, searchpath_override, to_config
     from moe_vlm.config.schema import ConfigError
     from moe_vlm.train.loop import train
 
     register_schema()
+    failed: list[str] = []
 
     def task(dcfg: DictConfig) -> None:
+        hc = HydraConfig.get()
         try:
             cfg = to_config(dcfg)
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
+            if hc.mode == RunMode.MULTIRUN:  # record the point as failed and go on
+                from moe_vlm.train.rundir import write_json
+                write_json(Path(hc.runtime.output_dir) / "summary.json",
+                           {"status": "failed", "error": f"config error: {e}", "steps": 0})
+                failed.append(hc.runtime.output_dir)
+                return
             raise SystemExit(2) from None
-        run_dir = cfg.run.dir or HydraConfig.get().runtime.output_dir
-        s = train(cfg, run_dir)
+        run_dir = cfg.run.dir or hc.runtime.output_dir
+        if hc.mode == RunMode.MULTIRUN:  # one failed point must not stop the sweep
+            try:
+                s = train(cfg, run_dir)
+            except Exception as e:  # noqa: BLE001 - recorded in its summary.json as failed
+                print(f"run dir: {run_dir}\nstatus: failed ({type(e).__name__}: {e})", file=sys.stderr)
+                if not (Path(run_dir) / "summary.json").is_file():  # failed before training
+                    from moe_vlm.train.rundir import write_json
+                    write_json(Path(run_dir) / "summary.json", {
+                        "status": "failed", "error": f"{type(e).__name__}: {e}", "steps": 0})
+                failed.append(run_dir)
+                return
+        else:
+            s = train(cfg, run_dir)
         print(f"run dir: {run_dir}\nstatus: {s['status']}  steps: {s['steps']}  "
               f"eval loss: {s['initial_eval_loss']:.4f} -> {s.get('final_eval_loss', float('nan')):.4f}  "
               f"wall: {s['wall_time_s']:.1f}s")
 
     app = hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(task)
     saved = sys.argv
-    sys.argv = ["moe-vlm train", *args]
+    sys.argv = ["moe-vlm train", *args, searchpath_override()]
     try:
         app()
     finally:
         sys.argv = saved
+    if failed:
+        print(f"{len(failed)} sweep run(s) failed (re-run the same command to retry them): "
+              + ", ".join(failed), file=sys.stderr)
+        raise SystemExit(1)
 
 
 def plot_routing_main(args: Sequence[str]) -> None:
@@ -76,16 +108,20 @@ def plot_routing_main(args: Sequence[str]) -> None:
         raise SystemExit(2) from None
 
 
-def _lazy(name: str):
+def _lazy(module: str, name: str):
     def run(args: Sequence[str]) -> None:
-        from moe_vlm import checkpoints_cli
-        getattr(checkpoints_cli, name)(args)
+        import importlib
+        getattr(importlib.import_module(module), name)(args)
     return run
 
 
 COMMANDS = {"train": train_main, "plot-routing": plot_routing_main,
-            "upcycle": _lazy("upcycle_main"), "import-hf": _lazy("import_hf_main"),
-            "export-hf": _lazy("export_hf_main")}
+            "upcycle": _lazy("moe_vlm.checkpoints_cli", "upcycle_main"),
+            "import-hf": _lazy("moe_vlm.checkpoints_cli", "import_hf_main"),
+            "export-hf": _lazy("moe_vlm.checkpoints_cli", "export_hf_main"),
+            "results": _lazy("moe_vlm.analysis.commands", "results_main"),
+            "plot": _lazy("moe_vlm.analysis.commands", "plot_main"),
+            "fit": _lazy("moe_vlm.scaling.cli", "fit_main")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

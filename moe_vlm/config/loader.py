@@ -27,12 +27,33 @@ def config_dir() -> Path:
     return path
 
 
+def _product(xs) -> int | float:
+    out = 1
+    for x in xs:
+        out = out * x
+    return int(out) if float(out).is_integer() else out
+
+
+def experiments_dir() -> Path:
+    """Sweep definitions live in ``experiments/sweep/`` (config group ``sweep``):
+    ``$MOE_VLM_EXPERIMENTS_DIR`` or the repo's ``experiments/``."""
+    env = os.environ.get("MOE_VLM_EXPERIMENTS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "experiments"
+
+
+def searchpath_override() -> str:
+    """The Hydra override that makes ``sweep=NAME`` find ``experiments/sweep/NAME.yaml``."""
+    return f"hydra.searchpath=[file://{experiments_dir()}]"
+
+
 def register_schema() -> None:
     """Register the structured schema (so YAML presets are type-checked on merge) and the
     ``first_set`` resolver that lets ``run.dir`` double as Hydra's job directory."""
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
     if not OmegaConf.has_resolver("first_set"):
         OmegaConf.register_new_resolver("first_set", lambda *xs: next((x for x in xs if x), None))
+    if not OmegaConf.has_resolver("mul"):  # sweeps tie widths together: ${mul:4,${model.d_model}}
+        OmegaConf.register_new_resolver("mul", lambda *xs: _product(xs))
 
 
 def to_config(cfg: DictConfig) -> Config:
@@ -49,7 +70,7 @@ def load_config(overrides: Sequence[str] = ()) -> Config:
     register_schema()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=list(overrides))
+            cfg = compose(config_name="config", overrides=[searchpath_override(), *overrides])
     except ConfigError:
         raise
     except Exception as e:  # Hydra's errors already name the offending key

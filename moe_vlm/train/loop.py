@@ -8,6 +8,7 @@ logging steps.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import asdict
@@ -20,7 +21,7 @@ from omegaconf import OmegaConf
 from moe_vlm.config.schema import Config, ConfigError
 from moe_vlm.data import build_data, build_tokenizer_for
 from moe_vlm.model import build_model, count_params, flops_per_token
-from moe_vlm.train.checkpoint import load_latest, load_weights, save_checkpoint
+from moe_vlm.train.checkpoint import checkpoint_path, load_latest, load_weights, save_checkpoint
 from moe_vlm.train.evaluate import autocast, evaluate, model_inputs
 from moe_vlm.train.freeze import apply_trainable
 from moe_vlm.train.optim import build_optimizer, lr_at
@@ -93,6 +94,21 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
+def finished_summary(run_dir: Path, max_steps: int) -> Optional[dict[str, Any]]:
+    """The run's summary if it completed at least ``max_steps`` steps and its final
+    checkpoint is there, else None (not started, running, failed, asked for more steps
+    now, or missing its final checkpoint: those run or resume)."""
+    try:
+        s = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    steps = s.get("steps", -1)
+    if s.get("status") == "completed" and steps >= max_steps and \
+            checkpoint_path(Path(run_dir) / "checkpoints", steps).is_file():
+        return s
+    return None
+
+
 def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     """Run (or resume) the training job described by ``cfg`` in ``run_dir``.
 
@@ -100,6 +116,10 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     t_cfg = cfg.train
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    done = finished_summary(run_dir, t_cfg.max_steps)
+    if done is not None:  # a re-run sweep skips what already finished
+        print(f"{run_dir}: already completed ({done['steps']} steps); skipping", flush=True)
+        return done
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg))))
 

@@ -165,3 +165,17 @@ def test_unreadable_newest_checkpoint_falls_back_to_older(tmp_path):
     with pytest.warns(UserWarning, match="could not read checkpoint"):
         assert load_latest(tmp_path)["step"] == 1
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_completed_run_is_skipped_unless_more_steps_or_its_checkpoint_is_gone(tiny_config, tmp_path):
+    from pathlib import Path
+
+    from moe_vlm.train.loop import finished_summary
+    cfg = tiny_config("train.max_steps=3", "train.eval_every=3")
+    s = train(cfg, cfg.run.dir)
+    run = Path(cfg.run.dir)
+    assert finished_summary(run, 3) == s and finished_summary(run, 4) is None
+    mtime = (run / "summary.json").stat().st_mtime_ns
+    assert train(cfg, run) == s and (run / "summary.json").stat().st_mtime_ns == mtime
+    (run / "checkpoints" / "step_00000003.pt").unlink()
+    assert finished_summary(run, 3) is None

@@ -1,0 +1,157 @@
+"""``moe-vlm fit TABLE.csv --law {chinchilla,krajewski,clark} [--out DIR] ...``
+
+Reads a results table (one row per run, as ``moe-vlm results`` writes it), keeps the
+completed runs, fits the law, prints parameters with bootstrap CIs and the fit quality,
+and with ``--out`` writes ``fit_<law>.json`` and ``fit_<law>.png`` (observed against
+predicted loss). Bad input (missing file or column, too few or degenerate points) exits
+with status 2 and a message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+LAW_COLUMNS: dict[str, tuple[str, ...]] = {
+    "chinchilla": ("n", "d"),
+    "krajewski": ("n", "d", "g"),
+    "clark": ("n", "e"),
+}
+"""Which of the ``--*-col`` inputs each law reads (besides the loss)."""
+
+
+class FitCliError(ValueError):
+    """A problem with the user's table or arguments (reported with exit status 2)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moe-vlm fit",
+                                 description="fit a scaling law to a results table (one row per run)")
+    ap.add_argument("table", help="CSV table, e.g. from `moe-vlm results ROOT --out TABLE.csv`")
+    ap.add_argument("--law", required=True, choices=sorted(LAW_COLUMNS))
+    ap.add_argument("--out", default=None, help="directory for fit_<law>.json and fit_<law>.png")
+    ap.add_argument("--n-col", default="params_active", help="parameters N (default params_active)")
+    ap.add_argument("--d-col", default="tokens_seen", help="training tokens D")
+    ap.add_argument("--loss-col", default="final_eval_loss", help="loss to fit")
+    ap.add_argument("--g-col", default="moe.granularity", help="granularity G (krajewski)")
+    ap.add_argument("--e-col", default="moe.n_experts", help="number of experts E (clark)")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (0: no CIs)")
+    ap.add_argument("--holdout", type=float, default=None, help="fraction of runs held out and scored")
+    ap.add_argument("--ci", type=float, default=0.95, help="confidence level of the intervals")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def load_table(path: str | Path, columns: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The completed rows' numeric ``columns`` (input name -> CSV column) as arrays ``[n]``,
+    and row counts. Raises FitCliError naming what is missing or not numeric."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FitCliError(f"{path}: no such file")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise FitCliError(f"{path}: not a readable CSV table ({e})") from None
+    missing = [c for c in columns.values() if c not in df.columns]
+    if missing:
+        raise FitCliError(f"{path}: missing column(s) {missing}; the table has {list(df.columns)}")
+    counts = {"rows": len(df)}
+    if "status" in df.columns:
+        df = df[df["status"].astype(str) == "completed"]
+    counts["completed"] = len(df)
+    if df.empty:
+        raise FitCliError(f"{path}: no completed runs (status == 'completed') to fit")
+    out = {}
+    for name, col in columns.items():
+        v = pd.to_numeric(df[col], errors="coerce")
+        bad = v.index[v.isna() | ~np.isfinite(v.astype(float))]
+        if len(bad):
+            raise FitCliError(f"{path}: column {col!r} has {len(bad)} missing or non-numeric value(s) "
+                              f"among completed runs (first at data row {bad[0]}, counting from 0)")
+        out[name] = v.to_numpy(dtype=float)
+    return out, counts
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write via a temp file in the same directory, then ``os.replace`` (readers never
+    see a half-written file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_fit(a: argparse.Namespace) -> dict[str, Any]:
+    """Fit as the parsed arguments say; print the summary, write outputs; return the JSON dict."""
+    from moe_vlm.scaling import fit_chinchilla, fit_clark, fit_krajewski
+
+    flags = {"n": a.n_col, "d": a.d_col, "g": a.g_col, "e": a.e_col}
+    columns = {k: flags[k] for k in LAW_COLUMNS[a.law]} | {"loss": a.loss_col}
+    data, counts = load_table(a.table, columns)
+    kw = dict(n_bootstrap=a.bootstrap, ci=a.ci, holdout=a.holdout, seed=a.seed)
+    if a.law == "chinchilla":
+        res = fit_chinchilla(data["n"], data["d"], data["loss"], **kw)
+    elif a.law == "krajewski":
+        res = fit_krajewski(data["n"], data["d"], data["g"], data["loss"], **kw)
+    else:
+        res = fit_clark(data["n"], data["e"], data["loss"], **kw)
+    print(f"{a.table}: {counts['completed']} completed of {counts['rows']} rows")
+    print(res.summary())
+    report = {**res.to_dict(), "table": str(a.table), "columns": columns,
+              "n_rows": counts["rows"], "n_completed": counts["completed"]}
+    if a.out is not None:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        json_path, png_path = out / f"fit_{a.law}.json", out / f"fit_{a.law}.png"
+
+        def dump(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(report, fh, indent=2, allow_nan=False)
+                fh.write("\n")
+
+        _atomic_write(json_path, dump)
+        _atomic_write(png_path, lambda tmp: _plot(res, data, tmp))
+        print(f"wrote {json_path} and {png_path}")
+    return report
+
+
+def _plot(res: Any, data: dict[str, np.ndarray], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moe_vlm.scaling.plots import plot_observed_vs_predicted
+
+    inputs = [data[k.lower()] for k in res.inputs]
+    fig = plot_observed_vs_predicted(data["loss"], res.predict(*inputs), held_out=res.holdout_mask,
+                                     title=f"{res.law}: rmse(log L) {res.rmse:.3g}")
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+def fit_main(args: Sequence[str]) -> None:
+    """``moe-vlm fit TABLE.csv --law {chinchilla,krajewski,clark} [--out DIR] ...``."""
+    a = _parser().parse_args(list(args))
+    try:
+        run_fit(a)
+    except (FitCliError, ValueError, OSError) as e:
+        print(f"moe-vlm fit: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    fit_main(sys.argv[1:])
