@@ -1,0 +1,141 @@
+"""Expert parallelism: experts sharded over an EP process group, tokens moved with
+all-to-all. Applied to a built model (``apply_expert_parallel``); model math stays
+distributed-free.
+
+Legend: T local tokens, D model width, N local assignments, M assignments received,
+E experts (global), El = E / ep experts on this rank, ep EP group size.
+
+One MoE layer's routed experts on rank r (owner of experts ``[r*El, (r+1)*El)``):
+1. sort local assignments by expert; owner rank = expert // El; ``send[j]`` rows go to rank j;
+2. exchange counts (``all_to_all_single`` on ``[ep]`` ints; one host sync for the split
+   sizes), then rows ``x[token]`` and their local expert ids (uneven splits; a rank may
+   send or receive nothing);
+3. the received ``[M, D]`` rows run through the same expert backend as on one process
+   (torch / grouped_mm / triton), with weight 1 per row;
+4. the outputs travel back by the reverse all-to-all and are combined into ``[T, D]`` with
+   the routing weights.
+Both exchanges are differentiable (``all_to_all_single_autograd``), so gradients reach
+``x``, the routing weights and the local expert weights. Shared experts and the router
+stay local (data parallel).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+from moe_vlm.model.experts import BACKENDS, GroupedExperts, resolve_backend
+
+
+class ExpertParallelExperts(nn.Module):
+    """This rank's ``El`` experts of a ``GroupedExperts``, plus the all-to-all around them.
+
+    Same call signature as ``GroupedExperts``: ``(x [T, D], token_idx, expert_idx, weight
+    [N]) -> [T, D]`` with *global* expert ids."""
+
+    is_expert_parallel = True
+
+    def __init__(self, inner: GroupedExperts, group: Optional[dist.ProcessGroup] = None):
+        super().__init__()
+        self.group = group if group is not None else dist.group.WORLD
+        self.ep = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if inner.n_experts % self.ep:
+            raise ValueError(f"expert parallelism: {inner.n_experts} experts do not split over "
+                             f"ep={self.ep} ranks; choose parallel.ep dividing the expert count")
+        self.n_experts, self.n_local = inner.n_experts, inner.n_experts // self.ep
+        self.d_model, self.d_expert, self.backend = inner.d_model, inner.d_expert, inner.backend
+        lo = self.rank * self.n_local
+        sl = slice(lo, lo + self.n_local)
+        self.w_in = nn.Parameter(inner.w_in.detach()[sl].clone())  # [El, D, 2F]
+        self.w_out = nn.Parameter(inner.w_out.detach()[sl].clone())  # [El, F, D]
+        self.first_expert = lo
+
+    def backend_name(self, x: Tensor) -> str:
+        from moe_vlm.model.experts import _compute_dtype
+        return resolve_backend(self.backend, x.device, _compute_dtype(x), self.d_model, self.d_expert)
+
+    def forward(self, x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor) -> Tensor:
+        t, d = x.shape
+        order = torch.argsort(expert_idx, stable=True)  # [N]
+        tok, exp, wgt = token_idx[order], expert_idx[order], weight[order]
+        owner = exp // self.n_local  # [N]
+        send = torch.bincount(owner, minlength=self.ep)  # [ep]
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        send_l, recv_l = send.tolist(), recv.tolist()  # host sync: split sizes
+        local_ids = exp - owner * self.n_local  # [N] expert id on its owner rank
+        ids_recv = local_ids.new_empty(sum(recv_l))  # [M]
+        dist.all_to_all_single(ids_recv, local_ids, recv_l, send_l, group=self.group)
+        rows = all_to_all_single_autograd(x[tok], recv_l, send_l, self.group)  # [M, D]
+        m = rows.shape[0]
+        fn = BACKENDS[self.backend_name(x)]()
+        ones = torch.ones(m, device=x.device, dtype=weight.dtype)
+        out = fn(rows, torch.arange(m, device=x.device), ids_recv, ones, self.w_in, self.w_out)  # [M, D]
+        back = all_to_all_single_autograd(out, send_l, recv_l, self.group)  # [N, D]
+        acc = torch.promote_types(x.dtype, torch.float32)
+        y = torch.zeros(t, d, device=x.device, dtype=acc)
+        y = y.index_add(0, tok, back.to(acc) * wgt[:, None].to(acc))  # [T, D]
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"experts {self.first_expert}..{self.first_expert + self.n_local - 1} of "
+                f"{self.n_experts} (ep={self.ep}), d_model={self.d_model}, d_expert={self.d_expert}")
+
+
+def _sum_counts(group: Optional[dist.ProcessGroup]):
+    def reduce(counts: Tensor) -> Tensor:
+        counts = counts.detach().clone()
+        dist.all_reduce(counts, group=group)
+        return counts
+    return reduce
+
+
+def apply_expert_parallel(model: nn.Module, ep_group: Optional[dist.ProcessGroup] = None,
+                          dp_group: Optional[dist.ProcessGroup] = None) -> nn.Module:
+    """Shard every MoE layer's experts over ``ep_group`` (in place; returns ``model``).
+
+    Each rank keeps its slice of the (identically initialised or loaded) global expert
+    weights. Routers sum expert counts over ``dp_group`` (all ranks by default) for the
+    global-batch balance loss."""
+    from moe_vlm.model.moe import MoELayer
+
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, MoELayer):
+            if not isinstance(mod.experts, ExpertParallelExperts):
+                mod.experts = ExpertParallelExperts(mod.experts, ep_group)
+            mod.router.count_reducer = _sum_counts(dp_group)
+            n += 1
+    if n == 0:
+        raise ValueError("apply_expert_parallel: the model has no MoE layers")
+    return model
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, ExpertParallelExperts)
+            for p in m.parameters(recurse=False)]
+
+
+@torch.no_grad()
+def sync_gradients(model: nn.Module, world_group: Optional[dist.ProcessGroup] = None,
+                   expert_dp_group: Optional[dist.ProcessGroup] = None) -> None:
+    """Average gradients as one global batch: dense parameters are summed over all ranks,
+    sharded expert parameters over the ranks holding the same experts (``expert_dp_group``;
+    ``None`` = each rank holds a distinct shard), and both divided by the world size (each
+    rank's loss is the mean over its own slice of the batch)."""
+    world = dist.get_world_size(world_group)
+    experts = {id(p) for p in expert_parameters(model)}
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if id(p) in experts:
+            if expert_dp_group is not None and dist.get_world_size(expert_dp_group) > 1:
+                dist.all_reduce(p.grad, group=expert_dp_group)
+        else:
+            dist.all_reduce(p.grad, group=world_group)
+        p.grad.div_(world)
