@@ -291,31 +291,10 @@ def save_rows(rows: Sequence[dict[str, Any]], name: str, out_dir: str | Path,
 
 # ----------------------------------------------------------------------------- tables
 
-def _fmt(v: Any) -> str:
-    if v is None or v == "":
-        return "-"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        a = abs(v)
-        if a >= 100:
-            return f"{v:.0f}"
-        if a >= 10:
-            return f"{v:.1f}"
-        if a >= 1:
-            return f"{v:.2f}"
-        return f"{v:.3g}"
-    return str(v).replace("|", "/")
-
-
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple[str, str]]) -> None:
     """Markdown table; ``columns`` are row keys or ``(key, header)`` pairs. Numbers are
     right-aligned, missing values print as ``-``."""
-    cols = [(c, c) if isinstance(c, str) else c for c in columns]
-    numeric = [any(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
-                   for r in rows) for k, _ in cols]
-    print("| " + " | ".join(h for _, h in cols) + " |")
-    print("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
-    for r in rows:
-        print("| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |")
+    from moe_vlm.parallel.cost_model import format_table
+
+    print(format_table(rows, columns), flush=True)
     print(flush=True)
