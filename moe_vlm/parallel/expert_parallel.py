@@ -139,3 +139,37 @@ def sync_gradients(model: nn.Module, world_group: Optional[dist.ProcessGroup] = 
         else:
             dist.all_reduce(p.grad, group=world_group)
         p.grad.div_(world)
+
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The single-process state dict of an expert-parallel model (on every rank): each
+    sharded expert tensor is all-gathered along the expert dimension, so a checkpoint
+    saved from it loads at any layout (``load_full_state_dict``, or plainly at ep=1)."""
+    sd = dict(model.state_dict())
+    for name, mod in model.named_modules():
+        if isinstance(mod, ExpertParallelExperts):
+            for pname in ("w_in", "w_out"):
+                local = getattr(mod, pname).detach().contiguous()  # [El, ...]
+                parts = [torch.empty_like(local) for _ in range(mod.ep)]
+                dist.all_gather(parts, local, group=mod.group)
+                sd[f"{name}.{pname}" if name else pname] = torch.cat(parts, 0)  # [E, ...]
+    return sd
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load a single-process state dict into a (possibly expert-parallel) model: each
+    rank takes its slice of every expert tensor. Shapes and names must otherwise match."""
+    shards = {name: mod for name, mod in model.named_modules() if isinstance(mod, ExpertParallelExperts)}
+    local = {}
+    for key, value in state.items():
+        owner, _, pname = key.rpartition(".")
+        mod = shards.get(owner)
+        if mod is not None and pname in ("w_in", "w_out"):
+            if value.shape[0] != mod.n_experts:
+                raise ValueError(f"{key}: the checkpoint has {value.shape[0]} experts, the model "
+                                 f"{mod.n_experts}; the expert count must match across layouts")
+            value = value[mod.first_expert:mod.first_expert + mod.n_local]
+        local[key] = value
+    model.load_state_dict(local)
