@@ -4,13 +4,12 @@ single process) and at ep=4 with identical eval loss."""
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 from datetime import timedelta
 
 import torch
 
-from test_expert_parallel import Case, _free_port, _models  # noqa: E402
+from test_expert_parallel import Case, _free_port, _models, spawn_ranks  # noqa: E402
 
 V, S = 40, 8
 
@@ -64,16 +63,7 @@ def _worker(rank: int, world: int, port: int, mode: str, path: str) -> None:
 
 
 def _run(world: int, mode: str, path) -> None:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, mode, str(path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * world
+    assert spawn_ranks(_worker, world, world, _free_port(), mode, str(path)) == [0] * world
 
 
 def test_checkpoint_moves_between_layouts(tmp_path):

@@ -44,6 +44,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(target, world: int, *args, timeout: float = 180) -> list[int]:
+    """Run ``target(rank, *args)`` in ``world`` spawned processes; kill stragglers after
+    ``timeout`` s (a hung collective must not hang the suite); return the exit codes."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
+    return [p.exitcode for p in procs]
+
+
 def _models(case: Case):
     from moe_vlm.config.schema import ModelConfig, MoEConfig, RoutingConfig
     from moe_vlm.model.decoder import build_model
@@ -117,17 +131,7 @@ def _worker(rank: int, case: Case, port: int, out_dir: str) -> None:
 
 
 def run_world(case: Case, tmp_path) -> list[dict[str, float]]:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, case, port, str(tmp_path))) for r in range(case.world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    codes = [p.exitcode for p in procs]
+    codes = spawn_ranks(_worker, case.world, case, _free_port(), str(tmp_path))
     assert codes == [0] * case.world, f"ranks exited with {codes}"
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(case.world)]
 
@@ -143,17 +147,8 @@ def test_expert_parallel_matches_single_process(name, tmp_path):
 
 def test_expert_count_must_divide(tmp_path):
     """ep=3 over 8 experts is refused with a message naming parallel.ep."""
-    case = Case(3)
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_refuse_worker, args=(r, port, str(tmp_path))) for r in range(case.world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        if p.is_alive():
-            p.kill()
-    msgs = [(tmp_path / f"msg{r}.txt").read_text() for r in range(case.world)]
+    spawn_ranks(_refuse_worker, 3, _free_port(), str(tmp_path), timeout=120)
+    msgs = [(tmp_path / f"msg{r}.txt").read_text() for r in range(3)]
     assert all("choose parallel.ep dividing the expert count" in m for m in msgs)
 
 
