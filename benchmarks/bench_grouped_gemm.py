@@ -36,9 +36,8 @@ if __package__ in (None, ""):  # run as `python benchmarks/bench_grouped_gemm.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    MOE_CONFIGS, add_speedups, base_parser, default_configs, default_device, dtype_name,
-    error_note, free_memory, measure, print_header, print_table, resolve_dtype, run_metadata,
-    save_rows, tflops, triton_skip_reason,
+    MOE_CONFIGS, base_parser, dtype_name, error_note, finish, free_memory, measure, start,
+    tflops, triton_skip_reason
 )
 from moe_vlm.model.experts import grouped_mm_supported  # noqa: E402  (torch only, no Hydra)
 from triton_kernels.grouped_gemm import grouped_gemm, grouped_gemm_reference  # noqa: E402
@@ -132,11 +131,7 @@ def main() -> None:
     ap.add_argument("--gemms", nargs="+", default=["gemm1", "gemm2"], choices=["gemm1", "gemm2"])
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     args = ap.parse_args()
-    device = default_device()
-    dtype = resolve_dtype(args.dtype, device)
-    configs = args.configs or default_configs(device)
-    meta = run_metadata(device)
-    print_header(meta, dtype)
+    device, dtype, configs, meta = start(args)
     ours_why = triton_skip_reason(device)
     rows: list[dict[str, Any]] = []
     for name in configs:
@@ -149,10 +144,8 @@ def main() -> None:
                 print(f"  {name} {skew} {gemm} ({r}x{kdim}x{n}, E={e})", flush=True)
                 rows += run_gemm(name, skew, gemm, r, kdim, n, e, dtype, device, args.reps,
                                  f"skipped: {gmm_why}" if gmm_why else None, ours_why, args.impls)
-    add_speedups(rows, "grouped_mm", ["config", "skew", "gemm"])
-    jsonl, csv_path = save_rows(rows, "grouped_gemm", args.out_dir, meta)
-    print(f"\nTFLOP/s: forward 2*R*Kdim*N, forward+backward 3x; rows -> {jsonl}, {csv_path}\n")
-    print_table(rows, COLUMNS)
+    finish(rows, "grouped_gemm", args, meta, "grouped_mm", ["config", "skew", "gemm"], COLUMNS,
+           "TFLOP/s: forward 2*R*Kdim*N, forward+backward 3x.")
 
 
 if __name__ == "__main__":

@@ -51,9 +51,8 @@ if __package__ in (None, ""):  # run as `python benchmarks/bench_moe_layer.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    MOE_CONFIGS, add_speedups, base_parser, default_configs, default_device, dtype_name,
-    error_note, free_memory, measure, print_header, print_table, resolve_dtype, run_metadata,
-    save_rows, tflops, triton_skip_reason,
+    MOE_CONFIGS, base_parser, dtype_name, error_note, finish, free_memory, measure, start,
+    tflops, triton_skip_reason
 )
 # moe_vlm.model.experts pulls only torch-level modules of moe_vlm (no Hydra/OmegaConf/datasets)
 from moe_vlm.model.experts import BACKENDS, grouped_mm_supported  # noqa: E402
@@ -244,15 +243,12 @@ def main() -> None:
                          "on the base config(s)")
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     args = ap.parse_args()
-    device = default_device()
-    dtype = resolve_dtype(args.dtype, device)
+    device, dtype, configs, meta = start(args)
     if args.granularity is not None:
         ms = args.granularity or list(GRANULARITIES)
         configs = args.configs or ["olmoe-1b-7b" if device.type == "cuda" else "cpu-small"]
     else:
-        ms, configs = [1], args.configs or default_configs(device)
-    meta = run_metadata(device)
-    print_header(meta, dtype)
+        ms = [1]
     rows: list[dict[str, Any]] = []
     for name in configs:
         for m in ms:
@@ -264,12 +260,9 @@ def main() -> None:
                 print(f"  {name} m={m} {skew}: D={cfg[0]} F={cfg[1]} E={cfg[2]} K={cfg[3]} "
                       f"T={cfg[4]}", flush=True)
                 rows += run_config(name, cfg, m, skew, dtype, device, args.reps, args.impls)
-    add_speedups(rows, "grouped_mm", ["config", "skew", "m"])
-    jsonl, csv_path = save_rows(rows, "moe_layer", args.out_dir, meta)
-    print("\nActive TFLOP/s: forward 2*3*D*F*T*K, forward+backward 3x (router FLOPs of peers "
-          "not counted). 'x grouped_mm' = grouped_mm time / this time (same run).")
-    print(f"rows -> {jsonl}, {csv_path}\n")
-    print_table(rows, COLUMNS)
+    finish(rows, "moe_layer", args, meta, "grouped_mm", ["config", "skew", "m"], COLUMNS,
+           "Active TFLOP/s: forward 2*3*D*F*T*K, forward+backward 3x (router FLOPs of peers "
+           "not counted). 'x grouped_mm' = grouped_mm time / this time (same run).")
 
 
 if __name__ == "__main__":

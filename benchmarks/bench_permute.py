@@ -41,9 +41,8 @@ if __package__ in (None, ""):  # run as `python benchmarks/bench_permute.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    MOE_CONFIGS, add_speedups, base_parser, default_configs, default_device, dtype_name,
-    error_note, free_memory, measure, print_header, print_table, resolve_dtype, run_metadata,
-    save_rows, tbps, triton_skip_reason,
+    MOE_CONFIGS, base_parser, dtype_name, error_note, finish, free_memory, measure, start, tbps,
+    triton_skip_reason,
 )
 from triton_kernels.inputs import make_topk  # noqa: E402
 from triton_kernels.permute import (  # noqa: E402
@@ -122,23 +121,16 @@ COLUMNS = [
 def main() -> None:
     ap = base_parser(__doc__.split("\n")[0], MOE_CONFIGS)
     args = ap.parse_args()
-    device = default_device()
-    dtype = resolve_dtype(args.dtype, device)
-    configs = args.configs or default_configs(device)
-    meta = run_metadata(device)
-    print_header(meta, dtype)
+    device, dtype, configs, meta = start(args)
     ours_why = triton_skip_reason(device)
     rows: list[dict[str, Any]] = []
     for name in configs:
         for skew in args.skew:
             print(f"  {name} {skew}", flush=True)
             rows += run_config(name, skew, dtype, device, args.reps, ours_why)
-    add_speedups(rows, "torch", ["config", "skew", "op"])
-    jsonl, csv_path = save_rows(rows, "permute", args.out_dir, meta)
-    print("\nTB/s = effective bytes / time. Bytes (N = T*K, times element size): permute fwd "
-          "2*N*D, bwd (N+T)*D; unpermute fwd (N+T)*D, bwd (T+2N)*D; f+b uses the sum.")
-    print(f"rows -> {jsonl}, {csv_path}\n")
-    print_table(rows, COLUMNS)
+    finish(rows, "permute", args, meta, "torch", ["config", "skew", "op"], COLUMNS,
+           "TB/s = effective bytes / time. Bytes (N = T*K, times element size): permute fwd "
+           "2*N*D, bwd (N+T)*D; unpermute fwd (N+T)*D, bwd (T+2N)*D; f+b uses the sum.")
 
 
 if __name__ == "__main__":

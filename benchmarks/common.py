@@ -22,12 +22,13 @@ import json
 import os
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
+
+from moe_vlm.train.rundir import atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -230,20 +231,6 @@ def print_header(meta: dict[str, Any], dtype: torch.dtype) -> None:
 
 # ----------------------------------------------------------------------------- result files
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write a whole file via a temporary file in the same folder and a rename."""
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-        os.chmod(tmp, mode)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _csv_text(columns: Sequence[str], rows: Iterable[dict[str, Any]], header: bool) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", restval="")
@@ -271,7 +258,7 @@ def save_rows(rows: Sequence[dict[str, Any]], name: str, out_dir: str | Path,
     for r in full:
         columns += [k for k in r if k not in columns]
     if not csv_path.exists() or csv_path.stat().st_size == 0:
-        _atomic_write(csv_path, _csv_text(columns, full, header=True))
+        atomic_write(csv_path, lambda f: f.write(_csv_text(columns, full, header=True)))
         return jsonl, csv_path
     with open(csv_path, newline="") as fh:
         reader = csv.DictReader(fh)
@@ -285,7 +272,7 @@ def save_rows(rows: Sequence[dict[str, Any]], name: str, out_dir: str | Path,
             fh.write(_csv_text(old_cols, full, header=False))
     else:
         merged = old_cols + [c for c in columns if c not in old_cols]
-        _atomic_write(csv_path, _csv_text(merged, old_rows + full, header=True))
+        atomic_write(csv_path, lambda f: f.write(_csv_text(merged, old_rows + full, header=True)))
     return jsonl, csv_path
 
 
@@ -298,3 +285,24 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple[st
 
     print(format_table(rows, columns), flush=True)
     print(flush=True)
+
+
+# ----------------------------------------------------------------------------- run frame
+
+def start(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, list[str], dict[str, Any]]:
+    """Device, dtype, configs and run metadata from the common flags; prints the header."""
+    device = default_device()
+    dtype = resolve_dtype(args.dtype, device)
+    meta = run_metadata(device)
+    print_header(meta, dtype)
+    return device, dtype, args.configs or default_configs(device), meta
+
+
+def finish(rows: list[dict[str, Any]], name: str, args: argparse.Namespace, meta: dict[str, Any],
+           base_impl: str, group_keys: Sequence[str], columns: Sequence[str | tuple[str, str]],
+           footnote: str) -> None:
+    """Speed-up columns against ``base_impl``, rows saved, footnote and table printed."""
+    add_speedups(rows, base_impl, group_keys)
+    jsonl, csv_path = save_rows(rows, name, args.out_dir, meta)
+    print(f"\n{footnote}\nrows -> {jsonl}, {csv_path}\n")
+    print_table(rows, columns)

@@ -16,14 +16,25 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, replace
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
 from moe_vlm.config.schema import Config, ConfigError, UpcycleConfig
+
+
+@contextmanager
+def _user_errors(prog: str) -> Iterator[None]:
+    """Problems with the user's paths, shapes or configs: one line on stderr, exit 2."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ConfigError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _refuse_nonempty(out: Path, prog: str) -> None:
@@ -82,7 +93,7 @@ def upcycle_main(args: Sequence[str]) -> None:
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     a = ap.parse_args(list(args))
     out = Path(a.out)
-    try:
+    with _user_errors("moe-vlm upcycle"):
         _refuse_nonempty(out, "moe-vlm upcycle")
         src = load_checkpoint(a.source)
         cfg = apply_overrides(default_target_moe(src.config), [
@@ -95,9 +106,6 @@ def upcycle_main(args: Sequence[str]) -> None:
         dense = _build(dense_cfg)
         dense.load_state_dict(src.state_dict, strict=False)
         gap = logit_gap(dense, target, cfg.model.vocab_size, min(16, cfg.model.max_seq_len))
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, ConfigError) as e:
-        print(f"moe-vlm upcycle: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     record = {**asdict(report), "source": str(src.path), "source_kind": src.kind,
               "overrides": list(a.overrides), "max_abs_logit_diff_vs_dense": gap}
     write_checkpoint_dir(out, cfg, target.state_dict(), "upcycle.json", record)
@@ -121,16 +129,13 @@ def import_hf_main(args: Sequence[str]) -> None:
     ap.add_argument("--out", required=True)
     a = ap.parse_args(list(args))
     out = Path(a.out)
-    try:
+    with _user_errors("moe-vlm import-hf"):
         _refuse_nonempty(out, "moe-vlm import-hf")
         if not (Path(a.source) / "config.json").is_file():
             raise FileNotFoundError(f"{a.source}: no config.json (a Hugging Face model directory)")
         src = load_checkpoint(a.source)
         model = _build(src.config)
         model.load_state_dict(src.state_dict)
-    except (ValueError, FileNotFoundError, FileExistsError, ConfigError) as e:
-        print(f"moe-vlm import-hf: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     write_checkpoint_dir(out, src.config, model.state_dict(), "import.json",
                          {"source": str(src.path)})
     m = src.config.model
@@ -153,7 +158,7 @@ def export_hf_main(args: Sequence[str]) -> None:
     ap.add_argument("--decoder-only", action="store_true",
                     help="export the language model of a vision-language checkpoint")
     a = ap.parse_args(list(args))
-    try:
+    with _user_errors("moe-vlm export-hf"):
         src = load_checkpoint(a.source)
         sd = src.state_dict
         if any(k.startswith("decoder.") for k in sd):
@@ -165,8 +170,5 @@ def export_hf_main(args: Sequence[str]) -> None:
         dtype = getattr(torch, a.dtype) if a.dtype else None
         path = export_hf(sd, c.model, c.moe, c.routing, a.out, dtype=dtype)
         kind = json.loads((path / "config.json").read_text())["model_type"]
-    except (ValueError, FileNotFoundError, FileExistsError, ConfigError) as e:
-        print(f"moe-vlm export-hf: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(f"exported {src.path} as {kind} -> {path}")
     print(json.dumps({"model_type": kind, "path": str(path)}))

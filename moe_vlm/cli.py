@@ -45,6 +45,15 @@ def train_main(args: Sequence[str]) -> None:
     register_schema()
     failed: list[str] = []
 
+    def record_failure(run_dir: str, error: str) -> None:
+        """A sweep point that failed before training wrote its own summary gets one, so the
+        results table shows it as failed; either way the sweep ends with exit code 1."""
+        summary = Path(run_dir) / "summary.json"
+        if not summary.is_file():
+            from moe_vlm.train.rundir import write_json
+            write_json(summary, {"status": "failed", "error": error, "steps": 0})
+        failed.append(run_dir)
+
     def task(dcfg: DictConfig) -> None:
         hc = HydraConfig.get()
         try:
@@ -52,10 +61,7 @@ def train_main(args: Sequence[str]) -> None:
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             if hc.mode == RunMode.MULTIRUN:  # record the point as failed and go on
-                from moe_vlm.train.rundir import write_json
-                write_json(Path(hc.runtime.output_dir) / "summary.json",
-                           {"status": "failed", "error": f"config error: {e}", "steps": 0})
-                failed.append(hc.runtime.output_dir)
+                record_failure(hc.runtime.output_dir, f"config error: {e}")
                 return
             raise SystemExit(2) from None
         run_dir = cfg.run.dir or hc.runtime.output_dir
@@ -64,11 +70,7 @@ def train_main(args: Sequence[str]) -> None:
                 s = train(cfg, run_dir)
             except Exception as e:  # noqa: BLE001 - recorded in its summary.json as failed
                 print(f"run dir: {run_dir}\nstatus: failed ({type(e).__name__}: {e})", file=sys.stderr)
-                if not (Path(run_dir) / "summary.json").is_file():  # failed before training
-                    from moe_vlm.train.rundir import write_json
-                    write_json(Path(run_dir) / "summary.json", {
-                        "status": "failed", "error": f"{type(e).__name__}: {e}", "steps": 0})
-                failed.append(run_dir)
+                record_failure(run_dir, f"{type(e).__name__}: {e}")
                 return
         else:
             s = train(cfg, run_dir)

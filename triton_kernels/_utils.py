@@ -9,8 +9,6 @@ autotuning would run every config in Python (so the interpreter gets one small c
 from __future__ import annotations
 
 import os
-from typing import Iterable
-
 import torch
 from torch import Tensor
 
@@ -55,11 +53,6 @@ def check_shape(t: Tensor, ndim: int, name: str, op: str, legend: str) -> None:
 def check_int(t: Tensor, name: str, op: str) -> None:
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: {name} must be int32 or int64, got {t.dtype}")
-
-
-def contiguous(*tensors: Tensor) -> Iterable[Tensor]:
-    """Kernels assume unit stride on the last dimension; copy only when needed."""
-    return tuple(t if t.is_contiguous() else t.contiguous() for t in tensors)
 
 
 def n_programs(device: torch.device, per_sm: int = 1) -> int:

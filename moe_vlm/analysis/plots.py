@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from moe_vlm.analysis.results import collect_results, find_run_dirs, varying_keys
+from moe_vlm.analysis.results import collect_results, varying_keys
 from moe_vlm.train.rundir import read_jsonl
 
 
@@ -162,5 +162,5 @@ def plot_isoflop(table: pd.DataFrame, out: str | Path, n_col: str = "params_acti
     return _save(fig, out)
 
 
-__all__ = ["expert_load", "find_run_dirs", "plot_expert_load", "plot_final_vs_key",
+__all__ = ["expert_load", "plot_expert_load", "plot_final_vs_key",
            "plot_isoflop", "plot_loss_curves"]

@@ -21,14 +21,14 @@ stay local (data parallel).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from moe_vlm.model.experts import BACKENDS, GroupedExperts, resolve_backend
+from moe_vlm.model.experts import BACKENDS, GroupedExperts, _compute_dtype, resolve_backend
 
 
 class ExpertParallelExperts(nn.Module):
@@ -36,8 +36,6 @@ class ExpertParallelExperts(nn.Module):
 
     Same call signature as ``GroupedExperts``: ``(x [T, D], token_idx, expert_idx, weight
     [N]) -> [T, D]`` with *global* expert ids."""
-
-    is_expert_parallel = True
 
     def __init__(self, inner: GroupedExperts, group: Optional[dist.ProcessGroup] = None):
         super().__init__()
@@ -54,9 +52,9 @@ class ExpertParallelExperts(nn.Module):
         self.w_in = nn.Parameter(inner.w_in.detach()[sl].clone())  # [El, D, 2F]
         self.w_out = nn.Parameter(inner.w_out.detach()[sl].clone())  # [El, F, D]
         self.first_expert = lo
+        self._resolved: dict[tuple, Callable] = {}  # (device, dtype) -> backend fn, as GroupedExperts
 
     def backend_name(self, x: Tensor) -> str:
-        from moe_vlm.model.experts import _compute_dtype
         return resolve_backend(self.backend, x.device, _compute_dtype(x), self.d_model, self.d_expert)
 
     def forward(self, x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor) -> Tensor:
@@ -73,7 +71,10 @@ class ExpertParallelExperts(nn.Module):
         dist.all_to_all_single(ids_recv, local_ids, recv_l, send_l, group=self.group)
         rows = all_to_all_single_autograd(x[tok], recv_l, send_l, self.group)  # [M, D]
         m = rows.shape[0]
-        fn = BACKENDS[self.backend_name(x)]()
+        key = (x.device, _compute_dtype(x))
+        fn = self._resolved.get(key)
+        if fn is None:
+            fn = self._resolved[key] = BACKENDS[self.backend_name(x)]()
         ones = torch.ones(m, device=x.device, dtype=weight.dtype)
         out = fn(rows, torch.arange(m, device=x.device), ids_recv, ones, self.w_in, self.w_out)  # [M, D]
         back = all_to_all_single_autograd(out, send_l, recv_l, self.group)  # [N, D]
