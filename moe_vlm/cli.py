@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -44,6 +45,8 @@ def train_main(args: Sequence[str]) -> None:
 
     register_schema()
     failed: list[str] = []
+    # The deepspeed launcher appends --local_rank=N (also in LOCAL_RANK); Hydra would reject it.
+    args = [a for a in args if not a.startswith(("--local_rank", "--local-rank"))]
 
     def record_failure(run_dir: str, error: str) -> None:
         """A sweep point that failed before training wrote its own summary gets one, so the
@@ -73,7 +76,13 @@ def train_main(args: Sequence[str]) -> None:
                 record_failure(run_dir, f"{type(e).__name__}: {e}")
                 return
         else:
-            s = train(cfg, run_dir)
+            try:
+                s = train(cfg, run_dir)
+            except ConfigError as e:  # e.g. a layout that does not fit the launched processes
+                print(f"config error: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+        if int(os.environ.get("RANK", 0)) != 0:  # one report per multi-process run
+            return
         print(f"run dir: {run_dir}\nstatus: {s['status']}  steps: {s['steps']}  "
               f"eval loss: {s['initial_eval_loss']:.4f} -> {s.get('final_eval_loss', float('nan')):.4f}  "
               f"wall: {s['wall_time_s']:.1f}s")

@@ -174,11 +174,14 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """Process layout. Multi-process engines arrive with expert parallelism."""
+    """Process layout (``moe_vlm.parallel``). The launcher (``torchrun`` or ``deepspeed``)
+    decides how many processes run; every process is a data-parallel replica reading its
+    slice of the (global) batch, and experts are sharded over groups of ``ep`` of them."""
 
-    engine: str = "torch"
-    dp: int = 1
-    ep: int = 1
+    engine: str = "torch"  # torch (DDP + our EP) | deepspeed (ZeRO-1/2 + our EP)
+    dp: Optional[int] = None  # data-parallel size; None = all launched processes (a check)
+    ep: int = 1  # expert-parallel size: divides the process count and the routed experts
+    zero_stage: int = 2  # engine=deepspeed: 1 (optimizer state) or 2 (+ gradients) partitioned
 
 
 @dataclass
@@ -276,7 +279,7 @@ def validate(cfg: Config) -> Config:
                    ("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
                    ("train.eval_every", t.eval_every), ("data.n_eval_samples", cfg.data.n_eval_samples),
                    ("train.ckpt_every", t.ckpt_every), ("train.log_every", t.log_every),
-                   ("parallel.dp", cfg.parallel.dp), ("parallel.ep", cfg.parallel.ep)]:
+                   ("parallel.dp", cfg.parallel.dp or 1), ("parallel.ep", cfg.parallel.ep)]:
         _need(v >= 1, key, f"must be >= 1, got {v}")
     for key, v in [("model.n_dense_layers", m.n_dense_layers), ("model.moe_every", m.moe_every),
                    ("moe.n_shared", moe.n_shared), ("train.warmup_steps", t.warmup_steps),
@@ -341,6 +344,16 @@ def validate(cfg: Config) -> Config:
         _need(t.stop_after_steps >= 1, "train.stop_after_steps", "must be >= 1 (or null)")
     _validate_vision(cfg)
     _one_of(cfg.parallel.engine, "parallel.engine", ENGINES)
-    _need(cfg.parallel.ep == 1 and cfg.parallel.dp == 1 and cfg.parallel.engine == "torch",
-          "parallel", "only single-process runs (dp=1, ep=1, engine=torch) are implemented so far")
+    par = cfg.parallel
+    if par.dp is not None:
+        _need(par.dp % par.ep == 0, "parallel.ep", f"{par.ep} must divide parallel.dp={par.dp}")
+        _need(t.batch_size % par.dp == 0, "train.batch_size",
+              f"{t.batch_size} is global and must be divisible by parallel.dp={par.dp}")
+    if par.engine == "deepspeed":
+        _need(par.zero_stage in (1, 2), "parallel.zero_stage",
+              f"engine=deepspeed runs ZeRO stage 1 or 2, got {par.zero_stage} "
+              "(stage 0 is plain data parallelism: use parallel.engine=torch)")
+        _need(t.nan_policy == "stop", "train.nan_policy",
+              "engine=deepspeed steps inside DeepSpeed and cannot skip a step; use stop "
+              "(or parallel.engine=torch)")
     return cfg

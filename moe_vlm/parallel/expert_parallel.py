@@ -49,8 +49,10 @@ class ExpertParallelExperts(nn.Module):
         self.d_model, self.d_expert, self.backend = inner.d_model, inner.d_expert, inner.backend
         lo = self.rank * self.n_local
         sl = slice(lo, lo + self.n_local)
-        self.w_in = nn.Parameter(inner.w_in.detach()[sl].clone())  # [El, D, 2F]
-        self.w_out = nn.Parameter(inner.w_out.detach()[sl].clone())  # [El, F, D]
+        self.w_in = nn.Parameter(inner.w_in.detach()[sl].clone(),
+                                 requires_grad=inner.w_in.requires_grad)  # [El, D, 2F]
+        self.w_out = nn.Parameter(inner.w_out.detach()[sl].clone(),
+                                  requires_grad=inner.w_out.requires_grad)  # [El, F, D]
         self.first_expert = lo
         self._resolved: dict[tuple, Callable] = {}  # (device, dtype) -> backend fn, as GroupedExperts
 
@@ -110,10 +112,21 @@ def apply_expert_parallel(model: nn.Module, ep_group: Optional[dist.ProcessGroup
         if isinstance(mod, MoELayer):
             if not isinstance(mod.experts, ExpertParallelExperts):
                 mod.experts = ExpertParallelExperts(mod.experts, ep_group)
-            mod.router.count_reducer = _sum_counts(dp_group)
             n += 1
     if n == 0:
         raise ValueError("apply_expert_parallel: the model has no MoE layers")
+    return set_count_reducers(model, dp_group)
+
+
+def set_count_reducers(model: nn.Module, dp_group: Optional[dist.ProcessGroup] = None) -> nn.Module:
+    """Make every router sum its expert counts over ``dp_group`` (all ranks by default)
+    for the global-batch balance loss (``routing.aux_loss_scope=global_batch``); needed
+    with data parallelism alone (ep=1) too."""
+    from moe_vlm.routing.router import Router
+
+    for mod in model.modules():
+        if isinstance(mod, Router):
+            mod.count_reducer = _sum_counts(dp_group)
     return model
 
 

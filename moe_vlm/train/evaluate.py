@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_vlm.data.sample import IGNORE_INDEX
+from moe_vlm.parallel.runtime import Layout
 
 
 def model_inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -50,36 +51,60 @@ def answer_correct(logits: Tensor, labels: Tensor, answer_ids: Tensor) -> tuple[
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Any, batch_size: int, device: torch.device,
-             amp: Optional[torch.dtype]) -> dict[str, float]:
+             amp: Optional[torch.dtype], layout: Optional[Layout] = None) -> dict[str, float]:
     """``eval_loss`` (token-weighted LM loss over the held-out split); with answers also
     ``eval_accuracy`` (exact match) and ``caption_loss`` (loss on labelled non-answer
-    tokens, e.g. captions)."""
+    tokens, e.g. captions).
+
+    With several processes (``layout``), rank r evaluates batches r, r+world, ... and the
+    sums are reduced, so the numbers equal a single-process evaluation's (same batches).
+    Under expert parallelism every rank must run the same number of forwards (they
+    exchange tokens), so a rank out of batches runs a spare one and discards it."""
+    world = layout.world if layout is not None else 1
+    rank = layout.rank if layout is not None else 0
+    spare = layout is not None and layout.ep > 1
+    n_batches = -(-len(data.eval) // batch_size)
+    rounds = -(-n_batches // world)
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    cap_sum = torch.zeros((), device=device, dtype=torch.float64)
-    n_tok = n_cap = correct = total = 0
-    for batch in data.eval_batches(batch_size):
-        inputs = model_inputs(batch, device)
-        labels = inputs["labels"]
-        with autocast(device, amp):
-            out = model(**inputs)
-        tok_loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="none")  # [B*S]
-        valid = labels.flatten() != IGNORE_INDEX
-        loss_sum += tok_loss.sum().double()
-        n_tok += int(valid.sum())
-        if "answer_ids" in batch:
-            ans = batch["answer_ids"].to(device)
-            cap = valid & (ans.flatten() < 0)
-            cap_sum += tok_loss[cap].sum().double()
-            n_cap += int(cap.sum())
-            c, t = answer_correct(out.logits, labels, ans)
-            correct, total = correct + c, total + t
+    # loss, labelled tokens, caption loss, caption tokens, correct, answers
+    sums = torch.zeros(6, device=device, dtype=torch.float64)
+    first = None
+    for i, batch in enumerate(data.eval_batches(batch_size)):
+        if first is None and spare:
+            first = batch
+        if i % world == rank:
+            _eval_batch(model, batch, device, amp, sums)
+    for _ in range(n_batches // world + (rank < n_batches % world), rounds if spare else 0):
+        _eval_batch(model, first, device, amp, torch.zeros_like(sums))  # keeps EP in step
     model.train(was_training)
-    res = {"eval_loss": (loss_sum / max(1, n_tok)).item()}  # host sync
+    if layout is not None:
+        layout.all_sum(sums)
+    loss_sum, n_tok, cap_sum, n_cap, correct, total = sums.tolist()  # host sync
+    res = {"eval_loss": loss_sum / max(1.0, n_tok)}
     if total:
         res["eval_accuracy"] = correct / total
     if n_cap:
-        res["caption_loss"] = (cap_sum / n_cap).item()
+        res["caption_loss"] = cap_sum / n_cap
     return res
+
+
+def _eval_batch(model: torch.nn.Module, batch: dict[str, Tensor], device: torch.device,
+                amp: Optional[torch.dtype], sums: Tensor) -> None:
+    inputs = model_inputs(batch, device)
+    labels = inputs["labels"]
+    with autocast(device, amp):
+        out = model(**inputs)
+    tok_loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="none")  # [B*S]
+    valid = labels.flatten() != IGNORE_INDEX
+    sums[0] += tok_loss.sum().double()
+    sums[1] += valid.sum()
+    if "answer_ids" in batch:
+        ans = batch["answer_ids"].to(device)
+        cap = valid & (ans.flatten() < 0)
+        sums[2] += tok_loss[cap].sum().double()
+        sums[3] += cap.sum()
+        c, t = answer_correct(out.logits, labels, ans)
+        sums[4] += c
+        sums[5] += t

@@ -21,24 +21,19 @@ from omegaconf import OmegaConf
 from moe_vlm.config.schema import Config, ConfigError
 from moe_vlm.data import build_data, build_tokenizer_for
 from moe_vlm.model import build_model, count_params, flops_per_token
+from moe_vlm.parallel.engines import load_model_state
+from moe_vlm.parallel.expert_parallel import apply_expert_parallel, set_count_reducers
+from moe_vlm.parallel.runtime import Layout, check_experts, launched_world, setup, teardown
+from moe_vlm.train.engine import build_engine
 from moe_vlm.train.checkpoint import checkpoint_path, load_latest, load_weights, save_checkpoint
 from moe_vlm.train.evaluate import autocast, evaluate, model_inputs
 from moe_vlm.train.freeze import apply_trainable
-from moe_vlm.train.optim import build_optimizer, lr_at
+from moe_vlm.train.optim import lr_at
 from moe_vlm.train.rundir import MetricsLog, atomic_write, write_json
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the loss or gradient norm is NaN/inf under ``train.nan_policy=stop``."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available; use auto or cpu")
-    return dev
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -53,36 +48,41 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
 
 
 def _layer_metrics(model: torch.nn.Module, routing_steps: list[list[Any]],
-                   modality: list[Optional[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, dict]:
-    """Aggregate one step's router outputs (per micro-batch) into per-layer metrics.
+                   modality: list[Optional[tuple[torch.Tensor, torch.Tensor]]],
+                   layout: Layout) -> dict[str, dict]:
+    """Aggregate one step's router outputs (per micro-batch, summed over ranks) into
+    per-layer metrics.
 
     ``modality[m]`` holds the (is_image, is_text) token masks [T] of micro-batch m, or
     None for text-only data; with them each layer also reports its load split by
     modality (``tokens_per_expert_image`` / ``_text``)."""
     decoder = getattr(model, "decoder", model)
     moe_ids = [i for i, is_moe in enumerate(decoder.schedule) if is_moe]
+    names = ("drop_frac", "entropy", "aux_loss", "z_loss")
     out = {}
     for j, layer in enumerate(moe_ids):
         rs = [step[j] for step in routing_steps]
-        counts = torch.stack([r.counts for r in rs]).sum(0)  # [E]
-        mean = counts.mean().clamp_min(1e-9)
-        row = {
-            "tokens_per_expert": counts.tolist(),
-            "max_violation": (counts.max() / mean - 1).item(),
-            "drop_frac": sum(float(r.stats["drop_frac"]) for r in rs) / len(rs),
-            "entropy": sum(float(r.stats["entropy"]) for r in rs) / len(rs),
-            "aux_loss": sum(float(r.stats["aux_loss"]) for r in rs) / len(rs),
-            "z_loss": sum(float(r.stats["z_loss"]) for r in rs) / len(rs),
-        }
+        counts = torch.stack([r.counts for r in rs]).sum(0).float()  # [E]
+        n_exp = counts.numel()
+        stats = torch.stack([sum(r.stats[k].detach().float() for r in rs) / len(rs)
+                             for k in names]).to(counts.device)  # [4]
+        parts = [counts, stats]
         if modality[0] is not None:
-            n_exp = counts.numel()
             img = torch.zeros(n_exp, device=counts.device)
             txt = torch.zeros(n_exp, device=counts.device)
             for r, (is_img, is_txt) in zip(rs, modality):
                 img += torch.bincount(r.expert_idx[is_img[r.token_idx]], minlength=n_exp)
                 txt += torch.bincount(r.expert_idx[is_txt[r.token_idx]], minlength=n_exp)
-            row["tokens_per_expert_image"] = img.tolist()
-            row["tokens_per_expert_text"] = txt.tolist()
+            parts += [img, txt]
+        flat = layout.all_sum(torch.cat(parts))  # one reduction per layer
+        counts, stats = flat[:n_exp], flat[n_exp:n_exp + 4] / layout.world
+        mean = counts.mean().clamp_min(1e-9)
+        row = {"tokens_per_expert": counts.tolist(),
+               "max_violation": (counts.max() / mean - 1).item(),
+               **dict(zip(names, stats.tolist()))}
+        if modality[0] is not None:
+            row["tokens_per_expert_image"] = flat[n_exp + 4:2 * n_exp + 4].tolist()
+            row["tokens_per_expert_text"] = flat[2 * n_exp + 4:].tolist()
         out[f"layer_{layer}"] = row
     return out
 
@@ -109,24 +109,63 @@ def finished_summary(run_dir: Path, max_steps: int) -> Optional[dict[str, Any]]:
     return None
 
 
+def routed_experts(model: torch.nn.Module) -> int:
+    """Routed experts per MoE layer (after granularity); 0 for a dense model."""
+    moes = model.moe_layers()
+    return moes[0].experts.n_experts if moes else 0
+
+
+def local_batches(t_cfg: Any, layout: Layout) -> tuple[int, int, int]:
+    """(micro-batch size, micro-batches per step, index of this rank's first micro-batch)
+    for this rank. Batch sizes are global: rank r reads global samples
+    ``[r*B/dp, (r+1)*B/dp)`` of every step, in micro-batches of at most
+    ``train.micro_batch_size``, so the union over ranks is the single-process batch."""
+    per_rank = t_cfg.batch_size // layout.world
+    micro_bs = min(t_cfg.micro_batch_size or t_cfg.batch_size, per_rank)
+    if per_rank % micro_bs:
+        raise ConfigError(f"train.micro_batch_size={micro_bs} must divide the per-process batch "
+                          f"train.batch_size/dp = {per_rank}")
+    n_micro = per_rank // micro_bs
+    return micro_bs, n_micro, layout.rank * n_micro
+
+
 def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     """Run (or resume) the training job described by ``cfg`` in ``run_dir``.
 
-    Returns the final summary (also written to ``run_dir/summary.json``)."""
+    Under ``torchrun``/``deepspeed`` every process calls this; rank 0 writes the run
+    directory. Returns the final summary (also written to ``run_dir/summary.json``)."""
     t_cfg = cfg.train
-    run_dir = Path(run_dir)
+    if t_cfg.batch_size % launched_world()[0]:
+        raise ConfigError(f"train.batch_size={t_cfg.batch_size} is global and must be divisible "
+                          f"by the {launched_world()[0]} processes")
+    layout = setup(cfg.parallel, t_cfg.device)
+    try:
+        return _train(cfg, Path(layout.broadcast(str(run_dir))), layout)
+    finally:
+        teardown(layout)
+
+
+def _train(cfg: Config, run_dir: Path, layout: Layout) -> dict[str, Any]:
+    t_cfg = cfg.train
+    main = layout.is_main
     ckpt_dir = run_dir / "checkpoints"
     done = finished_summary(run_dir, t_cfg.max_steps)
     if done is not None:  # a re-run sweep skips what already finished
-        print(f"{run_dir}: already completed ({done['steps']} steps); skipping", flush=True)
+        if main:
+            print(f"{run_dir}: already completed ({done['steps']} steps); skipping", flush=True)
         return done
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg))))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg))))
 
-    device = resolve_device(t_cfg.device)
+    device = layout.device
     amp = autocast_dtype(t_cfg.precision, device)
     torch.manual_seed(cfg.seed)
+    if not main:  # rank 0 trains/saves the tokenizer first; the others read it
+        layout.barrier()
     tokenizer = build_tokenizer_for(cfg.data, run_dir)
+    if main:
+        layout.barrier()
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {tokenizer.vocab_size} ids; raise it")
@@ -137,6 +176,7 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         from moe_vlm.model.vlm import build_vlm
         model = build_vlm(cfg, tokenizer.image_id, device=device, seed=cfg.seed)
         data = build_data(cfg.data, tokenizer, model.vision.cfg, model.n_image_tokens)
+    check_experts(cfg.parallel.ep, routed_experts(model))
     state = load_latest(ckpt_dir, map_location=device)
     if state is None and t_cfg.init_from:
         load_weights(model, t_cfg.init_from, map_location=device)
@@ -145,12 +185,8 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         from moe_vlm.upcycling.upcycle import upcycle_from_config
         upcycled = upcycle_from_config(model, cfg)
     n_params = apply_trainable(model, list(t_cfg.trainable))
-    opt = build_optimizer(model, t_cfg)
-    micro_bs = t_cfg.micro_batch_size or t_cfg.batch_size
-    n_micro = t_cfg.batch_size // micro_bs
     counts = count_params(model)
     moes = model.moe_layers()
-    image_id = getattr(tokenizer, "image_id", None) if cfg.vision.name != "none" else None
     summary: dict[str, Any] = {
         "status": "running", "params_total": counts.total, "params_active": counts.active,
         "params_embedding": counts.embedding, "params_trainable": n_params["trainable"],
@@ -158,8 +194,18 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         "device": str(device), "precision": str(amp or torch.float32).replace("torch.", ""),
         "expert_backend": moes[0].experts.backend_name(
             torch.empty(0, cfg.model.d_model, device=device)) if moes else None,
+        "parallel": layout.describe(),
         "config": asdict(cfg),
     }
+    if layout.ep > 1:
+        apply_expert_parallel(model, layout.ep_group)
+    elif layout.distributed and moes:
+        set_count_reducers(model)
+    if state is not None:
+        load_model_state(model, state["model"])
+    micro_bs, n_micro, first_micro = local_batches(t_cfg, layout)
+    engine = build_engine(cfg, model, layout, micro_bs, n_micro)
+    image_id = getattr(tokenizer, "image_id", None) if cfg.vision.name != "none" else None
     if data.chance_accuracy is not None:
         summary["chance_accuracy"] = data.chance_accuracy
     if t_cfg.init_from:
@@ -168,16 +214,19 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         summary["upcycle"] = upcycled
 
     def run_eval() -> dict[str, float]:
-        res = evaluate(model, data, micro_bs, device, amp)
+        res = evaluate(model, data, t_cfg.micro_batch_size or t_cfg.batch_size, device, amp, layout)
         summary["final_eval_loss"] = res["eval_loss"]
         for k in ("eval_accuracy", "caption_loss"):
             if k in res:
                 summary[k] = res[k]
         return res
 
+    def write_summary() -> None:
+        if main:
+            write_json(run_dir / "summary.json", summary)
+
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        engine.load_optimizer_state(state["optimizer"])
         torch.set_rng_state(state["rng"])
         step, prior = state["step"], state["summary"]
         summary.update({k: prior[k] for k in (
@@ -185,62 +234,75 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
             "skipped_steps", "final_train_loss", "final_eval_loss", "eval_accuracy",
             "caption_loss", "upcycle") if k in prior})
         summary["resumed_from"] = step
-        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
+        if "parallel" in prior and prior["parallel"] != summary["parallel"]:
+            summary["resumed_from_layout"] = prior["parallel"]
+        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step) if main else None
     else:
         step = 0
-        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=None)
+        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=None) if main else None
         summary.update(tokens_seen=0, wall_time_s=0.0, skipped_steps=0)
         res = run_eval()
         summary["initial_eval_loss"] = res["eval_loss"]
         if "eval_accuracy" in res:
             summary["initial_eval_accuracy"] = res["eval_accuracy"]
-        log.log({"step": 0, **res})
+        if log is not None:
+            log.log({"step": 0, **res})
     summary["steps"] = step
-    write_json(run_dir / "summary.json", summary)
+    write_summary()
 
     def checkpoint() -> Path:
-        return save_checkpoint(ckpt_dir, step, {
-            "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "rng": torch.get_rng_state(), "summary": summary}, keep=t_cfg.keep_checkpoints)
+        payload = {"step": step, "model": engine.model_state(),  # collectives: every rank
+                   "optimizer": engine.optimizer_state(), "rng": torch.get_rng_state(),
+                   "summary": summary, "layout": layout.describe()}
+        path = checkpoint_path(ckpt_dir, step)
+        if main:
+            save_checkpoint(ckpt_dir, step, payload, keep=t_cfg.keep_checkpoints)
+        layout.barrier()  # a checkpoint counts once it is on disk
+        return path
 
     t_start, wall0 = time.time(), summary["wall_time_s"]
     t_window, tok_window = time.time(), 0
     stop_at = t_cfg.max_steps if t_cfg.stop_after_steps is None else \
         min(t_cfg.max_steps, step + t_cfg.stop_after_steps)
-    bar = _progress(t_cfg.max_steps, step, t_cfg.progress)
+    bar = _progress(t_cfg.max_steps, step, t_cfg.progress and main)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         while step < stop_at:
             lr = lr_at(step, t_cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
             lm_sum = torch.zeros((), device=device)
             rt_sum = torch.zeros((), device=device)
             routing_steps, modality = [], []
-            n_tok = 0  # real (non-padding) tokens this step
+            n_tok = 0  # real (non-padding) tokens this step on this rank
             for micro in range(n_micro):
-                batch = data.train_batch(step, micro, micro_bs, t_cfg.batch_size)
+                batch = data.train_batch(step, first_micro + micro, micro_bs, t_cfg.batch_size)
                 n_tok += int((batch["input_ids"] != tokenizer.pad_id).sum())  # CPU tensor, no device sync
                 inputs = model_inputs(batch, device)
-                with autocast(device, amp):
-                    out = model(**inputs)
+                out = engine.forward_backward(inputs, 1.0 / n_micro, micro == n_micro - 1,
+                                              lambda: autocast(device, amp))
                 if image_id is not None:
                     ids = inputs["input_ids"].flatten()  # [T]
                     is_img = ids == image_id
                     modality.append((is_img, ~is_img & (ids != tokenizer.pad_id)))
                 else:
                     modality.append(None)
-                (out.loss / n_micro).backward()
                 lm_sum += out.lm_loss.detach() / n_micro
                 rt_sum += out.routing_loss.detach() / n_micro
                 routing_steps.append(out.routing)
+            if layout.distributed:  # the step's loss is the mean over ranks
+                red = layout.all_sum(torch.stack([lm_sum.double(), rt_sum.double(), torch.tensor(
+                    float(n_tok), device=device, dtype=torch.float64)]))
+                lm_sum, rt_sum = (red[:2] / layout.world).float().unbind()
+                n_tok = int(red[2].item())
             clip = t_cfg.grad_clip if t_cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
-            finite = bool(torch.isfinite(lm_sum + rt_sum) & torch.isfinite(grad_norm))  # host sync
+            grad_norm = engine.reduce_and_clip(clip)
+            ok = torch.isfinite(lm_sum + rt_sum)
+            if grad_norm is not None:
+                ok = ok & torch.isfinite(grad_norm)
+            finite = bool(ok)  # host sync; the same on every rank (reduced loss and norm)
             if not finite:
-                opt.zero_grad(set_to_none=True)
-                bad = f"loss={(lm_sum + rt_sum).item():.4g}, grad_norm={grad_norm.item():.4g}"
+                engine.zero_grad()
+                bad = f"loss={(lm_sum + rt_sum).item():.4g}" + \
+                    (f", grad_norm={grad_norm.item():.4g}" if grad_norm is not None else "")
                 if t_cfg.nan_policy == "stop":
                     path = checkpoint()
                     raise NonFiniteLossError(
@@ -248,19 +310,20 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
                         f"is saved at {path}. Lower train.lr, raise train.warmup_steps, check "
                         f"the data, or set train.nan_policy=skip to skip such steps.")
                 summary["skipped_steps"] += 1
-                warnings.warn(f"skipped step {step} with non-finite {bad}")
+                if main:
+                    warnings.warn(f"skipped step {step} with non-finite {bad}")
                 if summary["skipped_steps"] > t_cfg.max_skipped_steps:
                     path = checkpoint()
                     raise NonFiniteLossError(
                         f"{summary['skipped_steps']} non-finite steps (limit "
                         f"train.max_skipped_steps={t_cfg.max_skipped_steps}); state saved at {path}")
             else:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                norm_in_step = engine.step(lr)
+                grad_norm = grad_norm if norm_in_step is None else norm_in_step
                 if cfg.routing.bias_update_rate > 0:
                     for j, moe in enumerate(moes):
-                        moe.update_bias(torch.stack([r[j].counts for r in routing_steps]).sum(0),
-                                        cfg.routing.bias_update_rate)
+                        step_counts = torch.stack([r[j].counts for r in routing_steps]).sum(0)
+                        moe.update_bias(layout.all_sum(step_counts), cfg.routing.bias_update_rate)
             step += 1
             summary["tokens_seen"] += n_tok
             tok_window += n_tok
@@ -273,9 +336,10 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
                 now = time.time()
                 summary["final_train_loss"] = lm_sum.item()
                 row.update(loss=lm_sum.item(), routing_loss=rt_sum.item(), lr=lr,
-                           grad_norm=grad_norm.item(), tokens_per_s=tok_window / max(1e-9, now - t_window),
+                           grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                           tokens_per_s=tok_window / max(1e-9, now - t_window),
                            tokens_seen=summary["tokens_seen"], skipped=not finite,
-                           routing=_layer_metrics(model, routing_steps, modality))
+                           routing=_layer_metrics(model, routing_steps, modality, layout))
                 if data.stats():
                     row["data"] = summary["data_stats"] = data.stats()
                 t_window, tok_window = now, 0
@@ -283,20 +347,20 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
             if step % t_cfg.eval_every == 0 or step == t_cfg.max_steps:
                 row.update(run_eval())
-            if row:
+            if row and log is not None:
                 log.log({"step": step, **row})
             if step % t_cfg.ckpt_every == 0 or step == stop_at:
                 summary["wall_time_s"] = wall0 + time.time() - t_start
                 checkpoint()
         summary["wall_time_s"] = wall0 + time.time() - t_start
         summary["status"] = "completed" if step >= t_cfg.max_steps else "running"
-        write_json(run_dir / "summary.json", summary)
+        write_summary()
         return summary
     except BaseException as e:
         summary["wall_time_s"] = wall0 + time.time() - t_start
         summary["status"] = "failed"
         summary["error"] = f"{type(e).__name__}: {e}"
-        write_json(run_dir / "summary.json", summary)
+        write_summary()
         raise
     finally:
         if bar is not None:

@@ -59,7 +59,11 @@ def test_overrides_and_experiment_preset():
     (["data.seq_len=1024"], "data.seq_len"),
     (["train.lr=abc"], "train.lr"),
     (["model=no_such_model"], "model/no_such_model"),
-    (["parallel.ep=2"], "parallel"),
+    (["parallel.dp=2", "parallel.ep=4"], "parallel.ep"),
+    (["parallel.dp=3"], "train.batch_size"),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=3"], "parallel.zero_stage"),
+    (["parallel.engine=deepspeed", "train.nan_policy=skip"], "train.nan_policy"),
+    (["parallel.engine=mpi"], "parallel.engine"),
     (["vision=none"], "vision.name"),  # the default data needs images
     (["vision=hf"], "vision.hf_path"),
     (["data=llava", "data.seq_len=128"], "data.path"),

@@ -1,0 +1,127 @@
+"""Training engines: one interface over a single process, torch DDP + expert parallelism
+(``parallel.engine=torch``) and DeepSpeed ZeRO-1/2 (``parallel.engine=deepspeed``).
+
+The training loop calls, per optimizer step::
+
+    for each micro-batch: out = engine.forward_backward(inputs, 1 / n_micro, last, amp)
+    norm = engine.reduce_and_clip(max_norm)   # None when the engine clips inside step
+    norm2 = engine.step(lr)                    # the grad norm for such engines
+
+Gradient semantics are the same everywhere: the loss of a step is the mean over the global
+batch, so dense gradients are averaged over all ranks and each expert's gradient is the sum
+over the ranks that routed tokens to it (the all-to-all backward does that within an EP
+group), averaged over the expert-data-parallel group and divided by the world size.
+Checkpoint state is always the single-process state (``moe_vlm.parallel.state``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from typing import Any, Callable, ContextManager, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moe_vlm.parallel.expert_parallel import (expert_parameters, full_state_dict,
+                                              load_full_state_dict)
+from moe_vlm.parallel.runtime import Layout
+from moe_vlm.parallel.state import full_optimizer_state, load_full_optimizer_state
+
+AmpContext = Callable[[], ContextManager]
+
+
+def _sq_norm(grads: list[Tensor], device: torch.device) -> Tensor:
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).square().sum()
+
+
+class TorchEngine:
+    """Plain PyTorch: AdamW on every rank, DDP for the dense parameters (when several
+    processes), expert gradients averaged by hand over the expert-data-parallel group."""
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, layout: Layout,
+                 find_unused: bool = False):
+        self.model, self.optimizer, self.layout = model, optimizer, layout
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        experts = {id(p) for p in expert_parameters(model)}
+        self.trainable = trainable
+        self.expert_params = [p for p in trainable if id(p) in experts]
+        self.dense_params = [p for p in trainable if id(p) not in experts]
+        self.module: nn.Module = model
+        self.ddp = layout.distributed and bool(self.dense_params)
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ignore = [n for n, p in model.named_parameters() if id(p) in experts]
+            DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
+            # Buffers (router biases) are updated identically on every rank: no per-step sync.
+            no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+                inspect.signature(DDP).parameters else {"broadcast_buffers": False}
+            self.module = DDP(model, device_ids=[layout.device] if layout.device.type == "cuda" else None,
+                              find_unused_parameters=find_unused, **no_sync)
+
+    def forward_backward(self, inputs: dict[str, Tensor], scale: float, last: bool,
+                         amp: AmpContext) -> Any:
+        """Forward one micro-batch and backpropagate ``scale * loss``; DDP reduces the
+        dense gradients during the backward of the ``last`` micro-batch only."""
+        sync = contextlib.nullcontext() if (last or not self.ddp) else self.module.no_sync()
+        with sync:
+            with amp():
+                out = self.module(**inputs)
+            (out.loss * scale).backward()
+        return out
+
+    @torch.no_grad()
+    def reduce_and_clip(self, max_norm: float) -> Tensor:
+        """Finish the gradient reduction (expert parameters) and clip to the global norm."""
+        lay = self.layout
+        if lay.distributed and self.expert_params:
+            for p in self.expert_params:
+                if p.grad is None:  # keep the collectives identical on every rank
+                    p.grad = torch.zeros_like(p)
+            edp = lay.edp_group
+            if dist.get_world_size(edp) > 1:
+                for p in self.expert_params:
+                    dist.all_reduce(p.grad, group=edp)
+            torch._foreach_div_([p.grad for p in self.expert_params], lay.world)
+        if not (lay.distributed and lay.ep > 1):  # every rank holds every gradient
+            return torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        dense = [p.grad for p in self.dense_params if p.grad is not None]
+        local = [p.grad for p in self.expert_params]
+        experts_sq = _sq_norm(local, lay.device)
+        dist.all_reduce(experts_sq, group=lay.ep_group)  # distinct shards over the EP group
+        total = (_sq_norm(dense, lay.device) + experts_sq).sqrt()
+        if math.isfinite(max_norm):
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(dense + local, coef)
+        return total
+
+    def step(self, lr: float) -> Optional[Tensor]:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return None
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def model_state(self) -> dict[str, Tensor]:
+        return full_state_dict(self.model)  # collective under EP
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return full_optimizer_state(self.model, self.optimizer)
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        load_full_optimizer_state(self.model, self.optimizer, state)
+
+
+def load_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load a single-process model state dict at this rank's layout."""
+    load_full_state_dict(model, state)

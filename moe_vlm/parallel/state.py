@@ -1,0 +1,96 @@
+"""Layout-free optimizer state for checkpoints.
+
+A checkpoint holds the *single-process* state: the full model state dict
+(``expert_parallel.full_state_dict``) and the optimizer state dict as a one-process
+``torch.optim.AdamW`` over ``train.optim.param_groups(model)`` would have it. Sharded
+expert moments are all-gathered along the expert dimension to save, and sliced to load,
+so a run saved at one (dp, ep) layout resumes at any other, or on one process, with its
+optimizer state intact. This is a gather to every rank: fine for the research-scale
+models this repo trains; it is not a sharded checkpoint for models that do not fit in
+one process's memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moe_vlm.parallel.expert_parallel import ExpertParallelExperts
+
+
+def _expert_shards(model: nn.Module) -> dict[int, ExpertParallelExperts]:
+    """id(expert parameter) -> the EP module holding it."""
+    return {id(p): m for m in model.modules() if isinstance(m, ExpertParallelExperts)
+            for p in (m.w_in, m.w_out)}
+
+
+def _ordered_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    """Parameters in ``state_dict`` index order."""
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+@torch.no_grad()
+def gather_expert_state(model: nn.Module, params: list[nn.Parameter],
+                        state: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """``state[i]`` (per-parameter optimizer state, index ``i`` into ``params``) with each
+    expert-sharded tensor ``[El, ...]`` all-gathered to ``[E, ...]`` over its EP group.
+    Collective: every rank of the EP group must call it with the same indices."""
+    shards = _expert_shards(model)
+    out = {}
+    for i, p in enumerate(params):
+        st = state.get(i)
+        if st is None:
+            continue
+        mod = shards.get(id(p))
+        if mod is None:
+            out[i] = st
+            continue
+        full = {}
+        for key, v in st.items():
+            if isinstance(v, Tensor) and v.shape == p.shape:
+                parts = [torch.empty_like(v) for _ in range(mod.ep)]
+                dist.all_gather(parts, v.contiguous(), group=mod.group)
+                v = torch.cat(parts, 0)  # [E, ...]
+            full[key] = v
+        out[i] = full
+    return out
+
+
+def slice_expert_state(model: nn.Module, params: list[nn.Parameter],
+                       state: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The inverse of ``gather_expert_state``: this rank's slice of each expert tensor."""
+    shards = _expert_shards(model)
+    out = {}
+    for i, st in state.items():
+        p = params[int(i)]
+        mod = shards.get(id(p))
+        if mod is None:
+            out[i] = st
+            continue
+        lo, n = mod.first_expert, mod.n_local
+        out[i] = {k: (v[lo:lo + n] if isinstance(v, Tensor) and v.ndim == p.ndim and
+                      v.shape[0] == mod.n_experts else v) for k, v in st.items()}
+    return out
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The single-process state dict of ``optimizer`` (collective under EP)."""
+    sd = optimizer.state_dict()
+    params = _ordered_params(optimizer)
+    return {"state": gather_expert_state(model, params, sd["state"]),
+            "param_groups": sd["param_groups"]}
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                              state: dict[str, Any]) -> None:
+    """Load a single-process optimizer state dict at this rank's layout."""
+    params = _ordered_params(optimizer)
+    n_saved = sum(len(g["params"]) for g in state["param_groups"])
+    if n_saved != len(params):
+        raise ValueError(f"the checkpoint's optimizer has {n_saved} parameters, this run's "
+                         f"{len(params)}; train.trainable must match the run that saved it")
+    optimizer.load_state_dict({"state": slice_expert_state(model, params, state["state"]),
+                               "param_groups": state["param_groups"]})
