@@ -182,6 +182,7 @@ class ParallelConfig:
     dp: Optional[int] = None  # data-parallel size; None = all launched processes (a check)
     ep: int = 1  # expert-parallel size: divides the process count and the routed experts
     zero_stage: int = 2  # engine=deepspeed: 1 (optimizer state) or 2 (+ gradients) partitioned
+    fsdp: bool = False  # engine=torch: shard dense weights/grads/optimizer state (FSDP2) instead of DDP
 
 
 @dataclass
@@ -353,6 +354,8 @@ def validate(cfg: Config) -> Config:
         _need(par.zero_stage in (1, 2), "parallel.zero_stage",
               f"engine=deepspeed runs ZeRO stage 1 or 2, got {par.zero_stage} "
               "(stage 0 is plain data parallelism: use parallel.engine=torch)")
+        _need(not par.fsdp, "parallel.fsdp",
+              "FSDP is the torch engine's sharding; with engine=deepspeed use parallel.zero_stage")
         _need(t.nan_policy == "stop", "train.nan_policy",
               "engine=deepspeed steps inside DeepSpeed and cannot skip a step; use stop "
               "(or parallel.engine=torch)")

@@ -40,22 +40,25 @@ def _sq_norm(grads: list[Tensor], device: torch.device) -> Tensor:
 
 
 class TorchEngine:
-    """Plain PyTorch: AdamW on every rank, DDP for the dense parameters (when several
-    processes), expert gradients averaged by hand over the expert-data-parallel group."""
+    """Plain PyTorch: AdamW on every rank; dense parameters replicated with DDP, or sharded
+    with FSDP2 (``parallel.fsdp``: weights, gradients and optimizer state split over all
+    processes, ZeRO-3 style); expert-parallel weights are left to ``ExpertParallelExperts``
+    and their gradients averaged by hand over the expert-data-parallel group."""
 
     name = "torch"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, layout: Layout,
-                 find_unused: bool = False):
-        self.model, self.optimizer, self.layout = model, optimizer, layout
+    def __init__(self, model: nn.Module, optimizer_fn: Callable[[nn.Module], torch.optim.Optimizer],
+                 layout: Layout, find_unused: bool = False):
+        self.model, self.layout = model, layout
         trainable = [p for p in model.parameters() if p.requires_grad]
         experts = {id(p) for p in expert_parameters(model)}
-        self.trainable = trainable
         self.expert_params = [p for p in trainable if id(p) in experts]
-        self.dense_params = [p for p in trainable if id(p) not in experts]
         self.module: nn.Module = model
-        self.ddp = layout.distributed and bool(self.dense_params)
-        if self.ddp:
+        self.fsdp = layout.distributed and layout.fsdp
+        self.ddp = layout.distributed and not self.fsdp and any(id(p) not in experts for p in trainable)
+        if self.fsdp:
+            _fully_shard(model, layout.dp_mesh, set(expert_parameters(model)))
+        elif self.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ignore = [n for n, p in model.named_parameters() if id(p) in experts]
@@ -65,11 +68,17 @@ class TorchEngine:
                 inspect.signature(DDP).parameters else {"broadcast_buffers": False}
             self.module = DDP(model, device_ids=[layout.device] if layout.device.type == "cuda" else None,
                               find_unused_parameters=find_unused, **no_sync)
+        # After sharding: FSDP replaces the dense parameters with DTensor shards.
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.dense_params = [p for p in self.trainable if id(p) not in experts]
+        self.optimizer = optimizer_fn(model)
 
     def forward_backward(self, inputs: dict[str, Tensor], scale: float, last: bool,
                          amp: AmpContext) -> Any:
         """Forward one micro-batch and backpropagate ``scale * loss``; DDP reduces the
         dense gradients during the backward of the ``last`` micro-batch only."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
         sync = contextlib.nullcontext() if (last or not self.ddp) else self.module.no_sync()
         with sync:
             with amp():
@@ -90,14 +99,18 @@ class TorchEngine:
                 for p in self.expert_params:
                     dist.all_reduce(p.grad, group=edp)
             torch._foreach_div_([p.grad for p in self.expert_params], lay.world)
-        if not (lay.distributed and lay.ep > 1):  # every rank holds every gradient
+        if not (lay.distributed and (lay.ep > 1 or self.fsdp)):  # every rank holds every gradient
             return torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
-        dense = [p.grad for p in self.dense_params if p.grad is not None]
+        dense = [_local(p.grad) for p in self.dense_params if p.grad is not None]
         local = [p.grad for p in self.expert_params]
+        dense_sq = _sq_norm(dense, lay.device)
+        if self.fsdp:  # disjoint shards over all ranks
+            dist.all_reduce(dense_sq)
         experts_sq = _sq_norm(local, lay.device)
-        dist.all_reduce(experts_sq, group=lay.ep_group)  # distinct shards over the EP group
-        total = (_sq_norm(dense, lay.device) + experts_sq).sqrt()
-        if math.isfinite(max_norm):
+        if lay.ep > 1:  # distinct expert shards over the EP group
+            dist.all_reduce(experts_sq, group=lay.ep_group)
+        total = (dense_sq + experts_sq).sqrt()
+        if math.isfinite(max_norm) and dense + local:
             coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(dense + local, coef)
         return total
@@ -120,6 +133,27 @@ class TorchEngine:
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         load_full_optimizer_state(self.model, self.optimizer, state)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP), else ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _fully_shard(model: nn.Module, mesh: Any, ignored: set[nn.Parameter]) -> None:
+    """FSDP2 units: each repeated block (the items of every ``nn.ModuleList``), then the
+    root for what is left (embeddings, norms, head, projector). Expert-parallel weights
+    are ignored: they are sharded over experts already."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    # Blocks return views that nothing modifies in place; FSDP warns about them regardless.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    blocks = [b for m in model.modules() if isinstance(m, nn.ModuleList) for b in m]
+    for block in blocks:
+        fully_shard(block, mesh=mesh, ignored_params=ignored or None)
+    fully_shard(model, mesh=mesh, ignored_params=ignored or None)
 
 
 def load_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:

@@ -158,9 +158,11 @@ def sync_gradients(model: nn.Module, world_group: Optional[dist.ProcessGroup] = 
 @torch.no_grad()
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The single-process state dict of an expert-parallel model (on every rank): each
-    sharded expert tensor is all-gathered along the expert dimension, so a checkpoint
+    sharded expert tensor is all-gathered along the expert dimension (and FSDP-sharded
+    dense tensors gathered), so a checkpoint
     saved from it loads at any layout (``load_full_state_dict``, or plainly at ep=1)."""
-    sd = dict(model.state_dict())
+    sd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP shards (collective)
+          for k, v in model.state_dict().items()}
     for name, mod in model.named_modules():
         if isinstance(mod, ExpertParallelExperts):
             for pname in ("w_in", "w_out"):

@@ -82,7 +82,15 @@ class Layout:
     local_rank: int = 0
     ep: int = 1
     engine: str = "torch"
+    fsdp: bool = False  # dense weights sharded with FSDP2 over dp_mesh
     mesh: Any = None  # DeviceMesh ("edp", "ep") when world > 1
+    dp_mesh: Any = None  # 1-D DeviceMesh ("dp",) over all ranks, for FSDP
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether every forward runs collectives (EP all-to-all, FSDP all-gathers), so all
+        ranks must run the same number of forwards."""
+        return self.distributed and (self.ep > 1 or self.fsdp)
 
     @property
     def dp(self) -> int:
@@ -123,7 +131,26 @@ class Layout:
         return box[0]
 
     def describe(self) -> dict[str, Any]:
-        return {"world": self.world, "dp": self.dp, "ep": self.ep, "engine": self.engine}
+        out = {"world": self.world, "dp": self.dp, "ep": self.ep, "engine": self.engine}
+        if self.fsdp:
+            out["fsdp"] = True
+        return out
+
+
+def _attempt_store(world: int, rank: int) -> Optional[dist.Store]:
+    """Under torchrun, the rendezvous store with a per-attempt key prefix, else None (plain
+    ``env://``). torchrun keeps its store across ``--max-restarts`` restarts, and without a
+    prefix the restarted processes can read their peers' addresses from the failed attempt
+    and fail to connect (seen with gloo on torch 2.13)."""
+    env = os.environ
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in env:
+        return None
+    agent = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent hosts the store
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world,
+                          is_master=not agent and rank == 0, timeout=TIMEOUT,
+                          **({} if agent else {"multi_tenant": True}))
+    return dist.PrefixStore(f"moe_vlm/attempt_{attempt}/", store)
 
 
 def setup(pcfg: ParallelConfig, device_name: str) -> Layout:
@@ -140,13 +167,16 @@ def setup(pcfg: ParallelConfig, device_name: str) -> Layout:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=TIMEOUT,
+        store = _attempt_store(world, rank)
+        where = {"store": store, "rank": rank, "world_size": world} if store is not None else {}
+        dist.init_process_group(backend, timeout=TIMEOUT, **where,
                                 **({"device_id": device} if device.type == "cuda" else {}))
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world // pcfg.ep, pcfg.ep), mesh_dim_names=("edp", "ep"))
+    dp_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",)) if pcfg.fsdp else None
     return Layout(device=device, world=world, rank=rank, local_rank=local_rank, ep=pcfg.ep,
-                  engine=pcfg.engine, mesh=mesh)
+                  engine=pcfg.engine, fsdp=pcfg.fsdp, mesh=mesh, dp_mesh=dp_mesh)
 
 
 def teardown(layout: Layout) -> None:

@@ -7,7 +7,8 @@ expert moments are all-gathered along the expert dimension to save, and sliced t
 so a run saved at one (dp, ep) layout resumes at any other, or on one process, with its
 optimizer state intact. This is a gather to every rank: fine for the research-scale
 models this repo trains; it is not a sharded checkpoint for models that do not fit in
-one process's memory.
+one process's memory. FSDP shards (DTensors) are gathered to full tensors to save and
+re-sharded to load the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +33,21 @@ def _ordered_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
+def full_tensor(v: Any) -> Any:
+    """A DTensor (FSDP shard) as the full tensor (collective), anything else unchanged."""
+    return v.full_tensor() if hasattr(v, "full_tensor") else v
+
+
+def shard_like(v: Any, p: Tensor) -> Any:
+    """A full state tensor of parameter ``p`` laid out like ``p``: this rank's FSDP shard
+    when ``p`` is a DTensor (every rank holds ``v``, so no communication)."""
+    if isinstance(v, Tensor) and hasattr(p, "device_mesh") and v.shape == p.shape:
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+    return v
+
+
 @torch.no_grad()
 def gather_expert_state(model: nn.Module, params: list[nn.Parameter],
                         state: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -46,7 +62,7 @@ def gather_expert_state(model: nn.Module, params: list[nn.Parameter],
             continue
         mod = shards.get(id(p))
         if mod is None:
-            out[i] = st
+            out[i] = {k: full_tensor(v) for k, v in st.items()}
             continue
         full = {}
         for key, v in st.items():
@@ -68,7 +84,7 @@ def slice_expert_state(model: nn.Module, params: list[nn.Parameter],
         p = params[int(i)]
         mod = shards.get(id(p))
         if mod is None:
-            out[i] = st
+            out[i] = {k: shard_like(v, p) for k, v in st.items()}
             continue
         lo, n = mod.first_expert, mod.n_local
         out[i] = {k: (v[lo:lo + n] if isinstance(v, Tensor) and v.ndim == p.ndim and

@@ -24,5 +24,5 @@ def build_engine(cfg: Config, model: nn.Module, layout: Layout, micro_bs: int, n
     from moe_vlm.parallel.engines import TorchEngine
 
     # A VLM batch may hold no image, leaving the vision path without gradients.
-    return TorchEngine(model, build_optimizer(model, cfg.train), layout,
+    return TorchEngine(model, lambda m: build_optimizer(m, cfg.train), layout,
                        find_unused=cfg.vision.name != "none")

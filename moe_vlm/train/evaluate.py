@@ -58,11 +58,11 @@ def evaluate(model: torch.nn.Module, data: Any, batch_size: int, device: torch.d
 
     With several processes (``layout``), rank r evaluates batches r, r+world, ... and the
     sums are reduced, so the numbers equal a single-process evaluation's (same batches).
-    Under expert parallelism every rank must run the same number of forwards (they
-    exchange tokens), so a rank out of batches runs a spare one and discards it."""
+    Under expert parallelism or FSDP every rank must run the same number of forwards (they
+    run collectives), so a rank out of batches runs a spare one and discards it."""
     world = layout.world if layout is not None else 1
     rank = layout.rank if layout is not None else 0
-    spare = layout is not None and layout.ep > 1
+    spare = layout is not None and layout.lockstep
     n_batches = -(-len(data.eval) // batch_size)
     rounds = -(-n_batches // world)
     was_training = model.training

@@ -64,6 +64,7 @@ def test_overrides_and_experiment_preset():
     (["parallel.engine=deepspeed", "parallel.zero_stage=3"], "parallel.zero_stage"),
     (["parallel.engine=deepspeed", "train.nan_policy=skip"], "train.nan_policy"),
     (["parallel.engine=mpi"], "parallel.engine"),
+    (["parallel.engine=deepspeed", "parallel.fsdp=true"], "parallel.fsdp"),
     (["vision=none"], "vision.name"),  # the default data needs images
     (["vision=hf"], "vision.hf_path"),
     (["data=llava", "data.seq_len=128"], "data.path"),

@@ -26,8 +26,8 @@ from moe_vlm.train import train
 from moe_vlm.train.checkpoint import list_checkpoints
 from moe_vlm.train.rundir import read_jsonl
 
-BASE = ["vision=none", "data=synthetic_text", "train.lr=3e-3", "train.batch_size=4",
-        "data.seq_len=32", "data.n_eval_samples=8", "train.progress=false",
+TEXT = ["vision=none", "data=synthetic_text", "data.seq_len=32"]
+BASE = ["train.lr=3e-3", "train.batch_size=4", "data.n_eval_samples=8", "train.progress=false",
         "train.warmup_steps=2", "train.log_every=1", "train.eval_every=3", "train.max_steps=6"]
 
 needs_deepspeed = pytest.mark.skipif(
@@ -87,10 +87,12 @@ def reference(tmp_path_factory, *overrides: str) -> list:
 # (processes, overrides): each micro-batch on a rank is the single-process micro-batch of
 # the same samples, so capacity dropping and token means agree exactly.
 LAYOUTS = {
-    "dp2_ddp": (2, ["parallel.ep=1", "train.micro_batch_size=2"]),
-    "ep2_capacity": (2, ["parallel.ep=2", "train.micro_batch_size=2", "routing.capacity_factor=1.0"]),
-    "dp4_ep2": (4, ["parallel.ep=2", "train.micro_batch_size=1"]),
-    "ep4_aux_free": (4, ["parallel.ep=4", "train.micro_batch_size=1", "routing=deepseek_v3"]),
+    "dp2_ddp": (2, [*TEXT, "parallel.ep=1", "train.micro_batch_size=2"]),
+    "ep2_capacity": (2, [*TEXT, "parallel.ep=2", "train.micro_batch_size=2",
+                         "routing.capacity_factor=1.0"]),
+    "vlm_ep2_fsdp": (2, ["parallel.ep=2", "parallel.fsdp=true", "train.micro_batch_size=2"]),
+    "dp4_ep2": (4, [*TEXT, "parallel.ep=2", "train.micro_batch_size=1"]),
+    "ep4_aux_free": (4, [*TEXT, "parallel.ep=4", "train.micro_batch_size=1", "routing=deepseek_v3"]),
 }
 
 
@@ -106,7 +108,8 @@ def test_torchrun_layout_matches_single_process(name, tmp_path, tmp_path_factory
     assert_same_curve(curve(run), want)
     summary = json.loads((run / "summary.json").read_text())
     ep = int(next(o for o in overrides if o.startswith("parallel.ep="))[-1])
-    assert summary["parallel"] == {"world": nproc, "dp": nproc, "ep": ep, "engine": "torch"}
+    fsdp = {"fsdp": True} if "parallel.fsdp=true" in overrides else {}
+    assert summary["parallel"] == {"world": nproc, "dp": nproc, "ep": ep, "engine": "torch", **fsdp}
     assert summary["tokens_seen"] == want_summary["tokens_seen"]  # summed over ranks
     got_routing = read_jsonl(run / "metrics.jsonl")[1]["routing"]
     ref_routing = read_jsonl(ref_dir / "metrics.jsonl")[1]["routing"]
@@ -120,7 +123,7 @@ def test_torchrun_layout_matches_single_process(name, tmp_path, tmp_path_factory
 def test_deepspeed_zero2_matches_torch_engine(tmp_path, tmp_path_factory):
     """ZeRO-2 with experts in DeepSpeed's expert groups: same first-step loss as the torch
     engine (and the single-process run), and the same trajectory after it."""
-    overrides = ["parallel.ep=2", "train.micro_batch_size=2"]
+    overrides = [*TEXT, "parallel.ep=2", "train.micro_batch_size=2"]
     ds = torchrun(2, [*overrides, "parallel.engine=deepspeed", "parallel.zero_stage=2",
                       f"run.dir={tmp_path / 'ds'}"])
     assert ds.returncode == 0, ds.stderr[-3000:]
@@ -135,14 +138,15 @@ def test_deepspeed_zero2_matches_torch_engine(tmp_path, tmp_path_factory):
 
 @pytest.mark.timeout(400)
 def test_checkpoint_resumes_at_another_layout(tmp_path, tmp_path_factory):
-    """Saved by 2 processes (ep=2) at step 5, finished by one process: the same curve as an
-    uninterrupted single-process run, so weights and optimizer moments moved intact. With
-    DeepSpeed installed, the other direction too (1 process -> 2-process ZeRO-2)."""
-    common = ["train.max_steps=10", "train.ckpt_every=5", "train.eval_every=5",
+    """Saved by 2 processes (ep=2, FSDP) at step 5, finished by one process: the same curve
+    as an uninterrupted single-process run, so weights and optimizer moments moved intact.
+    With DeepSpeed installed, the other direction too (1 process -> 2-process ZeRO-2)."""
+    common = [*TEXT, "train.max_steps=10", "train.ckpt_every=5", "train.eval_every=5",
               "train.micro_batch_size=2"]
     want = reference(tmp_path_factory, *common)
     run = tmp_path / "ep2_then_single"
-    first = torchrun(2, [*common, "parallel.ep=2", "train.stop_after_steps=5", f"run.dir={run}"])
+    first = torchrun(2, [*common, "parallel.ep=2", "parallel.fsdp=true", "train.stop_after_steps=5",
+                         f"run.dir={run}"])
     assert first.returncode == 0, first.stderr[-3000:]
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [5]
     cfg = load_config([*BASE, *common, f"run.dir={run}"])
@@ -178,9 +182,10 @@ def _workers(parent: int) -> list[int]:
 @pytest.mark.timeout(400)
 def test_killed_rank_restarts_from_last_checkpoint(tmp_path, tmp_path_factory):
     """SIGKILL one worker mid-run: torchrun (--max-restarts=1) restarts both, they resume
-    from the last checkpoint and finish with the uninterrupted curve."""
-    common = ["train.max_steps=60", "train.ckpt_every=5", "train.eval_every=30",
-              "train.micro_batch_size=2", "parallel.ep=2"]
+    from the last checkpoint (loading it into FSDP shards and expert shards) and finish
+    with the uninterrupted curve."""
+    common = [*TEXT, "train.max_steps=60", "train.ckpt_every=5", "train.eval_every=30",
+              "train.micro_batch_size=2", "parallel.ep=2", "parallel.fsdp=true"]
     run = tmp_path / "run"
     proc = subprocess.Popen(_launch_cmd(2, [*common, f"run.dir={run}"], "--max-restarts=1"),
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -205,14 +210,13 @@ def test_killed_rank_restarts_from_last_checkpoint(tmp_path, tmp_path_factory):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert killed_after <= summary["resumed_from"] < 60
-    single = reference(tmp_path_factory, "train.max_steps=60", "train.ckpt_every=5",
-                       "train.eval_every=30", "train.micro_batch_size=2")
+    single = reference(tmp_path_factory, *common)
     assert_same_curve(curve(run), single)
 
 
 @pytest.mark.timeout(120)
 def test_impossible_layout_is_refused_at_launch(tmp_path):
-    res = torchrun(2, ["parallel.ep=3", f"run.dir={tmp_path / 'run'}"])
+    res = torchrun(2, [*TEXT, "parallel.ep=3", f"run.dir={tmp_path / 'run'}"])
     assert res.returncode != 0
     assert "config error: parallel.ep=3 needs at least 3 processes but 2 were launched" in res.stderr
 
