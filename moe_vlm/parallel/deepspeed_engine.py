@@ -147,7 +147,8 @@ class DeepSpeedEngine:
         self.engine.zero_grad()
 
     def model_state(self) -> dict[str, Tensor]:
-        return full_state_dict(self.model)
+        """The single-process model state, on rank 0's CPU ({} elsewhere); collective."""
+        return full_state_dict(self.model, 0)
 
     def _step_count(self) -> Optional[Tensor]:
         for st in self.engine.optimizer.optimizer.state.values():
@@ -167,7 +168,7 @@ class DeepSpeedEngine:
                 state[i] = {"step": steps.detach().clone().cpu().float(), **{
                     k: safe_get_full_optimizer_state(p, k) for k in _ADAM_KEYS}}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self._torch_groups()]
-        return {"state": gather_expert_state(self.model, self.params, state), "param_groups": groups}
+        return {"state": gather_expert_state(self.model, self.params, state, 0), "param_groups": groups}
 
     def _relink(self) -> None:
         """Point each parameter's fragment map at the optimizer's current state tensors."""

@@ -126,10 +126,11 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def model_state(self) -> dict[str, Tensor]:
-        return full_state_dict(self.model)  # collective under EP
+        """The single-process model state, on rank 0's CPU ({} elsewhere); collective."""
+        return full_state_dict(self.model, 0 if self.layout.distributed else None)
 
     def optimizer_state(self) -> dict[str, Any]:
-        return full_optimizer_state(self.model, self.optimizer)
+        return full_optimizer_state(self.model, self.optimizer, 0 if self.layout.distributed else None)
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         load_full_optimizer_state(self.model, self.optimizer, state)

@@ -21,7 +21,7 @@ stay local (data parallel).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -155,21 +155,53 @@ def sync_gradients(model: nn.Module, world_group: Optional[dist.ProcessGroup] = 
         p.grad.div_(world)
 
 
+def gather_shards(local: Tensor, mod: ExpertParallelExperts, dst: Optional[int]) -> Optional[Tensor]:
+    """An expert tensor's ``[El, ...]`` shards over ``mod``'s EP group -> ``[E, ...]``.
+    ``dst=None``: on every rank. ``dst=r``: on global rank r only, moved to CPU (None
+    elsewhere; EP groups without r hold replicas and skip). Collective over the group."""
+    local = local.detach().contiguous()
+    if dst is None:
+        parts = [torch.empty_like(local) for _ in range(mod.ep)]
+        dist.all_gather(parts, local, group=mod.group)
+        return torch.cat(parts, 0)
+    if dst not in dist.get_process_group_ranks(mod.group):
+        return None
+    mine = dist.get_rank() == dst
+    parts = [torch.empty_like(local) for _ in range(mod.ep)] if mine else None
+    dist.gather(local, parts, dst=dst, group=mod.group)
+    return torch.cat(parts, 0).cpu() if mine else None
+
+
+def full_tensor(v: Any, keep: bool, to_cpu: bool) -> Any:
+    """An FSDP shard (DTensor) gathered (collective on every rank), else ``v``; returned
+    (on CPU if ``to_cpu``) where ``keep``, else None."""
+    if hasattr(v, "full_tensor"):
+        v = v.full_tensor()
+    if not keep:
+        return None
+    return v.cpu() if to_cpu and isinstance(v, Tensor) else v
+
+
 @torch.no_grad()
-def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The single-process state dict of an expert-parallel model (on every rank): each
-    sharded expert tensor is all-gathered along the expert dimension (and FSDP-sharded
-    dense tensors gathered), so a checkpoint
-    saved from it loads at any layout (``load_full_state_dict``, or plainly at ep=1)."""
-    sd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP shards (collective)
-          for k, v in model.state_dict().items()}
+def full_state_dict(model: nn.Module, dst: Optional[int] = None) -> dict[str, Tensor]:
+    """The single-process state dict of a (possibly expert-parallel, FSDP-sharded) model:
+    expert shards gathered along the expert dimension and FSDP shards gathered, so a
+    checkpoint saved from it loads at any layout (``load_full_state_dict``, or plainly on
+    one process). ``dst=None``: on every rank. ``dst=r``: only global rank r gets it,
+    tensor by tensor on CPU, so saving a large model costs no accelerator memory; the other
+    ranks return ``{}``."""
+    keep = dst is None or dist.get_rank() == dst
+    sd = {}
+    for key, value in model.state_dict().items():
+        value = full_tensor(value, keep, dst is not None)
+        if keep:
+            sd[key] = value
     for name, mod in model.named_modules():
         if isinstance(mod, ExpertParallelExperts):
             for pname in ("w_in", "w_out"):
-                local = getattr(mod, pname).detach().contiguous()  # [El, ...]
-                parts = [torch.empty_like(local) for _ in range(mod.ep)]
-                dist.all_gather(parts, local, group=mod.group)
-                sd[f"{name}.{pname}" if name else pname] = torch.cat(parts, 0)  # [E, ...]
+                full = gather_shards(getattr(mod, pname), mod, dst)  # [E, ...]
+                if keep:
+                    sd[f"{name}.{pname}" if name else pname] = full
     return sd
 
 

@@ -137,6 +137,9 @@ class Layout:
         return out
 
 
+_INITS: list[str] = []
+
+
 def _attempt_store(world: int, rank: int) -> Optional[dist.Store]:
     """Under torchrun, the rendezvous store with a per-attempt key prefix, else None (plain
     ``env://``). torchrun keeps its store across ``--max-restarts`` restarts, and without a
@@ -150,7 +153,8 @@ def _attempt_store(world: int, rank: int) -> Optional[dist.Store]:
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world,
                           is_master=not agent and rank == 0, timeout=TIMEOUT,
                           **({} if agent else {"multi_tenant": True}))
-    return dist.PrefixStore(f"moe_vlm/attempt_{attempt}/", store)
+    _INITS.append(attempt)  # one prefix per process-group init (a multirun inits per job)
+    return dist.PrefixStore(f"moe_vlm/attempt_{attempt}/init_{len(_INITS)}/", store)
 
 
 def setup(pcfg: ParallelConfig, device_name: str) -> Layout:

@@ -5,21 +5,21 @@ A checkpoint holds the *single-process* state: the full model state dict
 ``torch.optim.AdamW`` over ``train.optim.param_groups(model)`` would have it. Sharded
 expert moments are all-gathered along the expert dimension to save, and sliced to load,
 so a run saved at one (dp, ep) layout resumes at any other, or on one process, with its
-optimizer state intact. This is a gather to every rank: fine for the research-scale
-models this repo trains; it is not a sharded checkpoint for models that do not fit in
-one process's memory. FSDP shards (DTensors) are gathered to full tensors to save and
-re-sharded to load the same way.
+optimizer state intact. FSDP shards (DTensors) are gathered to save and re-sharded to
+load the same way. Saving gathers tensor by tensor onto rank 0's CPU memory, and loading
+memory-maps the file, so neither costs accelerator memory; rank 0 does need host memory
+for the whole state (this is not a sharded ``torch.distributed.checkpoint`` save).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moe_vlm.parallel.expert_parallel import ExpertParallelExperts
+from moe_vlm.parallel.expert_parallel import ExpertParallelExperts, full_tensor, gather_shards
 
 
 def _expert_shards(model: nn.Module) -> dict[int, ExpertParallelExperts]:
@@ -31,11 +31,6 @@ def _expert_shards(model: nn.Module) -> dict[int, ExpertParallelExperts]:
 def _ordered_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
     """Parameters in ``state_dict`` index order."""
     return [p for g in optimizer.param_groups for p in g["params"]]
-
-
-def full_tensor(v: Any) -> Any:
-    """A DTensor (FSDP shard) as the full tensor (collective), anything else unchanged."""
-    return v.full_tensor() if hasattr(v, "full_tensor") else v
 
 
 def shard_like(v: Any, p: Tensor) -> Any:
@@ -50,28 +45,30 @@ def shard_like(v: Any, p: Tensor) -> Any:
 
 @torch.no_grad()
 def gather_expert_state(model: nn.Module, params: list[nn.Parameter],
-                        state: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+                        state: dict[int, dict[str, Any]], dst: Optional[int] = None
+                        ) -> dict[int, dict[str, Any]]:
     """``state[i]`` (per-parameter optimizer state, index ``i`` into ``params``) with each
-    expert-sharded tensor ``[El, ...]`` all-gathered to ``[E, ...]`` over its EP group.
-    Collective: every rank of the EP group must call it with the same indices."""
+    expert-sharded tensor ``[El, ...]`` gathered to ``[E, ...]`` over its EP group and each
+    FSDP shard gathered; on every rank (``dst=None``) or on CPU on global rank ``dst`` only
+    (``{}`` elsewhere), as ``full_state_dict``. Collective: every rank must call it with
+    the same indices."""
     shards = _expert_shards(model)
+    keep = dst is None or dist.get_rank() == dst
     out = {}
     for i, p in enumerate(params):
         st = state.get(i)
         if st is None:
             continue
         mod = shards.get(id(p))
-        if mod is None:
-            out[i] = {k: full_tensor(v) for k, v in st.items()}
-            continue
         full = {}
         for key, v in st.items():
-            if isinstance(v, Tensor) and v.shape == p.shape:
-                parts = [torch.empty_like(v) for _ in range(mod.ep)]
-                dist.all_gather(parts, v.contiguous(), group=mod.group)
-                v = torch.cat(parts, 0)  # [E, ...]
+            if mod is not None and isinstance(v, Tensor) and v.shape == p.shape:
+                v = gather_shards(v, mod, dst)  # [E, ...]
+            else:
+                v = full_tensor(v, keep, dst is not None)
             full[key] = v
-        out[i] = full
+        if keep:
+            out[i] = full
     return out
 
 
@@ -92,11 +89,13 @@ def slice_expert_state(model: nn.Module, params: list[nn.Parameter],
     return out
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The single-process state dict of ``optimizer`` (collective under EP)."""
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                         dst: Optional[int] = None) -> dict[str, Any]:
+    """The single-process state dict of ``optimizer`` (collective under EP and FSDP), on
+    every rank or on global rank ``dst`` only (as ``gather_expert_state``)."""
     sd = optimizer.state_dict()
     params = _ordered_params(optimizer)
-    return {"state": gather_expert_state(model, params, sd["state"]),
+    return {"state": gather_expert_state(model, params, sd["state"], dst),
             "param_groups": sd["param_groups"]}
 
 

@@ -38,8 +38,9 @@ def load_latest(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> Opt
     """The newest readable checkpoint, or None. A file that fails to load (it cannot be
     torn, writes are atomic, but a disk can fail) is reported and the previous one used."""
     for step, path in reversed(list_checkpoints(ckpt_dir)):
-        try:
-            return torch.load(path, map_location=map_location, weights_only=False)
+        try:  # memory-mapped on CPU: each process copies out only what it needs
+            mmap = {"mmap": True} if str(map_location) == "cpu" else {}
+            return torch.load(path, map_location=map_location, weights_only=False, **mmap)
         except Exception as e:  # noqa: BLE001 - fall back to an older checkpoint
             warnings.warn(f"could not read checkpoint {path} ({e}); trying an older one")
     return None

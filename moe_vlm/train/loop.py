@@ -177,7 +177,7 @@ def _train(cfg: Config, run_dir: Path, layout: Layout) -> dict[str, Any]:
         model = build_vlm(cfg, tokenizer.image_id, device=device, seed=cfg.seed)
         data = build_data(cfg.data, tokenizer, model.vision.cfg, model.n_image_tokens)
     check_experts(cfg.parallel.ep, routed_experts(model))
-    state = load_latest(ckpt_dir, map_location=device)
+    state = load_latest(ckpt_dir, map_location="cpu")  # tensors are copied to the device on load
     if state is None and t_cfg.init_from:
         load_weights(model, t_cfg.init_from, map_location=device)
     upcycled = None

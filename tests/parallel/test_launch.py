@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from moe_vlm.config import load_config
 from moe_vlm.train import train
-from moe_vlm.train.checkpoint import list_checkpoints
+from moe_vlm.train.checkpoint import checkpoint_path, list_checkpoints
 from moe_vlm.train.rundir import read_jsonl
 
 TEXT = ["vision=none", "data=synthetic_text", "data.seq_len=32"]
@@ -116,6 +117,17 @@ def test_torchrun_layout_matches_single_process(name, tmp_path, tmp_path_factory
     assert got_routing.keys() == ref_routing.keys()
     for name, layer in got_routing.items():  # expert counts are summed over ranks
         assert sum(layer["tokens_per_expert"]) == sum(ref_routing[name]["tokens_per_expert"])
+    # The final checkpoint is the single-process state: same tensors as the reference's.
+    got = torch.load(checkpoint_path(run / "checkpoints", 6), weights_only=False)
+    ref = torch.load(checkpoint_path(ref_dir / "checkpoints", 6), weights_only=False)
+    assert got["model"].keys() == ref["model"].keys()
+    for key, value in ref["model"].items():
+        torch.testing.assert_close(got["model"][key], value, atol=2e-4, rtol=1e-3, msg=key)
+    assert got["optimizer"]["param_groups"] == ref["optimizer"]["param_groups"]
+    for i, st in ref["optimizer"]["state"].items():
+        for key, value in st.items():
+            torch.testing.assert_close(got["optimizer"]["state"][i][key], value, atol=1e-4,
+                                       rtol=1e-2, msg=f"optimizer {i} {key}")
 
 
 @needs_deepspeed
