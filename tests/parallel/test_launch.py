@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,6 +52,12 @@ def torchrun(nproc: int, overrides: list[str], *torchrun_args: str,
              timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(_launch_cmd(nproc, overrides, *torchrun_args), env=_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def curve(run_dir: Path) -> list[tuple[int, float, float]]:
@@ -136,8 +143,12 @@ def test_deepspeed_zero2_matches_torch_engine(tmp_path, tmp_path_factory):
     """ZeRO-2 with experts in DeepSpeed's expert groups: same first-step loss as the torch
     engine (and the single-process run), and the same trajectory after it."""
     overrides = [*TEXT, "parallel.ep=2", "train.micro_batch_size=2"]
-    ds = torchrun(2, [*overrides, "parallel.engine=deepspeed", "parallel.zero_stage=2",
-                      f"run.dir={tmp_path / 'ds'}"])
+    # The README's command: the deepspeed launcher running the module.
+    ds = subprocess.run(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+         str(_free_port()), "--no_local_rank", "--module", "moe_vlm.train", *BASE, *overrides,
+         "parallel.engine=deepspeed", "parallel.zero_stage=2", f"run.dir={tmp_path / 'ds'}"],
+        env=_env(), capture_output=True, text=True, timeout=300)
     assert ds.returncode == 0, ds.stderr[-3000:]
     tr = torchrun(2, [*overrides, f"run.dir={tmp_path / 'torch'}"])
     assert tr.returncode == 0, tr.stderr[-3000:]
@@ -224,6 +235,29 @@ def test_killed_rank_restarts_from_last_checkpoint(tmp_path, tmp_path_factory):
     assert killed_after <= summary["resumed_from"] < 60
     single = reference(tmp_path_factory, *common)
     assert_same_curve(curve(run), single)
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_rendezvous(tmp_path, tmp_path_factory):
+    """The README's multi-node command: two torchrun agents (two "nodes" of one process
+    each, here on one machine) meet through c10d rendezvous and train one ep=2 run."""
+    overrides = [*TEXT, "parallel.ep=2", "train.micro_batch_size=2", f"run.dir={tmp_path / 'run'}"]
+    port = _free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+         f"--node-rank={n}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+         "--rdzv-id=two_nodes", "-m", "moe_vlm.train", *BASE, *overrides],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "status: completed" in outs[0][0] + outs[1][0]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["parallel"]["world"] == 2
+    assert_same_curve(curve(tmp_path / "run"), reference(tmp_path_factory, *overrides[:-1]))
 
 
 @pytest.mark.timeout(120)
