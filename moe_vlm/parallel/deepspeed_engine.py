@@ -20,7 +20,6 @@ DeepSpeed run resumes under either engine at any layout.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -102,6 +101,9 @@ class DeepSpeedEngine:
         named = [{**g, "name": f"group_{i}"} for i, g in enumerate(groups)]
         ds_groups = split_params_into_different_moe_groups_for_optimizer(named) if experts else named
         optimizer = torch.optim.AdamW(ds_groups, lr=lr, betas=betas, eps=eps)
+        self._defaults = dict(optimizer.defaults)
+        self._groups = [(len(g["params"]), {k: v for k, v in g.items() if k != "params"})
+                        for g in groups]
         config = {
             "train_batch_size": micro_batch_size * grad_accum * layout.world,
             "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -167,43 +169,36 @@ class DeepSpeedEngine:
             for i, p in enumerate(self.params):
                 state[i] = {"step": steps.detach().clone().cpu().float(), **{
                     k: safe_get_full_optimizer_state(p, k) for k in _ADAM_KEYS}}
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in self._torch_groups()]
-        return {"state": gather_expert_state(self.model, self.params, state, 0), "param_groups": groups}
+        return {"state": gather_expert_state(self.model, self.params, state, 0),
+                "param_groups": self._torch_groups()}
 
     def _relink(self) -> None:
-        """Point each parameter's fragment map at the optimizer's current state tensors."""
+        """Point each parameter's fragment map at the optimizer's current state tensors.
+        Uses ZeRO-1/2 internals (present from DeepSpeed 0.15 through 0.19, checked)."""
         zero = self.engine.optimizer
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
 
     def _torch_groups(self) -> list[dict]:
-        """Param groups in the single-process layout (indices into ``self.params``)."""
-        index = {id(p): i for i, p in enumerate(self.params)}
-        merged: dict[float, list[int]] = {}
-        opts: dict[float, dict] = {}
-        for g in self.optimizer.param_groups:
-            wd = g["weight_decay"]
-            merged.setdefault(wd, []).extend(index[id(p)] for p in g["params"] if id(p) in index)
-            opts[wd] = g
-        out = []
-        for wd, ids in merged.items():
-            g = opts[wd]
-            out.append({"params": sorted(ids), "lr": g["lr"], "betas": g["betas"], "eps": g["eps"],
-                        "weight_decay": wd, "amsgrad": False, "maximize": False, "foreach": None,
-                        "capturable": False, "differentiable": False, "fused": None})
+        """Param groups as the single-process AdamW has them (indices into ``self.params``)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        out, start = [], 0
+        for n, opts in self._groups:
+            out.append({**self._defaults, **opts, "lr": lr, "params": list(range(start, start + n))})
+            start += n
         return out
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         """Put a single-process AdamW state into DeepSpeed's partitions."""
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        saved = slice_expert_state(self.model, self.params, state["state"])
-        if not saved:
-            return
         n_saved = sum(len(g["params"]) for g in state["param_groups"])
         if n_saved != len(self.params):
             raise ValueError(f"the checkpoint's optimizer has {n_saved} parameters, this run's "
                              f"{len(self.params)}; train.trainable must match the run that saved it")
+        saved = slice_expert_state(self.model, self.params, state["state"])
+        if not saved:
+            return
         base = self.engine.optimizer.optimizer
         step = next(iter(saved.values()))["step"]
         for group in base.param_groups:  # materialise AdamW's lazily created state
@@ -216,5 +211,3 @@ class DeepSpeedEngine:
         for i, p in enumerate(self.params):
             for k in _ADAM_KEYS:
                 safe_set_full_optimizer_state(p, saved[i][k].to(p.device), k)
-        if not math.isfinite(float(step)):
-            raise ValueError("corrupt optimizer step count in the checkpoint")

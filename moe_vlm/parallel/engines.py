@@ -1,5 +1,5 @@
-"""Training engines: one interface over a single process, torch DDP + expert parallelism
-(``parallel.engine=torch``) and DeepSpeed ZeRO-1/2 (``parallel.engine=deepspeed``).
+"""Training engines: one interface over a single process, torch DDP or FSDP2 + expert
+parallelism (``parallel.engine=torch``) and DeepSpeed ZeRO-1/2 (``parallel.engine=deepspeed``).
 
 The training loop calls, per optimizer step::
 

@@ -157,6 +157,16 @@ def test_deepspeed_zero2_matches_torch_engine(tmp_path, tmp_path_factory):
     assert_same_curve(got, torch_engine, rtol=1e-4)
     assert_same_curve(got, reference(tmp_path_factory, *overrides))
     assert json.loads((tmp_path / "ds" / "summary.json").read_text())["parallel"]["engine"] == "deepspeed"
+    # DeepSpeed's checkpoint holds the same single-process state as the torch engine's.
+    got = torch.load(checkpoint_path(tmp_path / "ds" / "checkpoints", 6), weights_only=False)
+    want = torch.load(checkpoint_path(tmp_path / "torch" / "checkpoints", 6), weights_only=False)
+    assert got["optimizer"]["param_groups"] == want["optimizer"]["param_groups"]
+    for i, st in want["optimizer"]["state"].items():
+        for key, value in st.items():
+            torch.testing.assert_close(got["optimizer"]["state"][i][key], value, atol=1e-4,
+                                       rtol=1e-2, msg=f"optimizer {i} {key}")
+    for key, value in want["model"].items():
+        torch.testing.assert_close(got["model"][key], value, atol=2e-4, rtol=1e-3, msg=key)
 
 
 @pytest.mark.timeout(400)
