@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
 from moe_vlm.model.experts import BACKENDS, GroupedExperts, _compute_dtype, resolve_backend
 
@@ -71,7 +71,9 @@ class ExpertParallelExperts(nn.Module):
         local_ids = exp - owner * self.n_local  # [N] expert id on its owner rank
         ids_recv = local_ids.new_empty(sum(recv_l))  # [M]
         dist.all_to_all_single(ids_recv, local_ids, recv_l, send_l, group=self.group)
-        rows = all_to_all_single_autograd(x[tok], recv_l, send_l, self.group)  # [M, D]
+        # wait_tensor: a plain tensor (not the lazy AsyncCollectiveTensor wrapper), which
+        # kernels that take raw pointers (Triton) need; differentiable.
+        rows = wait_tensor(all_to_all_single_autograd(x[tok], recv_l, send_l, self.group))  # [M, D]
         m = rows.shape[0]
         key = (x.device, _compute_dtype(x))
         fn = self._resolved.get(key)
@@ -79,7 +81,7 @@ class ExpertParallelExperts(nn.Module):
             fn = self._resolved[key] = BACKENDS[self.backend_name(x)]()
         ones = torch.ones(m, device=x.device, dtype=weight.dtype)
         out = fn(rows, torch.arange(m, device=x.device), ids_recv, ones, self.w_in, self.w_out)  # [M, D]
-        back = all_to_all_single_autograd(out, send_l, recv_l, self.group)  # [N, D]
+        back = wait_tensor(all_to_all_single_autograd(out, send_l, recv_l, self.group))  # [N, D]
         acc = torch.promote_types(x.dtype, torch.float32)
         y = torch.zeros(t, d, device=x.device, dtype=acc)
         y = y.index_add(0, tok, back.to(acc) * wgt[:, None].to(acc))  # [T, D]

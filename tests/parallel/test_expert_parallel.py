@@ -35,6 +35,7 @@ CASES = {
     "ep2_skewed_no_shared": Case(2, n_shared=0, skew=True),
     "ep4_capacity": Case(4, capacity=1.0),
     "ep4_skewed_grouped_mm": Case(4, skew=True, backend="grouped_mm"),
+    "ep2_triton": Case(2, backend="triton"),  # Triton's CPU interpreter without a GPU
 }
 
 
