@@ -4,7 +4,8 @@
 Ranks form a 2-D mesh ``("edp", "ep")`` of shape ``(world // ep, ep)``:
 
 - every rank is a data-parallel replica (``dp = world``) and reads its own slice of the
-  global batch; dense parameters are replicated on all ranks and averaged over all;
+  global batch; dense parameters are replicated on all ranks (or sharded over them with
+  FSDP, ``dp_mesh``) and their gradients averaged over all;
 - the ``ep`` ranks of a mesh row (consecutive ranks, so one node when ``ep`` <= GPUs per
   node) each hold ``E / ep`` experts and exchange tokens by all-to-all;
 - the ``world // ep`` ranks of a mesh column hold the same experts (expert data
@@ -12,7 +13,8 @@ Ranks form a 2-D mesh ``("edp", "ep")`` of shape ``(world // ep, ep)``:
 
 Launchers (``torchrun``, ``deepspeed``) say the layout through ``WORLD_SIZE``, ``RANK``
 and ``LOCAL_RANK``; without them the run is one process. The process group uses NCCL
-when the run is on CUDA and gloo on CPU.
+when the run is on CUDA and gloo on CPU; a collective that waits longer than
+``MOE_VLM_DIST_TIMEOUT_MIN`` minutes (default 30) fails the run instead of hanging it.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def evaluate(model: torch.nn.Module, data: Any, batch_size: int, device: torch.d
         if i % world == rank:
             _eval_batch(model, batch, device, amp, sums)
     for _ in range(n_batches // world + (rank < n_batches % world), rounds if spare else 0):
-        _eval_batch(model, first, device, amp, torch.zeros_like(sums))  # keeps EP in step
+        _eval_batch(model, first, device, amp, torch.zeros_like(sums))  # collectives in step
     model.train(was_training)
     if layout is not None:
         layout.all_sum(sums)
