@@ -14,7 +14,7 @@ One MoE layer's routed experts on rank r (owner of experts ``[r*El, (r+1)*El)``)
    (torch / grouped_mm / triton), with weight 1 per row;
 4. the outputs travel back by the reverse all-to-all and are combined into ``[T, D]`` with
    the routing weights.
-Both exchanges are differentiable (``all_to_all_single_autograd``), so gradients reach
+Both exchanges are differentiable (``_AllToAll``), so gradients reach
 ``x``, the routing weights and the local expert weights. Shared experts and the router
 stay local (data parallel).
 """
@@ -26,9 +26,29 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
 from moe_vlm.model.experts import BACKENDS, GroupedExperts, _compute_dtype, resolve_backend
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` with uneven splits, differentiable: the backward sends the
+    gradients back the reverse way. Synchronous c10d calls return plain tensors, which
+    kernels taking raw pointers (Triton) need."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int],
+                group: Optional[dist.ProcessGroup]) -> Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out_splits, in_splits = ctx.splits
+        dx = grad.new_empty((sum(in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(dx, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return dx, None, None, None
 
 
 class ExpertParallelExperts(nn.Module):
@@ -71,9 +91,7 @@ class ExpertParallelExperts(nn.Module):
         local_ids = exp - owner * self.n_local  # [N] expert id on its owner rank
         ids_recv = local_ids.new_empty(sum(recv_l))  # [M]
         dist.all_to_all_single(ids_recv, local_ids, recv_l, send_l, group=self.group)
-        # wait_tensor: a plain tensor (not the lazy AsyncCollectiveTensor wrapper), which
-        # kernels that take raw pointers (Triton) need; differentiable.
-        rows = wait_tensor(all_to_all_single_autograd(x[tok], recv_l, send_l, self.group))  # [M, D]
+        rows = _AllToAll.apply(x[tok], recv_l, send_l, self.group)  # [M, D]
         m = rows.shape[0]
         key = (x.device, _compute_dtype(x))
         fn = self._resolved.get(key)
@@ -81,7 +99,7 @@ class ExpertParallelExperts(nn.Module):
             fn = self._resolved[key] = BACKENDS[self.backend_name(x)]()
         ones = torch.ones(m, device=x.device, dtype=weight.dtype)
         out = fn(rows, torch.arange(m, device=x.device), ids_recv, ones, self.w_in, self.w_out)  # [M, D]
-        back = wait_tensor(all_to_all_single_autograd(out, send_l, recv_l, self.group))  # [N, D]
+        back = _AllToAll.apply(out, send_l, recv_l, self.group)  # [N, D]
         acc = torch.promote_types(x.dtype, torch.float32)
         y = torch.zeros(t, d, device=x.device, dtype=acc)
         y = y.index_add(0, tok, back.to(acc) * wgt[:, None].to(acc))  # [T, D]
