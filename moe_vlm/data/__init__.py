@@ -84,9 +84,11 @@ class DataBundle:
                 out[k] = out.get(k, 0) + int(v)
         return out
 
-    def eval_batches(self, batch_size: int):
+    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1):
+        """Held-out batches ``rank, rank + world, ...`` (all of them by default), so each of
+        ``world`` processes reads and collates only its own share."""
         n = len(self.eval)
-        for start in range(0, n, batch_size):
+        for start in range(rank * batch_size, n, world * batch_size):
             yield self.collate([self.eval[i] for i in range(start, min(n, start + batch_size))])
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moe_vlm.parallel.expert_parallel import (expert_parameters, full_state_dict,
-                                              load_full_state_dict)
+                                              reduce_expert_grads)
 from moe_vlm.parallel.runtime import Layout
 from moe_vlm.parallel.state import full_optimizer_state, load_full_optimizer_state
 
@@ -90,15 +90,8 @@ class TorchEngine:
     def reduce_and_clip(self, max_norm: float) -> Tensor:
         """Finish the gradient reduction (expert parameters) and clip to the global norm."""
         lay = self.layout
-        if lay.distributed and self.expert_params:
-            for p in self.expert_params:
-                if p.grad is None:  # keep the collectives identical on every rank
-                    p.grad = torch.zeros_like(p)
-            edp = lay.edp_group
-            if dist.get_world_size(edp) > 1:
-                for p in self.expert_params:
-                    dist.all_reduce(p.grad, group=edp)
-            torch._foreach_div_([p.grad for p in self.expert_params], lay.world)
+        if lay.distributed:
+            reduce_expert_grads(self.expert_params, lay.edp_group, lay.world)
         if not (lay.distributed and (lay.ep > 1 or self.fsdp)):  # every rank holds every gradient
             return torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         dense = [_local(p.grad) for p in self.dense_params if p.grad is not None]
@@ -155,8 +148,3 @@ def _fully_shard(model: nn.Module, mesh: Any, ignored: set[nn.Parameter]) -> Non
     for block in blocks:
         fully_shard(block, mesh=mesh, ignored_params=ignored or None)
     fully_shard(model, mesh=mesh, ignored_params=ignored or None)
-
-
-def load_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Load a single-process model state dict at this rank's layout."""
-    load_full_state_dict(model, state)

@@ -156,23 +156,35 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
+def reduce_expert_grads(params: list[nn.Parameter], expert_dp_group: Optional[dist.ProcessGroup],
+                        world: int) -> None:
+    """Expert gradients as one global batch: summed over the ranks holding the same experts
+    (``expert_dp_group``; ``None`` = each rank holds a distinct shard) and divided by the
+    world size (each rank's loss is the mean over its own slice of the batch). A missing
+    gradient counts as zero, so every rank runs the same collectives."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if expert_dp_group is not None and dist.get_world_size(expert_dp_group) > 1:
+        for p in params:
+            dist.all_reduce(p.grad, group=expert_dp_group)
+    if params:
+        torch._foreach_div_([p.grad for p in params], world)
+
+
+@torch.no_grad()
 def sync_gradients(model: nn.Module, world_group: Optional[dist.ProcessGroup] = None,
                    expert_dp_group: Optional[dist.ProcessGroup] = None) -> None:
-    """Average gradients as one global batch: dense parameters are summed over all ranks,
-    sharded expert parameters over the ranks holding the same experts (``expert_dp_group``;
-    ``None`` = each rank holds a distinct shard), and both divided by the world size (each
-    rank's loss is the mean over its own slice of the batch)."""
+    """Average gradients as one global batch without DDP: dense parameters summed over all
+    ranks and divided by the world size, expert parameters as ``reduce_expert_grads``."""
     world = dist.get_world_size(world_group)
-    experts = {id(p) for p in expert_parameters(model)}
+    experts = expert_parameters(model)
+    expert_ids = {id(p) for p in experts}
     for p in model.parameters():
-        if p.grad is None:
-            continue
-        if id(p) in experts:
-            if expert_dp_group is not None and dist.get_world_size(expert_dp_group) > 1:
-                dist.all_reduce(p.grad, group=expert_dp_group)
-        else:
+        if p.grad is not None and id(p) not in expert_ids:
             dist.all_reduce(p.grad, group=world_group)
-        p.grad.div_(world)
+            p.grad.div_(world)
+    reduce_expert_grads([p for p in experts if p.requires_grad], expert_dp_group, world)
 
 
 def gather_shards(local: Tensor, mod: ExpertParallelExperts, dst: Optional[int]) -> Optional[Tensor]:

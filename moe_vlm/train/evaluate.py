@@ -69,14 +69,14 @@ def evaluate(model: torch.nn.Module, data: Any, batch_size: int, device: torch.d
     model.eval()
     # loss, labelled tokens, caption loss, caption tokens, correct, answers
     sums = torch.zeros(6, device=device, dtype=torch.float64)
-    first = None
-    for i, batch in enumerate(data.eval_batches(batch_size)):
-        if first is None and spare:
-            first = batch
-        if i % world == rank:
-            _eval_batch(model, batch, device, amp, sums)
-    for _ in range(n_batches // world + (rank < n_batches % world), rounds if spare else 0):
-        _eval_batch(model, first, device, amp, torch.zeros_like(sums))  # collectives in step
+    batch, done = None, 0
+    for batch in data.eval_batches(batch_size, rank, world):
+        _eval_batch(model, batch, device, amp, sums)
+        done += 1
+    if spare and done < rounds:  # keep the collectives in step with the other ranks
+        batch = batch if batch is not None else next(iter(data.eval_batches(batch_size)))
+        for _ in range(rounds - done):
+            _eval_batch(model, batch, device, amp, torch.zeros_like(sums))
     model.train(was_training)
     if layout is not None:
         layout.all_sum(sums)

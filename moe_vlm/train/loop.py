@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from moe_vlm.config.schema import Config, ConfigError
 from moe_vlm.data import build_data, build_tokenizer_for
 from moe_vlm.model import build_model, count_params, flops_per_token
-from moe_vlm.parallel.engines import load_model_state
-from moe_vlm.parallel.expert_parallel import apply_expert_parallel, set_count_reducers
+from moe_vlm.parallel.expert_parallel import (apply_expert_parallel, load_full_state_dict,
+                                              set_count_reducers)
 from moe_vlm.parallel.runtime import Layout, check_experts, launched_world, setup, teardown
 from moe_vlm.train.engine import build_engine
 from moe_vlm.train.checkpoint import checkpoint_path, load_latest, load_weights, save_checkpoint
@@ -135,9 +135,10 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     Under ``torchrun``/``deepspeed`` every process calls this; rank 0 writes the run
     directory. Returns the final summary (also written to ``run_dir/summary.json``)."""
     t_cfg = cfg.train
-    if t_cfg.batch_size % launched_world()[0]:
+    world = launched_world()[0]
+    if t_cfg.batch_size % world:
         raise ConfigError(f"train.batch_size={t_cfg.batch_size} is global and must be divisible "
-                          f"by the {launched_world()[0]} processes")
+                          f"by the {world} processes")
     layout = setup(cfg.parallel, t_cfg.device)
     try:
         return _train(cfg, Path(layout.broadcast(str(run_dir))), layout)
@@ -202,7 +203,7 @@ def _train(cfg: Config, run_dir: Path, layout: Layout) -> dict[str, Any]:
     elif layout.distributed and moes:
         set_count_reducers(model)
     if state is not None:
-        load_model_state(model, state["model"])
+        load_full_state_dict(model, state["model"])  # this rank's slice at any layout
     micro_bs, n_micro, first_micro = local_batches(t_cfg, layout)
     engine = build_engine(cfg, model, layout, micro_bs, n_micro)
     image_id = getattr(tokenizer, "image_id", None) if cfg.vision.name != "none" else None

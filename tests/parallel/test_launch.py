@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from moe_vlm.config import load_config
 from moe_vlm.train import train
 from moe_vlm.train.checkpoint import checkpoint_path, list_checkpoints
 from moe_vlm.train.rundir import read_jsonl
+from test_expert_parallel import _free_port  # noqa: E402
 
 TEXT = ["vision=none", "data=synthetic_text", "data.seq_len=32"]
 BASE = ["train.lr=3e-3", "train.batch_size=4", "data.n_eval_samples=8", "train.progress=false",
@@ -54,10 +54,6 @@ def torchrun(nproc: int, overrides: list[str], *torchrun_args: str,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def curve(run_dir: Path) -> list[tuple[int, float, float]]:
