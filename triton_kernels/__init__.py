@@ -2,8 +2,9 @@
 
 - ``grouped_gemm(x, w, offsets)``: per-expert GEMMs over expert-sorted rows, one
   persistent launch, forward and backward (``grouped_gemm.py``).
-- ``permute(x, experts)`` / ``unpermute(rows, perm, weights)``: token order <-> expert
-  order, with the weighted combine fused into unpermute (``permute.py``).
+- ``permute(x, experts, n_experts)`` / ``unpermute(rows, perm, weights)``: token order
+  <-> expert order, with the weighted combine fused into unpermute (``permute.py``);
+  ``n_experts`` is required, so ``offsets`` always has E entries.
 - ``moe_experts(x, token_idx, expert_idx, weight, w_in, w_out)``: the fused SwiGLU MoE
   expert function (gather fused into GEMM 1, SwiGLU in its epilogue, GEMM 2, combine),
   the ``triton`` expert backend of the model (``moe.py``); ``moe_experts_topk`` takes

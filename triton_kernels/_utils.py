@@ -55,6 +55,29 @@ def check_int(t: Tensor, name: str, op: str) -> None:
         raise TypeError(f"{op}: {name} must be int32 or int64, got {t.dtype}")
 
 
+def check_n_experts(n_experts: int, op: str) -> int:
+    """``n_experts`` (E) as a positive Python int. Callers pass the configured expert count
+    (``moe.n_experts``, ``w_in.shape[0]``): inferring it from the ids would cost a host sync
+    and give too few offsets when the highest experts get no tokens."""
+    if isinstance(n_experts, (bool, Tensor)) or not hasattr(n_experts, "__index__"):
+        raise TypeError(f"{op}: n_experts must be a positive Python int (the configured expert "
+                        f"count, e.g. w_in.shape[0]), got {type(n_experts).__name__}")
+    e = n_experts.__index__()
+    if e <= 0:
+        raise ValueError(f"{op}: n_experts must be a positive int (the configured expert "
+                         f"count), got {e}")
+    return e
+
+
+def check_expert_counts(counts: Tensor, n_experts: int, op: str) -> None:
+    """Raise if ``counts = bincount(expert_ids, minlength=E)`` came out longer than E, i.e.
+    some id is >= E. Free: bincount already knows its length on the host."""
+    if counts.shape[0] != n_experts:
+        raise ValueError(f"{op}: expert ids must be in [0, n_experts={n_experts}) but the "
+                         f"largest is {counts.shape[0] - 1}; pass the configured expert count "
+                         f"as n_experts, or fix the router that produced the ids")
+
+
 def n_programs(device: torch.device, per_sm: int = 1) -> int:
     """Persistent-kernel grid: a few programs per SM on CUDA, a handful in the interpreter."""
     if device.type == "cuda":

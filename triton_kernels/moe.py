@@ -136,7 +136,7 @@ class _MoEExperts(torch.autograd.Function):
         """Assignments already token-sorted (``*_s [N]``); tokens either fixed-K or CSR."""
         t, n_exp = x.shape[0], w_in.shape[0]
         idx = TokenIndex(t, k=k, tok_ptr=tok_ptr)
-        order, row_of, offsets = expert_plan(exp_s, n_exp)  # [N], [N], [E]
+        order, row_of, offsets = expert_plan(exp_s, n_exp, "moe_experts")  # [N], [N], [E]
         src_row = tok_s[order.long()].to(torch.int32)  # [N] token of each row
         w_row = weight_s[order.long()].contiguous()  # [N] routing weight of each row
         act, h = gg_forward(x, w_in, offsets, a_idx=src_row, swiglu=True)  # [N, F], [N, 2F]

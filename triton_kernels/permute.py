@@ -31,21 +31,31 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from triton_kernels._utils import check_device, check_float, check_int, check_shape, interpreting
+from triton_kernels._utils import (
+    check_device,
+    check_expert_counts,
+    check_float,
+    check_int,
+    check_n_experts,
+    check_shape,
+    interpreting,
+)
 
 
 # ----------------------------------------------------------------------------- reference
 
-def permute_reference(x: Tensor, experts: Tensor, n_experts: Optional[int] = None
+def permute_reference(x: Tensor, experts: Tensor, n_experts: int
                       ) -> tuple[Tensor, Tensor, Tensor]:
     """Plain torch: stable sort of the flattened assignments by expert, then gather."""
+    e = check_n_experts(n_experts, "permute_reference")
     t, k = experts.shape
     flat = experts.reshape(-1)  # [N]
-    e = n_experts if n_experts is not None else int(flat.max()) + 1 if flat.numel() else 0
     order = torch.argsort(flat, stable=True)  # [N] row -> assignment
     perm = torch.empty_like(order)
     perm[order] = torch.arange(flat.numel(), device=flat.device)  # assignment -> row
-    offsets = torch.cumsum(torch.bincount(flat, minlength=e), 0).to(torch.int32)  # [E]
+    counts = torch.bincount(flat, minlength=e)  # [E] unless some id >= E
+    check_expert_counts(counts, e, "permute_reference")
+    offsets = torch.cumsum(counts, 0).to(torch.int32)  # [E]
     rows = x[order // k]  # [N, D]
     return rows, perm.to(torch.int32), offsets
 
@@ -72,16 +82,23 @@ class TokenIndex:
         return self.tok_ptr, self.k
 
 
-def expert_plan(expert_idx: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Stable expert sort of flat assignments, on the device (no host sync).
+def expert_plan(expert_idx: Tensor, n_experts: int, op: str = "expert_plan"
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Stable expert sort of flat assignments ``expert_idx [N]`` (ids in [0, E)), on the
+    device. E is the caller's ``n_experts``, never inferred from the ids, so ``offsets`` has
+    E entries even when the highest experts get no tokens.
 
     Returns ``order [N]`` (row -> assignment), ``row_of [N]`` (assignment -> row), both
-    int32, and ``offsets [E]`` int32."""
+    int32, and ``offsets [E]`` int32. Raises if an id is >= E (free: see below).
+    Host sync: none of ours; on CUDA ``torch.bincount`` itself syncs (it reads the ids'
+    min and max to size its output), which is also what makes the id check free."""
+    n_experts = check_n_experts(n_experts, op)
     n = expert_idx.numel()
     order = torch.argsort(expert_idx, stable=True)  # [N]
     row_of = torch.empty(n, dtype=torch.int32, device=expert_idx.device)
     row_of[order] = torch.arange(n, dtype=torch.int32, device=expert_idx.device)
-    counts = torch.bincount(expert_idx, minlength=n_experts)  # [E]
+    counts = torch.bincount(expert_idx, minlength=n_experts)  # [E] unless some id >= E
+    check_expert_counts(counts, n_experts, op)
     return order.to(torch.int32), row_of, torch.cumsum(counts, 0).to(torch.int32)
 
 
@@ -261,13 +278,16 @@ class _Unpermute(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- public
 
-def permute(x: Tensor, experts: Tensor, n_experts: Optional[int] = None
-            ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gather tokens into expert-sorted rows: ``x [T, D]``, ``experts [T, K]`` ->
-    ``(rows [T*K, D], perm [T*K] int32, offsets [E] int32)``; differentiable in ``x``.
+def permute(x: Tensor, experts: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Gather tokens into expert-sorted rows: ``x [T, D]``, ``experts [T, K]`` (ids in
+    [0, E)), ``n_experts`` E -> ``(rows [T*K, D], perm [T*K] int32, offsets [E] int32)``;
+    differentiable in ``x``.
 
-    Pass ``n_experts`` (E); without it E is ``experts.max() + 1``, a host sync."""
+    E is required (the configured expert count): inferring it from ``experts`` would be a
+    host sync and would drop the offsets of the highest experts when they get no tokens.
+    Raises ``ValueError`` if an id is >= E."""
     op = "permute"
+    n_experts = check_n_experts(n_experts, op)
     check_shape(x, 2, "x", op, "[T, D]")
     check_shape(experts, 2, "experts", op, "[T, K]")
     check_float(x, "x", op)
@@ -276,9 +296,7 @@ def permute(x: Tensor, experts: Tensor, n_experts: Optional[int] = None
     if experts.shape[0] != x.shape[0]:
         raise ValueError(f"{op}: experts has {experts.shape[0]} rows but x has {x.shape[0]} tokens")
     t, k = experts.shape
-    if n_experts is None:
-        n_experts = int(experts.max()) + 1 if experts.numel() else 0  # host sync
-    _, row_of, offsets = expert_plan(experts.reshape(-1), n_experts)
+    _, row_of, offsets = expert_plan(experts.reshape(-1), n_experts, op)  # [N], [E]
     rows = _Permute.apply(x.contiguous(), row_of, k)
     return rows, row_of, offsets
 

@@ -120,6 +120,8 @@ def test_bad_inputs_raise_clear_errors():
         moe_experts(p["x"], tok, exp, wgt, p["w_in"].half(), p["w_out"])
     with pytest.raises(ValueError, match=r"experts \(8, 2\) and weights \(8, 1\)"):
         moe_experts_topk(p["x"], p["experts"], p["weights"][:, :1], p["w_in"], p["w_out"])
+    with pytest.raises(ValueError, match=r"moe_experts: expert ids must be in \[0, n_experts=4\)"):
+        moe_experts(p["x"], tok, torch.full_like(exp, 4), wgt, p["w_in"], p["w_out"])  # id == E
 
 
 def test_frozen_inputs_get_no_gradient_and_the_rest_still_match():
