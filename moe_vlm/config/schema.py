@@ -8,6 +8,7 @@ change. Model code receives these dataclasses, never a ``DictConfig``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -114,6 +115,12 @@ class RoutingConfig:
     gate: str = "softmax_topk"
     top_k: int = 2
     renormalize: bool = True  # softmax_topk: renormalise the k kept weights to sum 1
+    # At k=1 a normalised weight is always 1, so the LM loss gives the router no gradient;
+    # false skips the normalisation at k=1 (Megatron-Core does), true keeps it (and warns).
+    normalize_top1: bool = True
+    # With capacity dropping: false renormalises over the k chosen experts before the drop
+    # (a dropped expert's share is lost), true over the kept ones after it (DeepSpeed, GShard).
+    renormalize_after_drop: bool = False
     routed_scaling: float = 1.0  # multiplies routed weights (DeepSeek-V3 uses 2.5)
     aux_loss_coef: float = 0.01
     aux_loss_scope: str = "micro_batch"
@@ -167,6 +174,10 @@ class TrainConfig:
     nan_policy: str = "stop"
     max_skipped_steps: int = 10  # nan_policy=skip: give up after this many
     stop_after_steps: Optional[int] = None  # exit (resumable) after N steps this call
+    # CUDA: deterministic kernels (torch.use_deterministic_algorithms + the cuBLAS
+    # workspace setting), bit-identical reruns at some speed cost. CPU runs are always
+    # deterministic and ignore it.
+    deterministic: bool = False
     trainable: list[str] = field(default_factory=lambda: ["all"])  # groups: moe_vlm.train.freeze
     init_from: Optional[str] = None  # start from this run dir's (or file's) checkpoint weights
     progress: bool = True
@@ -315,6 +326,13 @@ def validate(cfg: Config) -> Config:
     if r.capacity_factor is not None:
         _need(r.capacity_factor > 0, "routing.capacity_factor",
               f"must be > 0 (or null for dropless), got {r.capacity_factor}")
+    if r.gate != "expert_choice" and k == 1 and r.normalize_top1 and (
+            r.renormalize or r.gate == "sigmoid_topk"):
+        warnings.warn(f"routing: top_k={r.top_k} x granularity {moe.granularity} = 1 expert per "
+                      f"token with {r.gate} weights normalised: every weight is 1, so the router "
+                      "gets no gradient from the LM loss (only from the balance losses). Set "
+                      "routing.normalize_top1=false to keep the raw weight (Megatron-Core), or "
+                      "routing.renormalize=false", stacklevel=2)
     if r.gate == "expert_choice":
         _need(r.bias_update_rate == 0, "routing.bias_update_rate",
               "expert_choice is balanced by construction; set routing.bias_update_rate=0")
@@ -326,7 +344,9 @@ def validate(cfg: Config) -> Config:
         _need(u.source is not None, "upcycle.source",
               f"upcycle.method={u.method} needs the dense checkpoint: set upcycle.source=PATH")
         _need(t.init_from is None, "train.init_from",
-              "set either train.init_from or upcycle.method, not both")
+              "set either train.init_from or upcycle.method, not both (a checkpoint "
+              "directory's config.yaml points train.init_from at itself: add "
+              "train.init_from=null to upcycle from it)")
         _need(m.moe_every > 0, "model.moe_every",
               "upcycling makes MoE layers: set model.moe_every >= 1 (1 = every layer)")
     _need(0 <= u.drop_ratio <= 1, "upcycle.drop_ratio", f"must be in [0, 1], got {u.drop_ratio}")

@@ -7,7 +7,8 @@ appended to the current pack while its tokens stay <= ``seq_len`` and its images
 <= ``max_images`` (the image budget bounds vision-tower memory per sequence); when the
 next sample does not fit, the pack is emitted, padded to exactly ``seq_len`` (ids
 ``pad_id``, labels -100, answer ids -1), and a new pack starts with that sample. Order
-is kept, so packing a deterministic sample stream gives deterministic packs. A sample
+is kept, so packing a deterministic sample stream gives deterministic packs. Each pack
+carries its ``token_mask`` (False on the padded tail), so padding is never routed. A sample
 that alone exceeds a budget can never fit: it is dropped and counted in
 ``Packer.stats``.
 
@@ -48,12 +49,15 @@ class Packer:
         s = self.seq_len
         out = {"input_ids": torch.full((s,), self.pad_id, dtype=torch.long),  # [S]
                "labels": torch.full((s,), IGNORE_INDEX, dtype=torch.long),  # [S]
-               "answer_ids": torch.full((s,), -1, dtype=torch.long)}  # [S]
+               "answer_ids": torch.full((s,), -1, dtype=torch.long),  # [S]
+               "token_mask": torch.zeros(s, dtype=torch.bool)}  # [S], False = padding
         pos, offset = 0, 0
         for sample in pack:
             n = sample["input_ids"].numel()
             out["input_ids"][pos:pos + n] = sample["input_ids"]
             out["labels"][pos:pos + n] = sample["labels"]
+            own = sample.get("token_mask")
+            out["token_mask"][pos:pos + n] = True if own is None else own.bool()
             if "answer_ids" in sample:
                 a = sample["answer_ids"]  # [S_i]
                 out["answer_ids"][pos:pos + n] = torch.where(a >= 0, a + offset, a)

@@ -9,6 +9,10 @@ A sample is a dict of tensors (S tokens, N images, H x W pixels):
   ``-100`` where no loss is taken (prompts, image placeholders, padding).
 - ``pixel_values`` [N, 3, H, W] float: the sample's images, normalised, in placeholder
   order. ``N`` may be 0 (a text-only sample).
+- ``token_mask`` [S] bool (optional): False at padding a sample carries itself (a packed
+  sequence's tail). ``collate`` adds it for every batch: False at the positions it pads.
+  Padding is never routed, counted or put in a loss (``moe_vlm.model.moe``). Pad *ids*
+  cannot serve as the mask: a Hugging Face tokenizer may pad with its EOS id.
 - ``answer_ids`` [S] long (optional): ``-1``, or the index (within the sample) of the
   question whose answer this position's label belongs to. Eval uses it for exact-match
   accuracy; labelled positions with ``-1`` count as caption/other text.
@@ -23,7 +27,8 @@ IGNORE_INDEX = -100
 
 def collate(samples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample: ids with ``pad_id``, labels with -100, answer ids
-    with -1; images concatenated in sample order -> ``pixel_values`` [sum N, 3, H, W]."""
+    with -1, ``token_mask`` [B, S] with False (and a sample's own False positions kept);
+    images concatenated in sample order -> ``pixel_values`` [sum N, 3, H, W]."""
     s_max = max(int(s["input_ids"].numel()) for s in samples)
     fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "answer_ids": -1}
     out: dict[str, torch.Tensor] = {}
@@ -34,6 +39,11 @@ def collate(samples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str
         for i, s in enumerate(samples):
             rows[i, : s[key].numel()] = s[key]
         out[key] = rows
+    mask = torch.zeros(len(samples), s_max, dtype=torch.bool)  # [B, S]
+    for i, s in enumerate(samples):
+        own = s.get("token_mask")
+        mask[i, : s["input_ids"].numel()] = True if own is None else own.bool()
+    out["token_mask"] = mask
     if "pixel_values" in samples[0]:
         out["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])  # [N, 3, H, W]
     return out

@@ -21,6 +21,7 @@ from moe_vlm.data.sample import IGNORE_INDEX
 from moe_vlm.model.granularity import MoESizes, resolve_moe_sizes
 from moe_vlm.model.layers import Attention, RMSNorm, SwiGLU, rotary_tables
 from moe_vlm.model.moe import MoELayer
+from moe_vlm.routing.loss_norm import LossNorm
 from moe_vlm.routing.router import RouterOutput
 
 
@@ -48,11 +49,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Optional[RouterOutput]]:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None,
+                loss_norm: Optional[LossNorm] = None) -> tuple[Tensor, Optional[RouterOutput]]:
         x = x + self.attn(self.attn_norm(x), cos, sin)  # [B, S, D]
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
-            y, r = self.ffn(h)
+            y, r = self.ffn(h, mask, loss_norm)
             return x + y, r
         return x + self.ffn(h), None
 
@@ -61,7 +63,9 @@ class Block(nn.Module):
 class ModelOutput:
     logits: Tensor  # [B, S, V]
     loss: Optional[Tensor] = None  # lm_loss + routing_loss (what to backprop)
-    lm_loss: Optional[Tensor] = None  # mean token cross-entropy over non-ignored labels
+    # mean token cross-entropy over non-ignored labels (with ``loss_norm``: the sum over this
+    # batch's targets / the step's target count, i.e. this micro-batch's share)
+    lm_loss: Optional[Tensor] = None
     routing_loss: Optional[Tensor] = None  # sum of the MoE layers' weighted aux + z losses
     routing: list[RouterOutput] = field(default_factory=list)  # one per MoE layer, in order
 
@@ -129,9 +133,16 @@ class DecoderLM(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(self, input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                inputs_embeds: Optional[Tensor] = None) -> ModelOutput:
+                inputs_embeds: Optional[Tensor] = None, token_mask: Optional[Tensor] = None,
+                loss_norm: Optional[LossNorm] = None) -> ModelOutput:
         """input_ids [B, S] or inputs_embeds [B, S, D]; labels [B, S] are the *next-token*
-        targets of each position (already shifted), ``-100`` where no loss is taken."""
+        targets of each position (already shifted), ``-100`` where no loss is taken.
+
+        ``token_mask`` [B, S] bool, False at padding: padded positions are not routed by
+        any MoE layer (right padding under a causal mask never reaches a real token's
+        attention either). ``loss_norm``: the step's totals (``moe_vlm.routing.loss_norm``);
+        with it every loss is this batch's share of the step loss, so the shares of all
+        micro-batches and processes add up to the mean over the global batch."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, S, D]
@@ -139,8 +150,11 @@ class DecoderLM(nn.Module):
         if s > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {s} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         routing: list[RouterOutput] = []
+        if token_mask is not None and token_mask.shape != x.shape[:2]:
+            raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}, the batch "
+                             f"{tuple(x.shape[:2])}; it needs one entry per token [B, S]")
         for blk in self.layers:
-            x, r = blk(x, self.rope_cos, self.rope_sin)
+            x, r = blk(x, self.rope_cos, self.rope_sin, token_mask, loss_norm)
             if r is not None:
                 routing.append(r)
         x = self.norm(x)
@@ -148,8 +162,13 @@ class DecoderLM(nn.Module):
         logits = F.linear(x, w)  # [B, S, V]
         out = ModelOutput(logits=logits, routing=routing)
         if labels is not None:
-            out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                          ignore_index=IGNORE_INDEX)
+            if loss_norm is None:
+                out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                              ignore_index=IGNORE_INDEX)
+            else:
+                out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                              ignore_index=IGNORE_INDEX,
+                                              reduction="sum") / max(1.0, loss_norm.n_targets)
             out.routing_loss = sum((r.loss for r in routing), torch.zeros((), device=x.device))
             out.loss = out.lm_loss + out.routing_loss
         return out

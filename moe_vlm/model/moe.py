@@ -15,6 +15,7 @@ from moe_vlm.model.experts import GroupedExperts
 from moe_vlm.model.granularity import MoESizes
 from moe_vlm.model.layers import SwiGLU
 from moe_vlm.routing.balancing import update_balance_bias
+from moe_vlm.routing.loss_norm import LossNorm
 from moe_vlm.routing.router import Router, RouterOutput
 
 
@@ -31,13 +32,31 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(sizes.n_experts, d_model, sizes.d_expert, backend)
         self.shared: Optional[SwiGLU] = SwiGLU(d_model, sizes.d_shared) if sizes.d_shared else None
 
-    def forward(self, x: Tensor) -> tuple[Tensor, RouterOutput]:
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None,
+                loss_norm: Optional[LossNorm] = None) -> tuple[Tensor, RouterOutput]:
+        """x [B, S, D], mask [B, S] bool (False = padding) -> y [B, S, D] and the router
+        output over the real tokens.
+
+        Only real tokens are routed and computed: padded rows are dropped before the
+        router (so they never enter a balance loss, the z-loss, the counts or the bias
+        update, and cost no expert compute, shared experts included) and get y = 0. The
+        router's ``token_idx`` then indexes the real tokens in row-major order,
+        ``x[mask]``. One host sync (``nonzero``) when a mask is given."""
         b, s, d = x.shape
-        flat = x.reshape(b * s, d)  # [T, D]
-        r = self.router(flat, n_seqs=b)
-        y = self.experts(flat, r.token_idx, r.expert_idx, r.weight)  # [T, D]
+        flat = x.reshape(b * s, d)  # [B*S, D]
+        rows = None
+        if mask is not None:
+            rows = mask.reshape(-1).nonzero().squeeze(1)  # [T] host sync
+            if rows.numel() == b * s:
+                rows = None
+        xr = flat if rows is None else flat.index_select(0, rows)  # [T, D] real tokens
+        pos = torch.arange(b * s, device=x.device) if rows is None else rows  # [T]
+        r = self.router(xr, n_seqs=b, seq_ids=pos // s, loss_norm=loss_norm)
+        y = self.experts(xr, r.token_idx, r.expert_idx, r.weight)  # [T, D]
         if self.shared is not None:
-            y = y + self.shared(flat)
+            y = y + self.shared(xr)
+        if rows is not None:  # padded rows: 0 (unique indices, so no accumulation order)
+            y = y.new_zeros(b * s, d).index_copy(0, rows, y)
         return y.reshape(b, s, d), r
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ from moe_vlm.config.schema import Config, ProjectorConfig
 from moe_vlm.model.decoder import DecoderLM, ModelOutput, build_model
 from moe_vlm.model.moe import MoELayer
 from moe_vlm.model.vision import VisionTransformer, build_vision
+from moe_vlm.routing.loss_norm import LossNorm
 
 
 class Projector(nn.Module):
@@ -87,9 +88,11 @@ class VisionLanguageModel(nn.Module):
         return self.projector(self.vision(pixel_values))
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
-                pixel_values: Optional[Tensor] = None) -> ModelOutput:
+                pixel_values: Optional[Tensor] = None, token_mask: Optional[Tensor] = None,
+                loss_norm: Optional[LossNorm] = None) -> ModelOutput:
         """input_ids [B, S] with runs of ``n_image_tokens`` placeholder ids per image;
-        pixel_values [N, 3, H, W] for the N images in placeholder order."""
+        pixel_values [N, 3, H, W] for the N images in placeholder order; ``token_mask``
+        and ``loss_norm`` as in ``DecoderLM.forward``."""
         embeds = self.decoder.embed(input_ids)  # [B, S, D]
         is_image = input_ids == self.image_token_id  # [B, S]
         n_img = 0 if pixel_values is None else pixel_values.shape[0]
@@ -101,7 +104,8 @@ class VisionLanguageModel(nn.Module):
         if n_img:
             feats = self.image_embeddings(pixel_values)  # [N, P', D]
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))
-        return self.decoder(inputs_embeds=embeds, labels=labels)
+        return self.decoder(inputs_embeds=embeds, labels=labels, token_mask=token_mask,
+                            loss_norm=loss_norm)
 
 
 def build_vlm(cfg: Config, image_token_id: int, device: Union[str, torch.device] = "cpu",

@@ -125,12 +125,13 @@ class DeepSpeedEngine:
                 raise RuntimeError(f"DeepSpeed's expert-parallel group {ds_ranks} differs from "
                                    f"the mesh's {ours}")
 
-    def forward_backward(self, inputs: dict[str, Tensor], scale: float, last: bool,
-                         amp: AmpContext) -> Any:
-        """DeepSpeed scales the loss by 1/grad_accum itself (``scale`` is that factor)."""
+    def forward_backward(self, inputs: dict[str, Any], last: bool, amp: AmpContext) -> Any:
+        """``out.loss`` is the micro-batch's share of the step loss already, so DeepSpeed's
+        own 1/grad_accum scaling is off; it averages over ranks, so the share is scaled by
+        the world size (as in ``TorchEngine``)."""
         with amp():
             out = self.engine(**inputs)
-        self.engine.backward(out.loss)
+        self.engine.backward(out.loss * self.layout.world, scale_wrt_gas=False)
         if not last:
             self.engine.step()  # only advances DeepSpeed's micro-step counter
         return out

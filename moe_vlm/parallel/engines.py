@@ -3,14 +3,18 @@ parallelism (``parallel.engine=torch``) and DeepSpeed ZeRO-1/2 (``parallel.engin
 
 The training loop calls, per optimizer step::
 
-    for each micro-batch: out = engine.forward_backward(inputs, 1 / n_micro, last, amp)
+    for each micro-batch: out = engine.forward_backward(inputs, last, amp)
     norm = engine.reduce_and_clip(max_norm)   # None when the engine clips inside step
     norm2 = engine.step(lr)                    # the grad norm for such engines
 
-Gradient semantics are the same everywhere: the loss of a step is the mean over the global
-batch, so dense gradients are averaged over all ranks and each expert's gradient is the sum
-over the ranks that routed tokens to it (the all-to-all backward does that within an EP
-group), averaged over the expert-data-parallel group and divided by the world size.
+Gradient semantics are the same everywhere: ``out.loss`` of a micro-batch is its *share* of
+the step loss (its sums divided by the global batch's totals, ``moe_vlm.routing.loss_norm``),
+and the step's gradient is the sum of the shares' gradients over micro-batches and ranks.
+Gradient reductions average (DDP, FSDP and DeepSpeed over all ranks; expert gradients: the
+all-to-all backward sums over the ranks that routed tokens to an expert, then
+``reduce_expert_grads`` sums over the expert-data-parallel group and divides by the world
+size), so each engine backpropagates ``world * share``: the average of that over ranks is
+the sum of the shares. Nothing depends on how many tokens each micro-batch or rank holds.
 Checkpoint state is always the single-process state (``moe_vlm.parallel.state``).
 """
 
@@ -73,17 +77,17 @@ class TorchEngine:
         self.dense_params = [p for p in self.trainable if id(p) not in experts]
         self.optimizer = optimizer_fn(model)
 
-    def forward_backward(self, inputs: dict[str, Tensor], scale: float, last: bool,
-                         amp: AmpContext) -> Any:
-        """Forward one micro-batch and backpropagate ``scale * loss``; DDP reduces the
-        dense gradients during the backward of the ``last`` micro-batch only."""
+    def forward_backward(self, inputs: dict[str, Any], last: bool, amp: AmpContext) -> Any:
+        """Forward one micro-batch and backpropagate its share of the step loss (times the
+        world size, which the averaging reductions undo); DDP reduces the dense gradients
+        during the backward of the ``last`` micro-batch only."""
         if self.fsdp:
             self.model.set_requires_gradient_sync(last)
         sync = contextlib.nullcontext() if (last or not self.ddp) else self.module.no_sync()
         with sync:
             with amp():
                 out = self.module(**inputs)
-            (out.loss * scale).backward()
+            (out.loss * self.layout.world).backward()
         return out
 
     @torch.no_grad()

@@ -8,40 +8,63 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 CountReducer = Callable[[Tensor], Tensor]  # sums a tensor over data-parallel ranks
 
 
 def switch_aux_loss(scores: Tensor, experts: Tensor, n_experts: int, n_groups: int = 1,
-                    count_reducer: Optional[CountReducer] = None) -> Tensor:
-    """Switch-style balance loss ``E * sum_i f_i * P_i``, averaged over groups.
+                    count_reducer: Optional[CountReducer] = None,
+                    group_ids: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """Switch-style balance loss ``E * sum_i f_i * P_i`` per group, then the mean (or sum)
+    over the groups that hold tokens.
 
-    ``f_i`` is the fraction of the group's K*S assignments that chose expert i (before
-    any capacity dropping), ``P_i`` the mean router probability of expert i. It is 1 for a
-    perfectly balanced router. Groups: ``n_groups=1`` is the micro-batch scope, ``B`` the
-    per-sequence scope (DeepSeek-V3's sequence-wise loss). For the global-batch scope pass
-    ``count_reducer``, which sums the assignment counts over data-parallel ranks first
-    (Qwen's global-batch balancing); ``P_i`` stays local.
-    """
+    ``f_i`` is the fraction of the group's K*n assignments that chose expert i (pass the
+    selection *before* capacity dropping and without any balancing bias: DeepSeek-V3 eq. 18),
+    ``P_i`` the mean router probability of expert i over the group's n tokens. It is 1 for
+    a perfectly balanced router. Groups: one (the micro-batch scope), or sequences
+    (DeepSeek-V3's sequence-wise loss) given by ``group_ids`` [T] in ``[0, n_groups)``, or
+    when ``group_ids`` is None by ``n_groups`` equal consecutive runs of tokens.
+
+    ``count_reducer`` (the global-batch scope, Qwen's global-batch balancing) sums the
+    assignment and token counts over data-parallel ranks first; ``P_i`` then is this
+    rank's probability sum over the *global* token count, so the loss returned is this
+    rank's share and the shares of all ranks add up to the global-batch loss.
+
+    Counts are exact integers and the probability sums a one-hot matmul, so the result
+    does not depend on thread scheduling (no scatter-add of floats)."""
     t, k = experts.shape
-    if t % n_groups:
-        raise ValueError(f"{t} tokens do not split into {n_groups} equal sequences")
-    s = t // n_groups
-    counts = torch.zeros(n_groups, n_experts, device=experts.device, dtype=torch.float32)
-    counts.scatter_add_(1, experts.reshape(n_groups, s * k),
-                        torch.ones(n_groups, s * k, device=experts.device))  # [G, E]
-    total = torch.full((n_groups, 1), float(s * k), device=experts.device)
-    if count_reducer is not None:
-        counts, total = count_reducer(counts), count_reducer(total)
-    frac = counts / total  # [G, E]
-    p_mean = scores.float().reshape(n_groups, s, n_experts).mean(1)  # [G, E]
-    return (n_experts * (frac * p_mean).sum(-1)).mean()
+    dev = experts.device
+    if group_ids is None:
+        if t % n_groups:
+            raise ValueError(f"{t} tokens do not split into {n_groups} equal sequences")
+        group_ids = torch.arange(t, device=dev) // max(1, t // n_groups)  # [T]
+    key = group_ids[:, None] * n_experts + experts  # [T, K]
+    counts = torch.bincount(key.reshape(-1), minlength=n_groups * n_experts)
+    counts = counts.reshape(n_groups, n_experts).to(scores.dtype)  # [G, E]
+    n_tok = torch.bincount(group_ids, minlength=n_groups).to(scores.dtype)  # [G]
+    prob_sum = F.one_hot(group_ids, n_groups).to(scores.dtype).t() @ scores  # [G, E]
+    if count_reducer is not None:  # one reduction for counts and token totals
+        flat = count_reducer(torch.cat([counts, n_tok[:, None]], 1))  # [G, E + 1]
+        counts, n_tok = flat[:, :n_experts], flat[:, n_experts]
+    denom = n_tok.clamp_min(1.0)[:, None]  # [G, 1]
+    per_group = n_experts * (counts / (k * denom) * (prob_sum / denom)).sum(-1)  # [G]
+    if reduction == "sum":
+        return per_group.sum()
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    return per_group.sum() / (n_tok > 0).sum().clamp_min(1)
 
 
-def router_z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE z-loss: mean squared log-partition, keeps router logits small."""
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+def router_z_loss(logits: Tensor, reduction: str = "mean") -> Tensor:
+    """ST-MoE z-loss: squared log-partition per token, mean (or sum) over tokens; keeps
+    router logits small."""
+    z = torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                        dim=-1).square()  # [T], fp32 at least (fp64 stays fp64)
+    if reduction == "sum":
+        return z.sum()
+    return z.mean()
 
 
 @torch.no_grad()

@@ -6,14 +6,22 @@ Legend: T tokens, K experts per token, E experts.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 from torch import Tensor
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
-    """Slots per expert: ``ceil(capacity_factor * T * K / E)`` (GShard/Switch)."""
-    return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+    """Slots per expert: ``ceil(capacity_factor * T * K / E)`` (GShard/Switch), in exact
+    arithmetic on the factor as written (1.1 is 11/10), so float rounding never adds a
+    slot: ``expert_capacity(100, 1, 2, 1.1) == 55``."""
+    return max(1, math.ceil(exact_fraction(capacity_factor) * n_tokens * top_k / n_experts))
+
+
+def exact_fraction(x: float) -> Fraction:
+    """The decimal a user wrote (``str(1.1) == '1.1'`` -> 11/10), not the binary float."""
+    return Fraction(str(x)) if isinstance(x, float) else Fraction(x)
 
 
 def capacity_keep_mask(experts: Tensor, n_experts: int, capacity: int) -> Tensor:

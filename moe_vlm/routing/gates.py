@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moe_vlm.routing.capacity import exact_fraction
+
 
 @dataclass(frozen=True)
 class TopKChoice:
@@ -39,14 +41,16 @@ def softmax_topk(logits: Tensor, k: int, renormalize: bool = True,
     return TopKChoice(weights, experts, probs)
 
 
-def sigmoid_topk(logits: Tensor, k: int, bias: Optional[Tensor] = None) -> TopKChoice:
+def sigmoid_topk(logits: Tensor, k: int, bias: Optional[Tensor] = None,
+                 normalize: bool = True) -> TopKChoice:
     """DeepSeek-V3 gate: sigmoid affinities, top k on (affinity + bias), weights are the
-    selected affinities normalised to sum 1."""
+    selected affinities normalised to sum 1 (raw affinities with ``normalize=False``)."""
     aff = torch.sigmoid(logits)  # [T, E]
     select = aff if bias is None else aff + bias
     experts = select.topk(k, dim=-1).indices  # [T, K]
     weights = aff.gather(-1, experts)  # [T, K]
-    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
     scores = aff / aff.sum(-1, keepdim=True).clamp_min(1e-20)  # [T, E]
     return TopKChoice(weights, experts, scores)
 
@@ -63,7 +67,7 @@ class ExpertChoice:
 def expert_choice_capacity(n_tokens: int, n_experts: int, top_k: int,
                            capacity_factor: Optional[float]) -> int:
     """Tokens per expert: on average ``top_k * capacity_factor`` experts per token."""
-    c = math.ceil(n_tokens * top_k * (capacity_factor or 1.0) / n_experts)
+    c = math.ceil(n_tokens * top_k * exact_fraction(capacity_factor or 1) / n_experts)
     return max(1, min(n_tokens, c))
 
 

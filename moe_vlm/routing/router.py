@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from moe_vlm.config.schema import RoutingConfig
 from moe_vlm.routing.balancing import CountReducer, router_z_loss, switch_aux_loss
 from moe_vlm.routing.capacity import capacity_keep_mask, expert_capacity
+from moe_vlm.routing.loss_norm import LossNorm
 from moe_vlm.routing.gates import (
     expert_choice,
     expert_choice_capacity,
@@ -30,14 +31,23 @@ from moe_vlm.routing.metrics import routing_stats
 
 @dataclass(frozen=True)
 class RouterOutput:
-    token_idx: Tensor  # [N] int64, token each assignment reads from / writes to
+    token_idx: Tensor  # [N] int64, token (row of the router's input) each assignment reads/writes
     expert_idx: Tensor  # [N] int64
     weight: Tensor  # [N] combine weight (differentiable w.r.t. the router)
     counts: Tensor  # [E] float, assignments per expert after dropping (detached)
-    aux_loss: Tensor  # scalar, balance loss (1.0 = balanced), unweighted
-    z_loss: Tensor  # scalar, unweighted
+    aux_loss: Tensor  # scalar, balance loss (1.0 = balanced), unweighted: this call's share
+    z_loss: Tensor  # scalar, unweighted: this call's share
     loss: Tensor  # scalar, aux_loss_coef * aux_loss + z_loss_coef * z_loss
     stats: dict[str, Tensor]  # detached metrics, see routing.metrics
+
+
+def normalizes_weights(cfg: RoutingConfig, k: int) -> bool:
+    """Whether the gate normalises the k kept weights to sum 1 (softmax with
+    ``routing.renormalize``, sigmoid always), after ``routing.normalize_top1`` at k=1."""
+    if cfg.gate == "expert_choice":
+        return False
+    norm = cfg.renormalize if cfg.gate == "softmax_topk" else True
+    return norm and (k > 1 or cfg.normalize_top1)
 
 
 class Router(nn.Module):
@@ -60,48 +70,82 @@ class Router(nn.Module):
         self.weight.normal_(0.0, std, generator=generator)
         self.bias.zero_()
 
-    def forward(self, x: Tensor, n_seqs: int = 1) -> RouterOutput:
-        """x [T, D] (T = n_seqs * S tokens, sequence-major)."""
+    def forward(self, x: Tensor, n_seqs: int = 1, seq_ids: Optional[Tensor] = None,
+                loss_norm: Optional[LossNorm] = None) -> RouterOutput:
+        """Route the rows of ``x`` [T, D]: real tokens only (the MoE layer drops padding
+        before calling), sequence-major.
+
+        ``seq_ids`` [T] int64 in ``[0, n_seqs)`` says which sequence each row belongs to
+        (sequences may have different numbers of real tokens); None means ``n_seqs``
+        equal consecutive runs. ``loss_norm``: the step's totals; the losses returned are
+        then this call's share of the step's loss (``moe_vlm.routing.loss_norm``).
+        Without it they are this call's own means."""
         cfg, n_exp, k = self.cfg, self.n_experts, self.top_k
         t = x.shape[0]
         dt = torch.promote_types(x.dtype, torch.float32)  # fp32 routing (fp64 stays fp64)
         logits = F.linear(x.to(dt), self.weight.to(dt))  # [T, E]
         use_bias = self.bias if cfg.bias_update_rate > 0 else None
         dev = x.device
+        zero = torch.zeros((), device=dev, dtype=dt)
 
         if cfg.gate == "expert_choice":
-            cap = expert_choice_capacity(t, n_exp, k, cfg.capacity_factor)
+            cap = expert_choice_capacity(t, n_exp, k, cfg.capacity_factor) if t else 0
             ec = expert_choice(logits, cap)
             token_idx = ec.tokens.reshape(-1)  # [E*C]
             expert_idx = torch.arange(n_exp, device=dev).repeat_interleave(cap)
             weight = ec.weights.reshape(-1)
             scores, n_req = ec.scores, n_exp * cap
-            aux = torch.zeros((), device=dev)  # balanced by construction
+            aux = zero  # balanced by construction
         else:
+            norm = normalizes_weights(cfg, k)
+            after_drop = norm and cfg.capacity_factor is not None and cfg.renormalize_after_drop
             if cfg.gate == "softmax_topk":
-                tk = softmax_topk(logits, k, cfg.renormalize, use_bias)
+                tk = softmax_topk(logits, k, norm and not after_drop, use_bias)
             else:
-                tk = sigmoid_topk(logits, k, use_bias)
+                tk = sigmoid_topk(logits, k, use_bias, normalize=norm and not after_drop)
             scores, n_req = tk.scores, t * k
+            aux = zero
             if cfg.aux_loss_coef > 0:
-                groups = n_seqs if cfg.aux_loss_scope == "sequence" else 1
-                reducer = self.count_reducer if cfg.aux_loss_scope == "global_batch" else None
-                aux = switch_aux_loss(scores, tk.experts, n_exp, groups, reducer)
-            else:
-                aux = torch.zeros((), device=dev)
+                # DeepSeek-V3 eq. 18 (and Megatron): the balance loss counts the unbiased
+                # top-k, not the bias-shifted selection.
+                chosen = tk.experts if use_bias is None else scores.topk(k, dim=-1).indices
+                aux = self._aux_loss(scores, chosen, n_seqs, seq_ids, loss_norm)
             token_idx = torch.arange(t, device=dev).repeat_interleave(k)  # [T*K]
             expert_idx = tk.experts.reshape(-1)
-            weight = tk.weights.reshape(-1)
+            w = tk.weights  # [T, K]
             if cfg.capacity_factor is not None:
                 cap = expert_capacity(t, k, n_exp, cfg.capacity_factor)
-                keep = capacity_keep_mask(tk.experts, n_exp, cap).reshape(-1)
-                token_idx, expert_idx, weight = token_idx[keep], expert_idx[keep], weight[keep]
+                keep = capacity_keep_mask(tk.experts, n_exp, cap)  # [T, K]
+                if after_drop:  # DeepSpeed / GShard: normalise over the kept experts
+                    w = w * keep
+                    w = w / w.sum(-1, keepdim=True).clamp_min(1e-20)
+                keep = keep.reshape(-1)
+                token_idx, expert_idx, weight = token_idx[keep], expert_idx[keep], w.reshape(-1)[keep]
+            else:
+                weight = w.reshape(-1)
 
         if cfg.routed_scaling != 1.0:
             weight = weight * cfg.routed_scaling
-        z = router_z_loss(logits) if cfg.z_loss_coef > 0 else torch.zeros((), device=dev)
+        z = zero
+        if cfg.z_loss_coef > 0:
+            z_den = loss_norm.n_tokens if loss_norm is not None else t
+            z = router_z_loss(logits, reduction="sum") / max(1.0, z_den)
         counts = torch.bincount(expert_idx, minlength=n_exp).float()  # [E]
         loss = cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
         stats = routing_stats(counts, n_req, expert_idx.numel(), scores)
         stats["aux_loss"], stats["z_loss"] = aux.detach(), z.detach()
         return RouterOutput(token_idx, expert_idx, weight, counts.detach(), aux, z, loss, stats)
+
+    def _aux_loss(self, scores: Tensor, chosen: Tensor, n_seqs: int, seq_ids: Optional[Tensor],
+                  loss_norm: Optional[LossNorm]) -> Tensor:
+        """This call's share of the step's balance loss, by ``routing.aux_loss_scope``."""
+        scope, n_exp = self.cfg.aux_loss_scope, self.n_experts
+        if scope == "sequence":
+            total = switch_aux_loss(scores, chosen, n_exp, n_seqs, group_ids=seq_ids,
+                                    reduction="sum" if loss_norm is not None else "mean")
+            return total / max(1.0, loss_norm.n_seqs) if loss_norm is not None else total
+        if scope == "global_batch":
+            aux = switch_aux_loss(scores, chosen, n_exp, count_reducer=self.count_reducer)
+            return aux / loss_norm.n_micro if loss_norm is not None else aux
+        aux = switch_aux_loss(scores, chosen, n_exp)  # micro_batch: per micro-batch by design
+        return aux / (loss_norm.n_micro * loss_norm.n_ranks) if loss_norm is not None else aux

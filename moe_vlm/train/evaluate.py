@@ -21,10 +21,13 @@ from moe_vlm.parallel.runtime import Layout
 
 
 def model_inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """The keyword arguments a model's forward takes from a batch."""
+    """The keyword arguments a model's forward takes from a batch (the token mask too, so
+    padding is not routed in evaluation either: with capacity dropping or expert choice
+    it would compete with real tokens for slots)."""
     out = {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device)}
-    if "pixel_values" in batch:
-        out["pixel_values"] = batch["pixel_values"].to(device)
+    for key in ("pixel_values", "token_mask"):
+        if key in batch:
+            out[key] = batch[key].to(device)
     return out
 
 

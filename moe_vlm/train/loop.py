@@ -1,19 +1,21 @@
 """One training run: build, (resume,) train with periodic eval and checkpoints, summarise.
 
 Batches are addressed by (step, micro-batch) and the model holds all other state, so
-a run resumed from its last checkpoint replays exactly the losses of an uninterrupted
-run. Host syncs: one ``.item()`` per optimiser step (the finiteness check) plus the
-logging steps.
+a run resumed from its last checkpoint replays bit for bit the losses of an uninterrupted
+run (on CPU; on CUDA with ``train.deterministic``). Host syncs per optimiser step: the
+step's token totals (``train.step.step_loss_norm``), one ``nonzero`` per MoE layer and
+micro-batch when the batch is padded, the finiteness check, plus the logging steps.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -23,13 +25,15 @@ from moe_vlm.data import build_data, build_tokenizer_for
 from moe_vlm.model import build_model, count_params, flops_per_token
 from moe_vlm.parallel.expert_parallel import (apply_expert_parallel, load_full_state_dict,
                                               set_count_reducers)
-from moe_vlm.parallel.runtime import Layout, check_experts, launched_world, setup, teardown
+from moe_vlm.parallel.runtime import (Layout, check_experts, launched_world, resolve_device,
+                                     setup, teardown)
 from moe_vlm.train.engine import build_engine
 from moe_vlm.train.checkpoint import checkpoint_path, load_latest, load_weights, save_checkpoint
-from moe_vlm.train.evaluate import autocast, evaluate, model_inputs
+from moe_vlm.train.evaluate import evaluate
 from moe_vlm.train.freeze import apply_trainable
 from moe_vlm.train.optim import lr_at
 from moe_vlm.train.rundir import MetricsLog, atomic_write, write_json
+from moe_vlm.train.step import forward_backward_step, layer_metrics
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,46 +49,6 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
-
-
-def _layer_metrics(model: torch.nn.Module, routing_steps: list[list[Any]],
-                   modality: list[Optional[tuple[torch.Tensor, torch.Tensor]]],
-                   layout: Layout) -> dict[str, dict]:
-    """Aggregate one step's router outputs (per micro-batch, summed over ranks) into
-    per-layer metrics.
-
-    ``modality[m]`` holds the (is_image, is_text) token masks [T] of micro-batch m, or
-    None for text-only data; with them each layer also reports its load split by
-    modality (``tokens_per_expert_image`` / ``_text``)."""
-    decoder = getattr(model, "decoder", model)
-    moe_ids = [i for i, is_moe in enumerate(decoder.schedule) if is_moe]
-    names = ("drop_frac", "entropy", "aux_loss", "z_loss")
-    out = {}
-    for j, layer in enumerate(moe_ids):
-        rs = [step[j] for step in routing_steps]
-        counts = torch.stack([r.counts for r in rs]).sum(0).float()  # [E]
-        n_exp = counts.numel()
-        stats = torch.stack([sum(r.stats[k].detach().float() for r in rs) / len(rs)
-                             for k in names]).to(counts.device)  # [4]
-        parts = [counts, stats]
-        if modality[0] is not None:
-            img = torch.zeros(n_exp, device=counts.device)
-            txt = torch.zeros(n_exp, device=counts.device)
-            for r, (is_img, is_txt) in zip(rs, modality):
-                img += torch.bincount(r.expert_idx[is_img[r.token_idx]], minlength=n_exp)
-                txt += torch.bincount(r.expert_idx[is_txt[r.token_idx]], minlength=n_exp)
-            parts += [img, txt]
-        flat = layout.all_sum(torch.cat(parts))  # one reduction per layer
-        counts, stats = flat[:n_exp], flat[n_exp:n_exp + 4] / layout.world
-        mean = counts.mean().clamp_min(1e-9)
-        row = {"tokens_per_expert": counts.tolist(),
-               "max_violation": (counts.max() / mean - 1).item(),
-               **dict(zip(names, stats.tolist()))}
-        if modality[0] is not None:
-            row["tokens_per_expert_image"] = flat[n_exp + 4:2 * n_exp + 4].tolist()
-            row["tokens_per_expert_text"] = flat[2 * n_exp + 4:].tolist()
-        out[f"layer_{layer}"] = row
-    return out
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -139,11 +103,36 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     if t_cfg.batch_size % world:
         raise ConfigError(f"train.batch_size={t_cfg.batch_size} is global and must be divisible "
                           f"by the {world} processes")
+    restore = deterministic_cuda(t_cfg.deterministic and resolve_device(t_cfg.device).type == "cuda")
     layout = setup(cfg.parallel, t_cfg.device)
     try:
         return _train(cfg, Path(layout.broadcast(str(run_dir))), layout)
     finally:
         teardown(layout)
+        restore()
+
+
+def deterministic_cuda(enabled: bool) -> Callable[[], None]:
+    """``train.deterministic`` on CUDA: bit-identical reruns. Sets the cuBLAS workspace
+    (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, read when cuBLAS starts, so before any CUDA
+    work), ``torch.use_deterministic_algorithms(True)`` (deterministic scatter/index
+    kernels, an error naming any op without one) and no cuDNN autotuning; our Triton
+    kernels then skip autotuning for one fixed config (``triton_kernels.grouped_gemm``).
+    CPU runs are deterministic without it. Returns a function restoring the previous
+    state (a multirun trains several jobs in one process)."""
+    if not enabled:
+        return lambda: None
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+
+    def restore() -> None:
+        torch.use_deterministic_algorithms(prev[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[1], prev[2]
+
+    return restore
 
 
 def _train(cfg: Config, run_dir: Path, layout: Layout) -> dict[str, Any]:
@@ -270,30 +259,13 @@ def _train(cfg: Config, run_dir: Path, layout: Layout) -> dict[str, Any]:
     try:
         while step < stop_at:
             lr = lr_at(step, t_cfg)
-            lm_sum = torch.zeros((), device=device)
-            rt_sum = torch.zeros((), device=device)
-            routing_steps, modality = [], []
-            n_tok = 0  # real (non-padding) tokens this step on this rank
-            for micro in range(n_micro):
-                batch = data.train_batch(step, first_micro + micro, micro_bs, t_cfg.batch_size)
-                n_tok += int((batch["input_ids"] != tokenizer.pad_id).sum())  # CPU tensor, no device sync
-                inputs = model_inputs(batch, device)
-                out = engine.forward_backward(inputs, 1.0 / n_micro, micro == n_micro - 1,
-                                              lambda: autocast(device, amp))
-                if image_id is not None:
-                    ids = inputs["input_ids"].flatten()  # [T]
-                    is_img = ids == image_id
-                    modality.append((is_img, ~is_img & (ids != tokenizer.pad_id)))
-                else:
-                    modality.append(None)
-                lm_sum += out.lm_loss.detach() / n_micro
-                rt_sum += out.routing_loss.detach() / n_micro
-                routing_steps.append(out.routing)
-            if layout.distributed:  # the step's loss is the mean over ranks
-                red = layout.all_sum(torch.stack([lm_sum.double(), rt_sum.double(), torch.tensor(
-                    float(n_tok), device=device, dtype=torch.float64)]))
-                lm_sum, rt_sum = (red[:2] / layout.world).float().unbind()
-                n_tok = int(red[2].item())
+            # The step's micro-batches first, so its token totals are known before any
+            # forward: every loss is then a share of the global-batch mean.
+            batches = [data.train_batch(step, first_micro + m, micro_bs, t_cfg.batch_size)
+                       for m in range(n_micro)]
+            fb = forward_backward_step(engine, batches, layout, amp, image_id)
+            lm_sum, rt_sum, routing_steps = fb.lm_loss, fb.routing_loss, fb.routing
+            n_tok = int(fb.norm.n_tokens)  # real (non-padding) tokens of the global batch
             clip = t_cfg.grad_clip if t_cfg.grad_clip > 0 else float("inf")
             grad_norm = engine.reduce_and_clip(clip)
             ok = torch.isfinite(lm_sum + rt_sum)
@@ -340,7 +312,7 @@ def _train(cfg: Config, run_dir: Path, layout: Layout) -> dict[str, Any]:
                            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                            tokens_per_s=tok_window / max(1e-9, now - t_window),
                            tokens_seen=summary["tokens_seen"], skipped=not finite,
-                           routing=_layer_metrics(model, routing_steps, modality, layout))
+                           routing=layer_metrics(model, fb, layout))
                 if data.stats():
                     row["data"] = summary["data_stats"] = data.stats()
                 t_window, tok_window = now, 0

@@ -45,6 +45,24 @@ def test_budgets_order_and_padding():
                             "dropped_too_many_images": 0}
     batch = collate(packs, pad_id=PAD)  # packs batch with the shared collate
     assert batch["input_ids"].shape == (3, 10) and batch["pixel_values"].shape[0] == 4
+    # The packed tails are padding: False in the token mask, which collate keeps.
+    assert batch["token_mask"].tolist() == [[True] * 9 + [False], [True] * 8 + [False] * 2,
+                                            [True] * 5 + [False] * 5]
+
+
+def test_collate_token_mask_even_when_pad_id_is_a_real_token():
+    """The mask comes from sample lengths, not from pad ids (a Hugging Face tokenizer may
+    pad with EOS, which real text contains)."""
+    eos = 7
+    a = {"input_ids": torch.tensor([1, 2, eos]), "labels": torch.tensor([2, eos, -100])}
+    b = {"input_ids": torch.tensor([3, eos]), "labels": torch.tensor([eos, -100])}
+    c = {"input_ids": torch.tensor([4, 5, 6, eos, 8]), "labels": torch.full((5,), -100),
+         "token_mask": torch.tensor([True, True, True, True, False])}  # its own padded tail
+    batch = collate([a, b, c], pad_id=eos)
+    assert batch["input_ids"].tolist() == [[1, 2, eos, eos, eos], [3, eos, eos, eos, eos],
+                                           [4, 5, 6, eos, 8]]
+    assert batch["token_mask"].tolist() == [[True] * 3 + [False] * 2, [True] * 2 + [False] * 3,
+                                            [True] * 4 + [False]]
 
 
 def test_labels_and_answer_ids_offset_within_pack():

@@ -31,17 +31,21 @@ def _experts(t: int, e: int, k: int, seed: int, skew: bool = False) -> torch.Ten
 
 
 # ---------------------------------------------------------------- references
-def ref_aux_loss(scores, experts, n_experts, n_groups=1, extra=None, extra_mult=1):
+def ref_aux_loss(scores, experts, n_experts, n_groups=1, extra=None, extra_mult=1, groups=None):
     """E * sum_i f_i P_i per group, averaged over groups; written with explicit loops.
 
     ``extra`` (a list of expert ids from other ranks) is added to the counts of every
-    group, and ``extra_mult`` multiplies counts and total (identical ranks summed)."""
+    group, and ``extra_mult`` multiplies counts and total (identical ranks summed); P_i is
+    then this rank's probability sum over the tokens of all ranks (this rank's share).
+    ``groups``: explicit lists of token indices (sequences of different lengths)."""
     t, k = experts.shape
     s = t // n_groups
     ids = experts.tolist()
+    if groups is None:
+        groups = [range(g * s, (g + 1) * s) for g in range(n_groups)]
     group_losses = []
-    for g in range(n_groups):
-        toks = range(g * s, (g + 1) * s)
+    for toks in groups:
+        s = len(toks)
         counts = [0] * n_experts
         for ti in toks:
             for j in range(k):
@@ -58,10 +62,10 @@ def ref_aux_loss(scores, experts, n_experts, n_groups=1, extra=None, extra_mult=
             p_i = scores.new_zeros(())
             for ti in toks:
                 p_i = p_i + scores[ti, i]
-            p_i = p_i / s
+            p_i = p_i / (total / k)  # tokens of every rank
             loss_g = loss_g + (counts[i] / total) * p_i
         group_losses.append(n_experts * loss_g)
-    return sum(group_losses) / n_groups
+    return sum(group_losses) / len(groups)
 
 
 def ref_z_loss(logits):
@@ -120,13 +124,14 @@ def test_aux_loss_rejects_uneven_groups():
 
 @pytest.mark.parametrize("n_groups", [1, 2])
 def test_aux_loss_global_identical_ranks_unchanged(n_groups):
-    """Summing counts and totals over two identical ranks (x2) keeps f and the loss."""
+    """Two identical ranks (counts and totals x2): f is unchanged and each rank returns its
+    share, half of the loss, so the shares add up to the single-rank value."""
     t, e, k = 8, 5, 2
     scores = _scores(t, e, seed=4)
     experts = _experts(t, e, k, seed=5, skew=True)
     local = switch_aux_loss(scores, experts, e, n_groups=n_groups)
     doubled = switch_aux_loss(scores, experts, e, n_groups=n_groups, count_reducer=lambda x: 2 * x)
-    torch.testing.assert_close(doubled, local, **TOL)
+    torch.testing.assert_close(2 * doubled, local, **TOL)
     torch.testing.assert_close(
         doubled, ref_aux_loss(scores, experts, e, n_groups=n_groups, extra_mult=2), **TOL)
 
@@ -144,12 +149,12 @@ def test_aux_loss_global_other_rank_counts():
     other_total = torch.tensor([[float(len(other_ids))]])
     calls = []
 
-    def reducer(x):  # all-reduce(sum) of this rank and the other one
+    def reducer(x):  # all-reduce(sum) of this rank and the other one: [counts | tokens]
         calls.append(tuple(x.shape))
-        return x + (other_counts if x.shape[-1] == e else other_total)
+        return x + torch.cat([other_counts, other_total / k], 1)
 
     loss = switch_aux_loss(scores, experts, e, count_reducer=reducer)
-    assert sorted(calls) == sorted([(1, e), (1, 1)])  # counts and total both reduced
+    assert calls == [(1, e + 1)]  # counts and token total in one reduction
     # reference: counts over the concatenation [local; other]
     cat = torch.cat([experts, other]).tolist()
     counts = [0] * e
@@ -158,12 +163,30 @@ def test_aux_loss_global_other_rank_counts():
             counts[ei] += 1
     ref = 0.0
     for i in range(e):
-        p_i = sum(scores[ti, i].item() for ti in range(t)) / t  # local P only
+        p_i = sum(scores[ti, i].item() for ti in range(t)) / (t + 12)  # local share of P
         ref += counts[i] / (len(cat) * k) * p_i
     ref *= e
     torch.testing.assert_close(loss, torch.tensor(ref), **TOL)
     torch.testing.assert_close(loss, ref_aux_loss(scores, experts, e, extra=other_ids), **TOL)
     assert abs(loss.item() - switch_aux_loss(scores, experts, e).item()) > 1e-3
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_aux_loss_uneven_sequences(reduction):
+    """Sequences of different lengths (padding removed) via ``group_ids``; an empty group
+    (a sequence that was all padding) is left out of the mean."""
+    e, k = 5, 2
+    lengths = [3, 1, 0, 6]
+    t = sum(lengths)
+    scores = _scores(t, e, seed=21, scale=2.0)
+    experts = _experts(t, e, k, seed=22, skew=True)
+    group_ids = torch.cat([torch.full((n,), g) for g, n in enumerate(lengths)])
+    loss = switch_aux_loss(scores, experts, e, n_groups=len(lengths), group_ids=group_ids,
+                           reduction=reduction)
+    starts = [sum(lengths[:g]) for g in range(len(lengths))]
+    groups = [range(a, a + n) for a, n in zip(starts, lengths) if n]
+    ref = ref_aux_loss(scores, experts, e, groups=groups)
+    torch.testing.assert_close(loss, ref * (len(groups) if reduction == "sum" else 1), **TOL)
 
 
 @pytest.mark.parametrize("n_groups", [1, 3])

@@ -48,6 +48,13 @@ def test_expert_capacity(t, k, e, cf, expected):
     assert expert_capacity(t, k, e, cf) == expected
 
 
+def test_expert_capacity_exact_arithmetic():
+    # 1.1 * 100 * 1 / 2 is 55.000000000000007 in floats; the capacity is ceil(55) = 55.
+    assert expert_capacity(100, 1, 2, 1.1) == 55
+    assert expert_capacity(30, 1, 10, 1.1) == 4  # 3.3 -> 4
+    assert expert_capacity(70, 1, 7, 0.7) == 7  # 7.000000000000001 in floats
+
+
 def test_expert_capacity_argument_order():
     # (n_tokens, top_k, n_experts, cf): swapping k and E changes the answer.
     assert expert_capacity(12, 1, 4, 1.0) == 3

@@ -129,7 +129,8 @@ def ref_z(logits):
 
 
 def ref_capacity(t, k, e, cf):
-    return max(1, math.ceil(cf * t * k / e))
+    from fractions import Fraction
+    return max(1, math.ceil(Fraction(str(cf)) * t * k / e))
 
 
 def as_dict(out) -> dict[tuple[int, int], float]:
@@ -252,6 +253,8 @@ def test_losses(gate, scope, n_seqs, aux_coef, z_coef):
     logits, experts, _, scores = topk_reference(router, x, gate, k)
     groups = n_seqs if scope == "sequence" else 1
     want_aux = ref_aux(scores, experts, e, groups) if aux_coef > 0 else 0.0
+    if scope == "global_batch":
+        want_aux /= 2  # this rank's share; the identical other rank holds the other half
     want_z = ref_z(logits) if z_coef > 0 else 0.0
     torch.testing.assert_close(out.aux_loss.double(), torch.tensor(want_aux, dtype=torch.float64), **TOL)
     torch.testing.assert_close(out.z_loss.double(), torch.tensor(want_z, dtype=torch.float64), **TOL)
@@ -265,19 +268,20 @@ def test_losses(gate, scope, n_seqs, aux_coef, z_coef):
 
 
 def test_global_batch_reducer_with_other_rank():
-    """Router.count_reducer adds another rank's counts: f from both ranks, P local."""
+    """Router.count_reducer adds another rank's counts: f from both ranks, P this rank's
+    probability sum over both ranks' tokens (its share of the global-batch loss)."""
     t, e, k, d = 12, 4, 2, 6
     router = make_router(d, e, k, seed=9, aux_loss_scope="global_batch", aux_loss_coef=0.1)
-    other_counts = torch.tensor([[10.0, 0.0, 2.0, 0.0]])  # another rank: 6 tokens x 2
-    router.count_reducer = lambda c: c + (other_counts if c.shape[-1] == e else 12.0)
+    other = torch.tensor([[10.0, 0.0, 2.0, 0.0, 6.0]])  # another rank: 6 tokens x 2 | 6 tokens
+    router.count_reducer = lambda c: c + other
     x = make_x(t, d, seed=10)
     out = router(x)
     _, experts, _, scores = topk_reference(router, x, "softmax_topk", k)
-    counts = other_counts[0].tolist()
+    counts = other[0, :e].tolist()
     for row in experts:
         for ei in row:
             counts[ei] += 1
-    want = e * sum(counts[i] / (t * k + 12) * sum(s[i] for s in scores) / t for i in range(e))
+    want = e * sum(counts[i] / (t * k + 12) * sum(s[i] for s in scores) / (t + 6) for i in range(e))
     torch.testing.assert_close(out.aux_loss.double(), torch.tensor(want, dtype=torch.float64), **TOL)
     assert abs(want - ref_aux(scores, experts, e)) > 1e-3
 
@@ -387,6 +391,88 @@ def test_bias_used_only_when_enabled(gate, rate):
         assert n_on_4 == t
     else:
         assert n_on_4 < t
+
+
+@pytest.mark.parametrize("gate", ["softmax_topk", "sigmoid_topk"])
+@pytest.mark.parametrize("scope", ["micro_batch", "sequence"])
+def test_aux_loss_counts_unbiased_topk(gate, scope):
+    """With aux-loss-free bias the selection is bias-shifted, but the balance loss counts
+    the unbiased top-k (DeepSeek-V3 eq. 18, Megatron-Core)."""
+    t, e, k, d = 12, 5, 2, 6
+    router = make_router(d, e, k, seed=30, gate=gate, bias_update_rate=0.01, aux_loss_coef=0.1,
+                         aux_loss_scope=scope)
+    with torch.no_grad():
+        router.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 1.5]))  # selection forced to 4
+    x = make_x(t, d, seed=31)
+    out = router(x, n_seqs=2)
+    _, unbiased, _, scores = topk_reference(router, x, gate, k)
+    _, biased, _, _ = topk_reference(router, x, gate, k, use_bias=True)
+    groups = 2 if scope == "sequence" else 1
+    want = ref_aux(scores, unbiased, e, groups)
+    torch.testing.assert_close(out.aux_loss.double(), torch.tensor(want, dtype=torch.float64), **TOL)
+    assert abs(want - ref_aux(scores, biased, e, groups)) > 1e-3  # the bias would change it
+    assert int((out.expert_idx == 4).sum()) == t  # selection still uses the bias
+
+
+@pytest.mark.parametrize("gate", ["softmax_topk", "sigmoid_topk"])
+def test_normalize_top1_false_keeps_router_gradient(gate):
+    """k=1 with normalised weights: every weight is 1 and the LM loss gives the router no
+    gradient; ``normalize_top1=false`` keeps the raw probability (Megatron-Core)."""
+    t, e, d = 8, 4, 6
+    x = make_x(t, d, seed=32)
+    grads = {}
+    for norm in (True, False):
+        router = make_router(d, e, 1, seed=33, gate=gate, aux_loss_coef=0.0, normalize_top1=norm)
+        out = router(x)
+        if norm:
+            torch.testing.assert_close(out.weight, torch.ones(t))
+        else:
+            _, experts, weights, _ = topk_reference(router, x, gate, 1, renormalize=False)
+            if gate == "sigmoid_topk":  # the reference normalises sigmoid weights: undo it
+                logits = ref_logits(x, router.weight.detach())
+                weights = [[1 / (1 + math.exp(-logits[ti][experts[ti][0]]))] for ti in range(t)]
+            want = torch.tensor([w[0] for w in weights])
+            torch.testing.assert_close(out.weight.double(), want.double(), **TOL)
+        (out.weight * torch.arange(1.0, t + 1)).sum().backward()
+        grads[norm] = router.weight.grad.abs().sum()
+    assert grads[True] < 1e-5 < 1e-2 < grads[False]  # p / p: zero up to rounding
+
+
+def test_top1_normalised_weights_warn_at_start_up():
+    from moe_vlm.config import load_config
+
+    with pytest.warns(UserWarning, match="normalize_top1=false"):
+        load_config(["routing=mixtral_top2", "routing.top_k=1"])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(["routing=mixtral_top2", "routing.top_k=1", "routing.normalize_top1=false"])
+        load_config(["routing=mixtral_top2"])
+
+
+@pytest.mark.parametrize("gate", ["softmax_topk", "sigmoid_topk"])
+def test_renormalize_after_drop(gate):
+    """``renormalize_after_drop``: weights renormalised over the kept experts (DeepSpeed,
+    GShard); the default renormalises over the k chosen ones before the drop."""
+    t, e, k, d, cf = 16, 4, 2, 6, 0.5
+    x = make_x(t, d, seed=34, offset=1.0)
+    outs = {}
+    for after in (False, True):
+        router = skew(make_router(d, e, k, seed=35, gate=gate, capacity_factor=cf,
+                                  renormalize_after_drop=after), [2.0, 1.2, 0.4, -0.4])
+        outs[after] = router(x)
+    _, experts, weights, _ = topk_reference(router, x, gate, k)
+    keep = ref_keep(experts, e, ref_capacity(t, k, e, cf))
+    before = {(ti, experts[ti][j]): weights[ti][j] for ti in range(t) for j in range(k) if keep[ti][j]}
+    assert_same_assignments(as_dict(outs[False]), before)
+    after = {}
+    for ti in range(t):
+        kept = [j for j in range(k) if keep[ti][j]]
+        total = sum(weights[ti][j] for j in kept)
+        after.update({(ti, experts[ti][j]): weights[ti][j] / total for j in kept})
+    assert_same_assignments(as_dict(outs[True]), after)
+    partial = [ti for ti in range(t) if sum(keep[ti]) == 1]
+    assert partial, "the setup must drop one of two experts for some token"
 
 
 # ---------------------------------------------------------------- MoE layer: dropped tokens

@@ -179,3 +179,23 @@ def test_completed_run_is_skipped_unless_more_steps_or_its_checkpoint_is_gone(ti
     assert train(cfg, run) == s and (run / "summary.json").stat().st_mtime_ns == mtime
     (run / "checkpoints" / "step_00000003.pt").unlink()
     assert finished_summary(run, 3) is None
+
+
+def test_deterministic_cuda_switches_and_restores(monkeypatch):
+    """``train.deterministic`` (CUDA): the cuBLAS workspace, deterministic algorithms and
+    no cuDNN autotuning, all restored afterwards (a multirun trains jobs in one process)."""
+    from moe_vlm.train.loop import deterministic_cuda
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    deterministic_cuda(False)()
+    assert not torch.are_deterministic_algorithms_enabled()
+    restore = deterministic_cuda(True)
+    try:
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        import os
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        restore()
+    assert not torch.are_deterministic_algorithms_enabled()
