@@ -31,7 +31,9 @@ def test_default_job_short_version_answers_above_chance(tmp_path):
     assert s["status"] == "completed" and s["steps"] == 800
     assert s["final_eval_loss"] < 0.1 * s["initial_eval_loss"]
     assert 0.25 < s["chance_accuracy"] < 0.35
-    assert s["eval_accuracy"] > s["chance_accuracy"] + 0.05, s  # measured: 0.43 vs 0.30
+    # Measured: 0.381 vs 0.303. The job is bit-reproducible on a given machine (same
+    # command, same numbers), so this either always passes there or always fails.
+    assert s["eval_accuracy"] > s["chance_accuracy"] + 0.05, s
     assert s["eval_accuracy"] > s["initial_eval_accuracy"]
     assert (runs[0].parent / "config.yaml").is_file()
     assert (runs[0].parent / "metrics.jsonl").is_file()

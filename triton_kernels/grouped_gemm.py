@@ -207,10 +207,17 @@ _tuned: dict[tuple[str, bool], object] = {}
 
 
 def _kernel(name: str, swiglu: bool = False):
-    """The kernel to launch: autotuned on GPU (cached per variant), plain in the interpreter."""
+    """The kernel to launch: autotuned on GPU (cached per variant), plain in the interpreter.
+
+    Under ``torch.use_deterministic_algorithms(True)`` the autotuner is bypassed for the
+    first config of the space: tile sizes set the order of the fp32 accumulation (BLOCK_K
+    for the forward, BLOCK_M for dw), and a timing-based choice may differ between runs."""
     base = {"gg": _gg_kernel, "dw": _gg_dw_kernel}[name]
     if interpreting():
         return base, dict(_INTERPRET_BLOCKS)
+    if torch.are_deterministic_algorithms_enabled():
+        cfg = _gpu_configs(swiglu)[0]
+        return base, {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     key = (name, swiglu)
     if key not in _tuned:
         tune_key = ["N", "K"] if name == "gg" else ["K", "N"]

@@ -54,7 +54,7 @@ def experts_torch(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tens
         if sel.numel() == 0:
             continue
         tok = token_idx[sel]
-        gate, up = (x[tok].to(dt) @ w_in[e].to(dt)).chunk(2, dim=-1)  # [n, F] each
+        gate, up = (x.index_select(0, tok).to(dt) @ w_in[e].to(dt)).chunk(2, dim=-1)  # [n, F] each
         out = (F.silu(gate) * up) @ w_out[e].to(dt)  # [n, D]
         y = y.index_add(0, tok, out.to(acc) * weight[sel, None].to(acc))
     return y.to(x.dtype)
@@ -79,13 +79,18 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, d_model: int,
 
 def experts_grouped_mm(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor,
                        w_in: Tensor, w_out: Tensor) -> Tensor:
-    """Sort-based permute + two grouped GEMMs + weighted scatter-add. No host sync."""
+    """Sort-based permute + two grouped GEMMs + weighted scatter-add. On CUDA
+    ``bincount`` syncs with the host to size its output."""
     dt = _compute_dtype(x)
     n_exp = w_in.shape[0]
     order = torch.argsort(expert_idx, stable=True)  # [N]
     offsets = torch.cumsum(torch.bincount(expert_idx, minlength=n_exp), 0).to(torch.int32)  # [E]
     tok = token_idx[order]  # [N]
-    rows = x[tok].to(dt)  # [N, D], expert-sorted
+    # index_select, not x[tok]: each token appears K times, and the backward of x[tok]
+    # (index_put_ with accumulate) adds duplicates with atomics on several CPU threads, so
+    # gradients differed between runs; index_select's backward (index_add_) is serial over
+    # the index on CPU, and deterministic on CUDA under train.deterministic.
+    rows = x.index_select(0, tok).to(dt)  # [N, D], expert-sorted
     gate, up = torch._grouped_mm(rows, w_in.to(dt), offs=offsets).chunk(2, dim=-1)  # [N, F]
     out = torch._grouped_mm(F.silu(gate) * up, w_out.to(dt), offs=offsets)  # [N, D]
     acc = _accum_dtype(x)

@@ -91,7 +91,8 @@ class ExpertParallelExperts(nn.Module):
         local_ids = exp - owner * self.n_local  # [N] expert id on its owner rank
         ids_recv = local_ids.new_empty(sum(recv_l))  # [M]
         dist.all_to_all_single(ids_recv, local_ids, recv_l, send_l, group=self.group)
-        rows = _AllToAll.apply(x[tok], recv_l, send_l, self.group)  # [M, D]
+        # index_select: a deterministic backward for the repeated tokens (see experts.py)
+        rows = _AllToAll.apply(x.index_select(0, tok), recv_l, send_l, self.group)  # [M, D]
         m = rows.shape[0]
         key = (x.device, _compute_dtype(x))
         fn = self._resolved.get(key)

@@ -102,3 +102,25 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
     x, w, offsets = make_grouped_gemm([3, 4], 16, 16)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         grouped_gemm(x, w, offsets)
+
+
+def test_deterministic_mode_bypasses_autotuning(monkeypatch):
+    """Under torch.use_deterministic_algorithms the GPU launch uses one fixed tile config
+    (tile sizes set the accumulation order), not the autotuner's timing-based pick."""
+    import importlib
+
+    gg_mod = importlib.import_module("triton_kernels.grouped_gemm")  # the module, not the op
+    monkeypatch.setattr(gg_mod, "interpreting", lambda: False)  # the GPU code path
+    tuned, blocks = gg_mod._kernel("gg", swiglu=True)
+    assert blocks == {} and tuned is not gg_mod._gg_kernel  # autotuned
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for name, swiglu in (("gg", False), ("gg", True), ("dw", False)):
+            kern, blocks = gg_mod._kernel(name, swiglu)
+            first = gg_mod._gpu_configs(swiglu)[0]
+            assert kern is {"gg": gg_mod._gg_kernel, "dw": gg_mod._gg_dw_kernel}[name]
+            assert blocks == {**first.kwargs, "num_warps": first.num_warps,
+                              "num_stages": first.num_stages}
+    finally:
+        torch.use_deterministic_algorithms(prev)
