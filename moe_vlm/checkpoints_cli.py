@@ -8,6 +8,9 @@
 
 so either ``moe-vlm train --config-path DIR --config-name config [overrides]`` or
 ``moe-vlm train train.init_from=DIR <the same model overrides>`` trains from it.
+``upcycle --from DIR`` reads such a directory as its dense source and drops the source's
+``train.init_from`` (``source.default_target_moe``); without ``moe.d_expert`` it takes
+the width the dense FFN fixes (``methods.fitting_d_expert``) and records it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 from dataclasses import asdict, replace
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -75,6 +78,27 @@ def logit_gap(dense: nn.Module, moe: nn.Module, vocab: int, seq: int, seed: int 
     return float((dec_a.eval()(ids).logits - dec_b.eval()(ids).logits).abs().max())
 
 
+def _derive_d_expert(base: Config, overrides: Sequence[str], dense_width: int) -> Optional[int]:
+    """``moe.d_expert`` from the dense width (``methods.fitting_d_expert``) unless the
+    overrides set it. None also when the overrides do not merge: ``apply_overrides`` then
+    reports them, naming the key."""
+    from moe_vlm.upcycling.methods import fitting_d_expert
+
+    if any(o.split("=", 1)[0].strip() == "moe.d_expert" for o in overrides):
+        return None
+    try:
+        peek = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base),
+                                                   OmegaConf.from_dotlist(list(overrides))))
+    except Exception:  # noqa: BLE001 - reported by apply_overrides
+        return None
+    assert isinstance(peek, Config)
+    u, moe = peek.upcycle, peek.moe
+    if u.method == "none" or moe.granularity < 1 or moe.n_shared < 0:
+        return None  # validate() names the key
+    return fitting_d_expert(dense_width, u.method, moe.n_shared, moe.granularity, u.shared,
+                            u.base)
+
+
 def upcycle_main(args: Sequence[str]) -> None:
     """``moe-vlm upcycle --from SRC --method M --out DIR [key=value ...]``."""
     from moe_vlm.config.loader import apply_overrides
@@ -86,7 +110,9 @@ def upcycle_main(args: Sequence[str]) -> None:
         "Upcycle a dense checkpoint (our run dir / .pt, or a local Hugging Face Llama/Qwen2/"
         "Qwen3 directory) into an MoE checkpoint directory. Target sizes and options are "
         "dotted overrides on the source's config, e.g. moe.n_experts=8 moe.granularity=4 "
-        "routing.top_k=1 model.n_dense_layers=1 upcycle.permute=true upcycle.shared=slice."))
+        "routing.top_k=1 model.n_dense_layers=1 upcycle.permute=true upcycle.shared=slice. "
+        "Without moe.d_expert, the width the dense FFN fixes is used: copy's only one (the "
+        "dense d_ff less any shared slice), split's cut into moe.granularity shards."))
     ap.add_argument("--from", dest="source", required=True)
     ap.add_argument("--method", required=True, choices=list(METHODS))
     ap.add_argument("--out", required=True)
@@ -96,8 +122,14 @@ def upcycle_main(args: Sequence[str]) -> None:
     with _user_errors("moe-vlm upcycle"):
         _refuse_nonempty(out, "moe-vlm upcycle")
         src = load_checkpoint(a.source)
-        cfg = apply_overrides(default_target_moe(src.config), [
-            *a.overrides, f"upcycle.method={a.method}", f"upcycle.source={a.source}"])
+        base = default_target_moe(src.config)
+        overrides = [*a.overrides, f"upcycle.method={a.method}", f"upcycle.source={a.source}"]
+        derived = None
+        if src.config.model.moe_every == 0:  # an MoE source is refused by upcycle_into
+            derived = _derive_d_expert(base, overrides, src.config.model.d_ff)
+        if derived is not None:
+            overrides.append(f"moe.d_expert={derived}")
+        cfg = apply_overrides(base, overrides)
         target = _build(cfg)
         report = upcycle_into(target, src.state_dict, cfg.upcycle, seed=cfg.seed)
         dense_cfg = src.config
@@ -108,11 +140,16 @@ def upcycle_main(args: Sequence[str]) -> None:
         gap = logit_gap(dense, target, cfg.model.vocab_size, min(16, cfg.model.max_seq_len))
     record = {**asdict(report), "source": str(src.path), "source_kind": src.kind,
               "overrides": list(a.overrides), "max_abs_logit_diff_vs_dense": gap}
+    if derived is not None:
+        record["derived"] = {"moe.d_expert": derived}
     write_checkpoint_dir(out, cfg, target.state_dict(), "upcycle.json", record)
     sizes = getattr(target, "decoder", target).moe_sizes
+    how = (f"  moe.d_expert={derived} (not set: derived from the dense d_ff "
+           f"{src.config.model.d_ff} for {a.method})\n" if derived is not None else "")
     print(f"upcycled {src.kind} checkpoint {src.path} with {a.method} (base {report.base}, "
-          f"m={report.shards}) -> {out}\n  MoE layers {report.moe_layers}: {sizes.n_experts} "
-          f"experts of width {sizes.d_expert}, top-{sizes.top_k}, shared width {sizes.d_shared}\n"
+          f"m={report.shards}) -> {out}\n{how}  MoE layers {report.moe_layers}: "
+          f"{sizes.n_experts} experts of width {sizes.d_expert}, top-{sizes.top_k}, shared "
+          f"width {sizes.d_shared}\n"
           f"  function preserving: {report.function_preserving} ({report.reason}); "
           f"max |logit diff| vs dense at step 0: {gap:.3g}\n"
           f"  train: moe-vlm train --config-path {out.resolve()} --config-name config")

@@ -42,10 +42,12 @@ num_key_value_heads, head_dim, intermediate_size (dense width; mixtral: expert w
 moe_intermediate_size, rms_norm_eps, rope (``rope_parameters`` or legacy ``rope_theta`` +
 ``rope_scaling``: default / linear / llama3), tie_word_embeddings, max_position_embeddings
 (-> model.max_seq_len), num_experts_per_tok, norm_topk_prob (-> routing.renormalize),
-routed_scaling_factor, n_shared_experts. Sigmoid routing imports with
-``routing.bias_update_rate = 1e-3`` (DeepSeek-V3's) so the correction bias keeps steering
-selection. Our experts at granularity m export as m*E experts of width F/m; import gives
-granularity 1 with those sizes (the same layer).
+routed_scaling_factor, n_shared_experts, router_aux_loss_coef (= routing.aux_loss_coef x
+n_moe_layers / top_k: transformers pools its balance loss over the layers and counts
+tokens, not top-k assignments; ``hf_io.aux_coef_to_hf`` derives it). Sigmoid routing
+imports with ``routing.bias_update_rate = 1e-3`` (DeepSeek-V3's) so the correction bias
+keeps steering selection. Our experts at granularity m export as m*E experts of width
+F/m; import gives granularity 1 with those sizes (the same layer).
 """
 
 from __future__ import annotations

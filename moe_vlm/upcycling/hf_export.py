@@ -16,12 +16,14 @@ from torch import Tensor
 from moe_vlm.config.schema import ModelConfig, MoEConfig, RoutingConfig
 from moe_vlm.model.decoder import ffn_schedule
 from moe_vlm.model.granularity import MoESizes, resolve_moe_sizes
+from moe_vlm.routing.router import normalizes_weights
 from moe_vlm.upcycling.hf_import import expected_shapes
 from moe_vlm.upcycling.hf_io import (
     ARCHITECTURES,
     EXPERT_NAMES,
     MLP_NAMES,
     PathLike,
+    aux_coef_to_hf,
     layer_prefix,
     plain_names,
     write_hf_checkpoint,
@@ -59,6 +61,9 @@ def _moe_class(model: ModelConfig, moe: MoEConfig, routing: RoutingConfig,
         if not model.qk_norm:
             raise _refuse("routing.gate=sigmoid_topk without model.qk_norm (dots1, the only "
                           "class with a sigmoid gate, has q/k norm)")
+        if not normalizes_weights(routing, resolve_moe_sizes(moe, routing).top_k):
+            raise _refuse("routing.normalize_top1=false at one expert per token with a sigmoid "
+                          "gate (dots1 exports normalise the top-k weights)")
         n_exp = resolve_moe_sizes(moe, routing).n_experts
         if n_exp < 2:
             raise _refuse(f"a sigmoid gate over {n_exp} routed expert (dots1's router needs "
@@ -81,9 +86,10 @@ def _moe_class(model: ModelConfig, moe: MoEConfig, routing: RoutingConfig,
         raise _refuse(f"dense layers (model.n_dense_layers={model.n_dense_layers}, "
                       f"model.moe_every={model.moe_every}) without q/k norm: mixtral has "
                       f"every layer MoE, qwen3_moe has q/k norm")
-    if not routing.renormalize:
-        raise _refuse("routing.renormalize=false without q/k norm: mixtral always "
-                      "renormalises the top-k weights, qwen3_moe has q/k norm")
+    if not normalizes_weights(routing, resolve_moe_sizes(moe, routing).top_k):
+        raise _refuse("top-k weights that are not renormalised (routing.renormalize=false, or "
+                      "routing.normalize_top1=false at one expert per token) without q/k norm: "
+                      "mixtral always renormalises the top-k weights, qwen3_moe has q/k norm")
     return "mixtral"
 
 
@@ -119,14 +125,16 @@ def _rope_config(model: ModelConfig) -> dict[str, Any]:
 
 def _moe_config(hf_type: str, model: ModelConfig, routing: RoutingConfig, sizes: MoESizes,
                 schedule: list[bool]) -> dict[str, Any]:
-    top = dict(num_experts_per_tok=sizes.top_k, router_aux_loss_coef=routing.aux_loss_coef,
+    aux = aux_coef_to_hf(routing.aux_loss_coef, sum(schedule), sizes.top_k)  # see there
+    top = dict(num_experts_per_tok=sizes.top_k, router_aux_loss_coef=aux,
                output_router_logits=False)
     if hf_type == "mixtral":
         return dict(top, num_local_experts=sizes.n_experts, intermediate_size=sizes.d_expert,
                     router_jitter_noise=0.0, sliding_window=None)
     if hf_type == "qwen3_moe":
         return dict(top, num_experts=sizes.n_experts, moe_intermediate_size=sizes.d_expert,
-                    decoder_sparse_step=1, norm_topk_prob=routing.renormalize,
+                    decoder_sparse_step=1,
+                    norm_topk_prob=normalizes_weights(routing, sizes.top_k),
                     mlp_only_layers=[i for i, m in enumerate(schedule) if not m],
                     use_sliding_window=False, sliding_window=None, attention_bias=False)
     if sizes.d_shared % sizes.d_expert:  # cannot happen with resolve_moe_sizes; be explicit

@@ -7,7 +7,7 @@ Legend: L layers, D model width, F MLP / expert width, E routed experts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from moe_vlm.upcycling.hf_io import (
     MLP_NAMES,
     MOE_TYPES,
     PathLike,
+    aux_coef_from_hf,
     layer_prefix,
     plain_names,
     read_hf_checkpoint,
@@ -47,13 +48,13 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "mixtral": dict(num_key_value_heads=8, head_dim=None, hidden_act="silu",
                     max_position_embeddings=4096 * 32, rms_norm_eps=1e-5,
                     tie_word_embeddings=False, sliding_window=None, num_experts_per_tok=2,
-                    num_local_experts=8),
+                    num_local_experts=8, router_aux_loss_coef=0.001),
     "qwen3_moe": dict(num_key_value_heads=4, head_dim=None, hidden_act="silu",
                       max_position_embeddings=32768, rms_norm_eps=1e-6,
                       tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
                       sliding_window=4096, decoder_sparse_step=1, moe_intermediate_size=768,
                       num_experts_per_tok=8, num_experts=128, norm_topk_prob=False,
-                      mlp_only_layers=None),
+                      mlp_only_layers=None, router_aux_loss_coef=0.001),
     "dots1": dict(num_key_value_heads=None, head_dim=None, hidden_act="silu",
                   max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
                   attention_bias=False, sliding_window=4096, max_window_layers=62,
@@ -218,6 +219,11 @@ def _moe_configs(c: _Config, n_layers: int) -> tuple[list[bool], MoEConfig, Rout
                                 bias_update_rate=DOTS1_BIAS_UPDATE_RATE)
     if any(is_moe) and not 1 <= routing.top_k <= n_exp:
         raise c.refuse("num_experts_per_tok", f"must be in [1, {n_exp}] (the routed experts)")
+    # dots1 in transformers has no balance loss and no default: keep ours unless exported
+    hf_aux = c.raw.get("router_aux_loss_coef") if t == "dots1" else c.get("router_aux_loss_coef")
+    if hf_aux is not None and any(is_moe):
+        routing = replace(routing, aux_loss_coef=aux_coef_from_hf(float(hf_aux), sum(is_moe),
+                                                                  routing.top_k))
     return is_moe, MoEConfig(n_experts=max(n_exp, 1), n_shared=shared, d_expert=f), routing
 
 

@@ -50,6 +50,34 @@ MLP_NAMES = ("gate_proj", "up_proj", "down_proj")  # dense and shared-expert Swi
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers older versions saved; recomputed
 
 
+def aux_coef_to_hf(aux_loss_coef: float, n_moe_layers: int, top_k: int) -> float:
+    """Our ``routing.aux_loss_coef`` -> transformers' ``router_aux_loss_coef``, so that
+    both weight the balance loss alike: ``coef * n_moe_layers / top_k``.
+
+    Ours (``routing.balancing.switch_aux_loss``) is, per MoE layer l,
+    ``a_l = E * sum_e f_le * P_le`` with ``f_le`` the fraction of the layer's T*K
+    assignments on expert e and ``P_le`` its mean router probability, and the model adds
+    ``coef * sum_l a_l``. transformers' ``load_balancing_loss_func`` (Mixtral, Qwen3-MoE)
+    pools the router logits of all L MoE layers first and counts tokens, not assignments:
+    ``E * sum_e F_e * Q_e`` with ``F_e = sum_l K f_le / L`` (its per-expert fractions sum
+    to K) and ``Q_e = sum_l P_le / L``. When every layer routes alike (one MoE layer,
+    identical layers, or perfect balance, where a_l = 1 and HF's loss is K) that is
+    ``K * a``, while ours is ``coef * L * a``: hence ``coef * L / K``. Otherwise pooling
+    makes HF's loss a product of layer means instead of a mean of per-layer products, so
+    the two agree in scale, not exactly. Only the micro-batch scope has an HF equivalent
+    (``routing.aux_loss_scope`` sequence / global_batch balance other token sets); dots1
+    in transformers computes no balance loss and carries the key only for the round trip.
+    """
+    return aux_loss_coef * n_moe_layers / top_k if n_moe_layers else aux_loss_coef
+
+
+def aux_coef_from_hf(router_aux_loss_coef: float, n_moe_layers: int, top_k: int) -> float:
+    """transformers' ``router_aux_loss_coef`` -> our ``routing.aux_loss_coef``: the
+    inverse of ``aux_coef_to_hf``, ``coef * top_k / n_moe_layers`` (equal weight when the
+    layers route alike, the same scale otherwise)."""
+    return router_aux_loss_coef * top_k / n_moe_layers if n_moe_layers else router_aux_loss_coef
+
+
 def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
 

@@ -20,6 +20,9 @@ Methods (``UpcycleConfig.method``):
   fraction r of the intermediate units (gate/up rows, down columns) is re-drawn from a
   normal with the mean and std of the original matrix; each expert drops its own units.
 - ``noise``: copy or split plus Gaussian noise of ``noise_std`` x the matrix's std.
+``fitting_d_expert`` gives the ``moe.d_expert`` the dense width fixes for a method (copy has
+exactly one; split's natural one cuts the pool into ``moe.granularity`` shards), which
+``moe-vlm upcycle`` uses when the user does not set ``moe.d_expert``.
 Shared experts (``UpcycleConfig.shared``): ``slice`` (the first Fs units, after the
 optional permutation; the routed experts are built from the other units), ``whole``
 (a copy of the dense FFN; needs Fs == F), or ``random`` (keep the fresh init).
@@ -87,6 +90,8 @@ class UpcycleSpec:
     drop_ratio: float = 0.5
     noise_std: float = 0.01
     router_std: float = 0.02
+    granularity: int = 1  # moe.granularity: only for the moe.d_expert hint in errors
+    n_shared: int = 0  # moe.n_shared: likewise
 
 
 def _stack(pool: DenseFFN, copies: int, shard: int, scale: float) -> tuple[Tensor, Tensor]:
@@ -111,6 +116,56 @@ def _choose_base(spec: UpcycleSpec, pool_width: int) -> str:
     return "copy" if spec.d_expert == pool_width else "split"
 
 
+def fitting_d_expert(dense_width: int, method: str, n_shared: int = 0, granularity: int = 1,
+                     shared: str = "slice", base: str = "auto") -> int:
+    """The ``moe.d_expert`` (granularity-1 width, as ``MoEConfig`` counts it) that the dense
+    FFN width F fixes for ``method``, for a user who does not choose one.
+
+    Routed experts are ``d / g`` wide and the shared experts ``s * d`` (d = ``moe.d_expert``,
+    g = ``moe.granularity``, s = ``moe.n_shared``); a shared ``slice`` takes its units from
+    the dense FFN, so the routed pool is F - s*d (all of F for ``whole`` / ``random``).
+
+    - copy layout (``copy``; ``drop`` / ``noise`` with ``upcycle.base=copy``): every routed
+      expert is the whole pool, d/g = F - s*d, so d = g*F / (1 + s*g). No other width works.
+    - split layout (``split``; ``drop`` / ``noise`` with base ``split`` or ``auto``): the
+      granularity-1 expert is the whole pool, cut into m = g shards: d = F - s*d, so
+      d = F / (1 + s) (routed width F / (g(1 + s))). Any routed width that divides the pool
+      also works; set ``moe.d_expert`` for those.
+    - ``upcycle.shared=whole`` copies the dense FFN into the shared experts, s*d = F: d = F/s.
+
+    At g = 1 both layouts give F / (1 + s). Raises ValueError naming the keys when no
+    integer width fits (d must also be a multiple of g)."""
+    if method not in METHODS:
+        raise ValueError(f"upcycle.method={method!r}: choose one of {', '.join(METHODS)}")
+    if granularity < 1 or n_shared < 0:
+        raise ValueError(f"moe.granularity={granularity} must be >= 1 and moe.n_shared="
+                         f"{n_shared} >= 0")
+    layout = method if method in ("copy", "split") else ("copy" if base == "copy" else "split")
+    f, g = dense_width, granularity
+    if n_shared and shared == "whole":
+        num, den = f, n_shared
+    else:
+        s = n_shared if shared == "slice" else 0
+        num, den = (g * f, 1 + s * g) if layout == "copy" else (f, 1 + s)
+    if num % den or (num // den) % g:
+        raise ValueError(
+            f"upcycle: no moe.d_expert fits {method} ({layout} layout) exactly: the dense d_ff "
+            f"{f} with moe.n_shared={n_shared} (upcycle.shared={shared}) and moe.granularity={g} "
+            f"would need moe.d_expert = {num}/{den}{f' as a multiple of {g}' if g > 1 else ''}; "
+            "set moe.d_expert, moe.n_shared or moe.granularity")
+    return num // den
+
+
+def _hint(spec: UpcycleSpec, base: str, dense_width: int) -> str:
+    """`` (moe.d_expert=N fits)`` for a size error, or '' when no width fits."""
+    try:
+        d = fitting_d_expert(dense_width, base, spec.n_shared, spec.granularity, spec.shared)
+    except ValueError:
+        return ""
+    return (f" (moe.d_expert={d} fits, with moe.granularity={spec.granularity} and "
+            f"moe.n_shared={spec.n_shared})")
+
+
 def _check_sizes(spec: UpcycleSpec, base: str, pool_width: int, dense_width: int) -> int:
     """Validate sizes for ``base``; return the shard count m."""
     fe, e = spec.d_expert, spec.n_experts
@@ -119,13 +174,14 @@ def _check_sizes(spec: UpcycleSpec, base: str, pool_width: int, dense_width: int
             raise ValueError(
                 f"upcycle: copy needs routed experts as wide as the dense FFN pool ({pool_width} = "
                 f"dense d_ff {dense_width} minus the shared slice {dense_width - pool_width}); the "
-                f"target has width {fe}. Set moe.d_expert/moe.granularity to match, or use "
-                "upcycle.method=split")
+                f"target has width {fe}. Set moe.d_expert/moe.granularity to match"
+                f"{_hint(spec, base, dense_width)}, or use upcycle.method=split")
         return 1
     if fe > pool_width or pool_width % fe:
         raise ValueError(
             f"upcycle: split cuts the {pool_width} pool units into shards of the routed width; "
-            f"{fe} does not divide {pool_width}. Choose moe.d_expert/moe.granularity so it does")
+            f"{fe} does not divide {pool_width}. Choose moe.d_expert/moe.granularity so it does"
+            f"{_hint(spec, base, dense_width)}")
     m = pool_width // fe
     if e % m:
         raise ValueError(f"upcycle: split into m={m} shards needs the routed expert count "
@@ -205,13 +261,16 @@ def _drop(w_in: Tensor, w_out: Tensor, ratio: float, gen: torch.Generator) -> tu
 
 def preserves_function(spec: UpcycleSpec, gate: str, renormalize: bool, routed_scaling: float,
                        capacity_factor: Optional[float], dense_width: int) -> tuple[bool, str]:
-    """Whether the upcycled layer equals the dense FFN at step 0, and why not if not."""
+    """Whether the upcycled layer equals the dense FFN at step 0, and why not if not.
+    ``renormalize``: whether the gate normalises the k kept weights to sum 1
+    (``routing.router.normalizes_weights``: false for softmax without renormalisation and
+    for any gate at k=1 with ``routing.normalize_top1=false``)."""
     if spec.method not in ("copy", "split"):
         return False, f"{spec.method} perturbs the copied weights on purpose"
     if gate == "expert_choice":
         return False, "expert-choice routing gives tokens a variable number of experts"
-    if gate == "softmax_topk" and not renormalize:
-        return False, "softmax top-k without renormalisation weights experts by less than 1"
+    if not renormalize:
+        return False, (f"{gate} weights that are not renormalised weight experts by less than 1")
     if routed_scaling != 1.0:
         return False, f"routing.routed_scaling={routed_scaling} scales the routed output"
     if capacity_factor is not None:

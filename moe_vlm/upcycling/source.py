@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moe_vlm.config.schema import Config, DataConfig
+from moe_vlm.config.schema import Config, DataConfig, UpcycleConfig
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def default_target_moe(cfg: Config) -> Config:
-    """A dense source's config with ``model.moe_every=1`` (every layer MoE) unless the
-    source already has MoE layers; the user's overrides apply on top."""
+    """The config an upcycled model starts from: the source's, with ``model.moe_every=1``
+    (every layer MoE) unless the source already has MoE layers; the user's overrides apply
+    on top. The source's ``train.init_from`` and ``upcycle.*`` are dropped: a checkpoint
+    directory (``moe-vlm import-hf`` / ``upcycle``) points ``train.init_from`` at itself,
+    i.e. at the dense weights this upcycling consumes, and the upcycle options are the
+    user's. The upcycled directory then points ``train.init_from`` at its own weights."""
+    cfg = replace(cfg, train=replace(cfg.train, init_from=None), upcycle=UpcycleConfig())
     if cfg.model.moe_every == 0:
         return replace(cfg, model=replace(cfg.model, moe_every=1))
     return cfg
-

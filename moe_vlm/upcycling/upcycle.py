@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from moe_vlm.config.schema import Config, RoutingConfig, UpcycleConfig
 from moe_vlm.model.decoder import DecoderLM
+from moe_vlm.routing.router import normalizes_weights
 from moe_vlm.upcycling.methods import (
     DenseFFN,
     UpcycleSpec,
@@ -63,7 +64,8 @@ def spec_for(target: DecoderLM, ucfg: UpcycleConfig) -> UpcycleSpec:
         n_experts=s.n_experts, d_expert=s.d_expert, top_k=s.top_k, d_shared=s.d_shared,
         method=ucfg.method, base=ucfg.base, shared=ucfg.shared, permute=ucfg.permute,
         drop_ratio=ucfg.drop_ratio, noise_std=ucfg.noise_std,
-        router_std=ucfg.router_std if ucfg.router_std is not None else target.cfg.init_std)
+        router_std=ucfg.router_std if ucfg.router_std is not None else target.cfg.init_std,
+        granularity=s.granularity, n_shared=s.d_shared // (s.d_expert * s.granularity))
 
 
 @torch.no_grad()
@@ -147,7 +149,8 @@ def upcycle_into(target: nn.Module, dense_state: dict[str, Tensor], ucfg: Upcycl
         target.load_state_dict({**{prefix + k: v for k, v in dec.state_dict().items()}, **src_rest})
         copied_vision = True
     r: RoutingConfig = dec.routing_cfg
-    ok, why = preserves_function(spec, r.gate, r.renormalize, r.routed_scaling, r.capacity_factor,
+    ok, why = preserves_function(spec, r.gate, normalizes_weights(r, spec.top_k), r.routed_scaling,
+                                 r.capacity_factor,
                                  int(src[f"layers.{moe_ids[0]}.ffn.w_out.weight"].shape[1])
                                  if moe_ids else 0)
     opts = {"shared": ucfg.shared, "permute": ucfg.permute, "base": ucfg.base}

@@ -10,9 +10,11 @@ import sys
 
 import pytest
 
-from moe_vlm.checkpoints_cli import upcycle_main
+from moe_vlm.checkpoints_cli import upcycle_main, write_checkpoint_dir
 from moe_vlm.config import ConfigError
+from moe_vlm.config.loader import config_from_file
 from moe_vlm.train.loop import train
+from moe_vlm.upcycling.source import load_checkpoint
 
 MOE = ["moe.n_experts=2", "moe.d_expert=256", "moe.granularity=4", "routing.top_k=1",
        "routing.renormalize=true", "moe.n_shared=0", "model.moe_every=1"]
@@ -76,3 +78,40 @@ def test_upcycle_command_writes_a_trainable_checkpoint_dir(dense_run, tmp_path, 
         upcycle_main(["--from", str(dense_dir), "--method", "copy", "--out", str(tmp_path / "x"),
                       *MOE])
     assert "copy needs routed experts as wide" in capsys.readouterr().err
+
+
+def test_upcycle_command_from_a_checkpoint_dir_derives_the_width(dense_run, tmp_path, capsys):
+    """A checkpoint directory (as import-hf and upcycle write it) points train.init_from at
+    itself; upcycling from it must not trip the "init_from or upcycle" rule. Without
+    moe.d_expert, split takes the width that cuts the pool into moe.granularity shards,
+    after the shared slice (the source's deepseekmoe routing: 1 shared, granularity 4)."""
+    dense_dir, dense_summary = dense_run
+    src = load_checkpoint(dense_dir)
+    moe, d_ff = src.config.moe, src.config.model.d_ff
+    assert (moe.n_shared, moe.granularity, d_ff) == (1, 4, 256)
+    ckpt = tmp_path / "ckpt"
+    write_checkpoint_dir(ckpt, src.config, src.state_dict, "import.json", {})
+    assert load_checkpoint(ckpt).config.train.init_from == str(ckpt.resolve())
+    out = tmp_path / "up"
+    upcycle_main(["--from", str(ckpt), "--method", "split", "--out", str(out), "moe.n_experts=2",
+                  "routing.renormalize=true", "routing.top_k=1"])
+    printed = capsys.readouterr().out
+    # d = 256 / (1 + 1) = 128: shared 128 units, routed 2 x 4 shards of 32 from the other 128
+    assert "moe.d_expert=128 (not set: derived" in printed and "m=4" in printed
+    assert "function preserving: True" in printed
+    assert json.loads((out / "upcycle.json").read_text())["derived"] == {"moe.d_expert": 128}
+    run = tmp_path / "run"
+    s = train(config_from_file(out / "config.yaml", ["train.max_steps=1", "train.eval_every=1",
+                                                      f"run.dir={run}"]), run)
+    assert s["initial_eval_loss"] == pytest.approx(dense_summary["final_eval_loss"], rel=1e-5)
+
+
+def test_train_path_size_error_names_the_fitting_width(tiny_config, dense_run, tmp_path):
+    """``moe-vlm train`` cannot tell a preset's moe.d_expert from the user's, so it does not
+    derive the width; the error says which one fits."""
+    dense_dir, _ = dense_run
+    cfg = tiny_config("moe.n_experts=4", "moe.d_expert=128", "moe.granularity=1", "moe.n_shared=0",
+                      "routing.top_k=2", "upcycle.method=copy", f"upcycle.source={dense_dir}",
+                      "train.max_steps=1", f"run.dir={tmp_path / 'moe'}")
+    with pytest.raises(ValueError, match=r"moe.d_expert=256 fits, with moe.granularity=1"):
+        train(cfg, tmp_path / "moe")

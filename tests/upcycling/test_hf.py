@@ -7,6 +7,7 @@ Legend: B batch, S sequence, V vocabulary, E experts, F expert width, D model wi
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import warnings
 from pathlib import Path
@@ -19,8 +20,10 @@ from safetensors.torch import load_file, save_file
 from moe_vlm.config.schema import ModelConfig, MoEConfig, RoutingConfig
 from moe_vlm.model.decoder import build_model, ffn_schedule
 from moe_vlm.model.granularity import resolve_moe_sizes
+from moe_vlm.routing.balancing import switch_aux_loss
 from moe_vlm.upcycling.hf import export_hf, hf_class_for, import_hf, read_hf_checkpoint
 from moe_vlm.upcycling.hf_import import DEFAULT_ROPE_THETA, HF_DEFAULTS
+from moe_vlm.upcycling.hf_io import aux_coef_from_hf, aux_coef_to_hf
 
 hf.logging.set_verbosity_error()
 
@@ -292,6 +295,11 @@ def check_export(model: ModelConfig, moe: MoEConfig, routing: RoutingConfig, kin
     back = import_hf(out)
     assert back.hf_type == kind
     assert effective(back.model, back.moe, back.routing) == effective(model, moe, routing)
+    sched = ffn_schedule(model.n_layers, model.n_dense_layers, model.moe_every)
+    if any(sched):  # aux coefficient: converted on export, converted back on import
+        assert cfg["router_aux_loss_coef"] == pytest.approx(
+            routing.aux_loss_coef * sum(sched) / cfg["num_experts_per_tok"], rel=1e-12)
+        assert back.routing.aux_loss_coef == pytest.approx(routing.aux_loss_coef, rel=1e-12)
     assert set(back.state_dict) == set(sd)
     for k, v in sd.items():
         assert back.state_dict[k].dtype == v.dtype and torch.equal(back.state_dict[k], v), k
@@ -326,6 +334,80 @@ def test_export_dtype_and_refuses_existing_dir(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "full"]  # no temp dirs left
     (tmp_path / "empty").mkdir()
     assert (export_hf(sd, model, moe, routing, tmp_path / "empty") / "config.json").is_file()
+
+
+# ------------------------------------------------------------- balance-loss coefficient
+
+
+def test_aux_coef_conversion_round_trip_and_import_defaults(tmp_path):
+    for coef, layers, k in [(0.01, 3, 2), (0.02, 1, 8), (1e-3, 48, 6), (0.0, 4, 2)]:
+        hf_coef = aux_coef_to_hf(coef, layers, k)
+        assert hf_coef == pytest.approx(coef * layers / k, rel=1e-15)
+        assert aux_coef_from_hf(hf_coef, layers, k) == pytest.approx(coef, rel=1e-12)
+    # a native config.json: 3 MoE layers of top-2 mixtral
+    d = save(make_hf("mixtral", num_local_experts=4, router_aux_loss_coef=0.03), tmp_path / "a")
+    assert import_hf(d).routing.aux_loss_coef == pytest.approx(0.03 * 2 / 3)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("router_aux_loss_coef")  # absent: transformers' default 0.001
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert import_hf(d).routing.aux_loss_coef == pytest.approx(0.001 * 2 / 3)
+    # qwen3_moe with one dense layer: 2 MoE layers, top-2
+    d = save(make_hf("qwen3_moe", **MOE_CASES["qwen3_moe_norm"][1], router_aux_loss_coef=0.05),
+             tmp_path / "b")
+    assert import_hf(d).routing.aux_loss_coef == pytest.approx(0.05 * 2 / 2)
+    # dots1 has no balance loss in transformers: ours stays at our default
+    d = save(make_hf("dots1", **MOE_CASES["dots1"][1]), tmp_path / "c")
+    assert "router_aux_loss_coef" not in json.loads((d / "config.json").read_text())
+    assert import_hf(d).routing.aux_loss_coef == RoutingConfig().aux_loss_coef
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("hf_type", ["mixtral", "qwen3_moe"])
+def test_hf_balance_loss_with_converted_coef_equals_ours(hf_type, layers):
+    """transformers' load_balancing_loss_func x converted coefficient == our coefficient x
+    the sum over layers of switch_aux_loss, when every layer routes alike; pooling layers
+    that route differently gives the same scale only."""
+    lb = importlib.import_module(f"transformers.models.{hf_type}.modeling_{hf_type}"
+                                 ).load_balancing_loss_func
+    n_exp, k, t, coef = 8, 3, 40, 0.01
+    g = torch.Generator().manual_seed(7)
+    skew = torch.linspace(0, 2, n_exp)  # favour the later experts: unbalanced
+    logits = [torch.randn(t, n_exp, generator=g) + skew.roll(i) for i in range(2)]  # [T, E]
+
+    def ours(lg: torch.Tensor) -> torch.Tensor:
+        probs = lg.softmax(-1)
+        return switch_aux_loss(probs, probs.topk(k, -1).indices, n_exp)
+
+    assert ours(logits[0]) > 1.05  # unbalanced enough to be a real check
+    hf_total = aux_coef_to_hf(coef, layers, k) * lb(tuple(logits[:1]) * layers, n_exp, k)
+    torch.testing.assert_close(hf_total, coef * layers * ours(logits[0]), rtol=1e-6, atol=0)
+    hf_mixed = aux_coef_to_hf(coef, 2, k) * lb(tuple(logits), n_exp, k)
+    ours_mixed = coef * (ours(logits[0]) + ours(logits[1]))
+    assert 0 < abs(float(hf_mixed / ours_mixed) - 1) < 0.5
+
+
+def test_exported_aux_coef_weights_the_hf_loss_like_ours(tmp_path):
+    """End to end on one random input: our model with one MoE layer, exported; the HF
+    model's aux loss x its router_aux_loss_coef equals our routing loss."""
+    model, moe, routing = our_model("qwen3_moe")
+    model = dataclasses.replace(model, n_dense_layers=2, moe_every=1)  # layers 0, 1 dense
+    routing = dataclasses.replace(routing, aux_loss_coef=0.02, z_loss_coef=0.0)
+    net = randomise(build_model(model, moe, routing, seed=1), seed=4)
+    sd = net.state_dict()
+    sd["layers.2.ffn.router.bias"].zero_()
+    export_hf(sd, model, moe, routing, tmp_path / "hf")
+    m = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    x = ids(5)
+    with torch.no_grad():
+        out = net(x)
+        ref = m(input_ids=x, output_router_logits=True)
+    torch.testing.assert_close(ref.logits, out.logits, atol=ATOL, rtol=0)
+    (r,) = out.routing
+    assert r.aux_loss > 1.05  # unbalanced: the coefficient's scale matters
+    torch.testing.assert_close(m.config.router_aux_loss_coef * ref.aux_loss, r.loss,
+                               rtol=1e-5, atol=0)
+    k = resolve_moe_sizes(moe, routing).top_k  # 2: one MoE layer, top-1 at granularity 2
+    assert m.config.router_aux_loss_coef == pytest.approx(0.02 / k)
 
 
 # --------------------------------------------------------------------------- errors
@@ -430,6 +512,11 @@ def test_export_refusals(tmp_path):
         hf_class_for(mix, mmoe, dataclasses.replace(mrouting, routed_scaling=2.0))
     with pytest.raises(ValueError, match="qk_norm together with model.qkv_bias"):
         hf_class_for(dataclasses.replace(mix, moe_every=0, qk_norm=True, qkv_bias=True), mmoe, mrouting)
+    raw_top1 = dataclasses.replace(mrouting, top_k=1, normalize_top1=False)  # weight = prob
+    with pytest.raises(ValueError, match="normalize_top1=false"):
+        hf_class_for(mix, dataclasses.replace(mmoe, granularity=1), raw_top1)
+    with pytest.raises(ValueError, match="normalize_top1=false"):
+        hf_class_for(dots, dmoe, dataclasses.replace(drouting, top_k=1, normalize_top1=False))
     assert not (tmp_path / "x").exists()
 
 

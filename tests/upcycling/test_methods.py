@@ -148,7 +148,8 @@ def test_impossible_sizes_raise_clear_errors(spec, match):
 
 @pytest.mark.parametrize("method,gate,renorm,scale,cap,shared,d_shared,top_k,expected", [
     ("copy", "softmax_topk", True, 1.0, None, "slice", 0, 2, True),
-    ("split", "sigmoid_topk", False, 1.0, None, "slice", 0, 4, True),
+    ("split", "sigmoid_topk", True, 1.0, None, "slice", 0, 4, True),  # sigmoid normalises
+    ("copy", "sigmoid_topk", False, 1.0, None, "slice", 0, 1, False),  # normalize_top1=false
     ("split", "softmax_topk", True, 1.0, None, "slice", 8, 2, True),
     ("copy", "softmax_topk", False, 1.0, None, "slice", 0, 2, False),
     ("split", "softmax_topk", True, 1.0, None, "slice", 0, 2, False),  # top-k not a multiple of m=4

@@ -16,6 +16,7 @@ from moe_vlm.config.schema import ModelConfig, MoEConfig, RoutingConfig, Upcycle
 from moe_vlm.model.decoder import build_model
 from moe_vlm.model.vlm import build_vlm
 from moe_vlm.upcycling import upcycle_into
+from moe_vlm.upcycling.methods import fitting_d_expert
 
 V = 50
 BASE = ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -149,3 +150,54 @@ def test_same_seed_same_weights():
         outs.append(target.state_dict())
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
     assert not torch.equal(outs[0]["layers.0.ffn.router.weight"], outs[2]["layers.0.ffn.router.weight"])
+
+
+FITTING = {  # name: (method, n_shared, granularity, upcycle options, expected d_expert); d_ff 64
+    "copy": ("copy", 0, 1, {}, 64),
+    "copy_shared_slice": ("copy", 1, 1, {}, 32),  # shared 32 units, routed the other 32
+    "copy_granularity3_shared": ("copy", 1, 3, {}, 48),  # routed 48/3 = 16 = 64 - 48
+    "copy_granularity2": ("copy", 0, 2, {}, 128),  # 2x the experts, each the whole FFN
+    "split_granularity4": ("split", 0, 4, {}, 64),  # routed 16 = 64 / 4
+    "split_granularity2_shared": ("split", 1, 2, {}, 32),  # shared 32, routed 2 x 16
+    "drop_auto_base": ("drop", 0, 2, {}, 64),  # auto: the split layout
+    "noise_copy_base": ("noise", 0, 2, {"base": "copy"}, 128),
+    "copy_shared_whole": ("copy", 1, 1, {"shared": "whole"}, 64),
+    "copy_shared_random": ("copy", 1, 1, {"shared": "random"}, 64),  # takes no dense units
+}
+
+
+@pytest.mark.parametrize("case", list(FITTING))
+def test_fitting_d_expert_builds_the_target_and_copy_has_no_other_width(case):
+    method, n_shared, g, opts, want = FITTING[case]
+    d = fitting_d_expert(64, method, n_shared, g, opts.get("shared", "slice"),
+                         opts.get("base", "auto"))
+    assert d == want
+    routing = RoutingConfig(gate="softmax_topk", top_k=2)
+    ucfg = UpcycleConfig(method=method, **opts)
+    dense = dense_model()
+
+    def upcycle(width: int):
+        target = moe_model(MoEConfig(n_experts=4, d_expert=width, granularity=g,
+                                     n_shared=n_shared), routing)
+        return target, upcycle_into(target, dense.state_dict(), ucfg)
+
+    target, rep = upcycle(d)
+    if method in ("copy", "split") and opts.get("shared", "slice") == "slice":
+        assert rep.function_preserving, rep.reason
+        with torch.no_grad():
+            torch.testing.assert_close(target(IDS).logits, dense(IDS).logits, atol=2e-5, rtol=1e-4)
+    if method == "copy" and "shared" not in opts:  # the only width: any other fails
+        for other in (d - g, d + g):
+            with pytest.raises(ValueError, match=rf"moe.d_expert={d} fits"):
+                upcycle(other)
+
+
+@pytest.mark.parametrize("method,n_shared,g,match", [
+    ("copy", 2, 1, r"moe.d_expert = 64/3;"),  # 64 - 2d = d has no integer solution
+    ("split", 0, 3, r"64/1 as a multiple of 3"),
+    ("copy", 4, 2, r"n_shared=4 \(upcycle.shared=slice\) and moe.granularity=2 would need "
+                   r"moe.d_expert = 128/9 as"),
+])
+def test_fitting_d_expert_refuses_when_nothing_fits(method, n_shared, g, match):
+    with pytest.raises(ValueError, match=match):
+        fitting_d_expert(64, method, n_shared, g)
