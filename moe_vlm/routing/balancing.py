@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 CountReducer = Callable[[Tensor], Tensor]  # sums a tensor over data-parallel ranks
@@ -32,8 +31,8 @@ def switch_aux_loss(scores: Tensor, experts: Tensor, n_experts: int, n_groups: i
     rank's probability sum over the *global* token count, so the loss returned is this
     rank's share and the shares of all ranks add up to the global-batch loss.
 
-    Counts are exact integers and the probability sums a one-hot matmul, so the result
-    does not depend on thread scheduling (no scatter-add of floats)."""
+    Counts are exact integers and the probability sums add in a fixed order, so the result
+    does not depend on thread scheduling (``index_add_`` is serial over the index on CPU)."""
     t, k = experts.shape
     dev = experts.device
     if group_ids is None:
@@ -44,7 +43,10 @@ def switch_aux_loss(scores: Tensor, experts: Tensor, n_experts: int, n_groups: i
     counts = torch.bincount(key.reshape(-1), minlength=n_groups * n_experts)
     counts = counts.reshape(n_groups, n_experts).to(scores.dtype)  # [G, E]
     n_tok = torch.bincount(group_ids, minlength=n_groups).to(scores.dtype)  # [G]
-    prob_sum = F.one_hot(group_ids, n_groups).to(scores.dtype).t() @ scores  # [G, E]
+    if n_groups == 1:
+        prob_sum = scores.sum(0, keepdim=True)  # [1, E]
+    else:  # index_add_: serial over the index on CPU, deterministic on CUDA in deterministic mode
+        prob_sum = scores.new_zeros(n_groups, n_experts).index_add_(0, group_ids, scores)  # [G, E]
     if count_reducer is not None:  # one reduction for counts and token totals
         flat = count_reducer(torch.cat([counts, n_tok[:, None]], 1))  # [G, E + 1]
         counts, n_tok = flat[:, :n_experts], flat[:, n_experts]

@@ -4,7 +4,7 @@ Legend: T real tokens routed, E experts.
 
 Besides the per-call means, each call returns the *sums* behind them (``n_tokens``,
 ``entropy_sum``, ``n_requested``, ``n_kept``), so a training step can aggregate its
-micro-batches and processes exactly (``moe_vlm.train.loop``): the step's entropy is the
+micro-batches and processes exactly (``moe_vlm.train.step``): the step's entropy is the
 mean over all its real tokens, its drop fraction the fraction of all its requested
 assignments, whatever the micro-batching.
 """
