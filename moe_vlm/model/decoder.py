@@ -162,13 +162,11 @@ class DecoderLM(nn.Module):
         logits = F.linear(x, w)  # [B, S, V]
         out = ModelOutput(logits=logits, routing=routing)
         if labels is not None:
-            if loss_norm is None:
-                out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                              ignore_index=IGNORE_INDEX)
-            else:
-                out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                              ignore_index=IGNORE_INDEX,
-                                              reduction="sum") / max(1.0, loss_norm.n_targets)
+            reduction = "mean" if loss_norm is None else "sum"  # sum: divided by the step's count
+            out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                          ignore_index=IGNORE_INDEX, reduction=reduction)
+            if loss_norm is not None:
+                out.lm_loss = out.lm_loss / max(1.0, loss_norm.n_targets)
             out.routing_loss = sum((r.loss for r in routing), torch.zeros((), device=x.device))
             out.loss = out.lm_loss + out.routing_loss
         return out

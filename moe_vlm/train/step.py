@@ -38,9 +38,9 @@ class StepForward:
     norm: LossNorm  # the step's totals
 
 
-def step_loss_norm(batches: list[dict[str, Tensor]], n_micro: int, layout: Layout) -> LossNorm:
-    """The step's totals over this rank's micro-batches and every rank (one all-reduce):
-    target tokens, real tokens and sequences of the global batch (``LossNorm``)."""
+def step_loss_norm(batches: list[dict[str, Tensor]], layout: Layout) -> LossNorm:
+    """The step's totals over this rank's micro-batches ``batches`` and every rank (one
+    all-reduce): target tokens, real tokens and sequences of the global batch."""
     n_tgt = n_tok = n_seq = 0
     for b in batches:  # CPU tensors: no device sync
         mask = b.get("token_mask")
@@ -50,7 +50,7 @@ def step_loss_norm(batches: list[dict[str, Tensor]], n_micro: int, layout: Layou
         n_seq += int(mask.any(1).sum())
     totals = torch.tensor([n_tgt, n_tok, n_seq], dtype=torch.float64, device=layout.device)
     n_tgt, n_tok, n_seq = layout.all_sum(totals).tolist()  # host sync
-    return LossNorm(n_targets=n_tgt, n_tokens=n_tok, n_seqs=n_seq, n_micro=n_micro,
+    return LossNorm(n_targets=n_tgt, n_tokens=n_tok, n_seqs=n_seq, n_micro=len(batches),
                     n_ranks=layout.world)
 
 
@@ -70,7 +70,7 @@ def forward_backward_step(engine: Any, batches: list[dict[str, Tensor]], layout:
     """Forward and backward every micro-batch of this rank's share of one step through
     ``engine`` (gradients accumulate; no optimiser step), and reduce the losses."""
     device = layout.device
-    norm = step_loss_norm(batches, len(batches), layout)
+    norm = step_loss_norm(batches, layout)
     lm = torch.zeros((), device=device)
     rt = torch.zeros((), device=device)
     routing, modality = [], []

@@ -17,7 +17,9 @@ from moe_vlm.model.decoder import build_model
 from moe_vlm.model.experts import grouped_mm_supported
 from moe_vlm.model.granularity import MoESizes
 from moe_vlm.model.moe import MoELayer
+from moe_vlm.parallel.runtime import Layout
 from moe_vlm.routing import LossNorm
+from moe_vlm.train.step import step_loss_norm
 
 ROUTINGS = {  # every gate, every balance scope, bias, capacity dropping, z-loss
     "softmax_seq_z": dict(gate="softmax_topk", aux_loss_scope="sequence", z_loss_coef=0.01),
@@ -138,11 +140,9 @@ def _samples(lengths: list[int], seed: int = 4) -> list[dict[str, torch.Tensor]]
     return out
 
 
-def _norm(batches: list[dict[str, torch.Tensor]], n_ranks: int = 1) -> LossNorm:
-    return LossNorm(n_targets=float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)),
-                    n_tokens=float(sum(int(b["token_mask"].sum()) for b in batches)),
-                    n_seqs=float(sum(int(b["token_mask"].any(1).sum()) for b in batches)),
-                    n_micro=len(batches) // n_ranks, n_ranks=n_ranks)
+def _norm(batches: list[dict[str, torch.Tensor]]) -> LossNorm:
+    """The step's totals as the training loop counts them (one process)."""
+    return step_loss_norm(batches, Layout(torch.device("cpu")))
 
 
 def assert_rel(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-6, msg: str = "") -> None:
@@ -152,9 +152,9 @@ def assert_rel(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-6, msg: st
     assert err <= rel, f"{msg}: relative error {err:.3g} > {rel}"
 
 
-def _step(model, batches: list[dict[str, torch.Tensor]], n_ranks: int = 1):
+def _step(model, batches: list[dict[str, torch.Tensor]]):
     """Sum of the micro-batches' shares and of their gradients (as the engines do)."""
-    norm = _norm(batches, n_ranks)
+    norm = _norm(batches)
     model.zero_grad()
     lm = rt = 0.0
     for b in batches:
