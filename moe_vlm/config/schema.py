@@ -12,6 +12,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
+from moe_vlm.errors import ConfigError  # noqa: F401 - re-exported: the schema's error
+
 GATES = ("softmax_topk", "sigmoid_topk", "expert_choice")
 AUX_SCOPES = ("micro_batch", "sequence", "global_batch")
 BACKENDS = ("auto", "torch", "grouped_mm", "triton")
@@ -23,8 +25,6 @@ NAN_POLICIES = ("stop", "skip")
 ENGINES = ("torch", "deepspeed")
 
 
-class ConfigError(ValueError):
-    """A config value or combination that cannot run; the message names the key."""
 
 
 @dataclass
@@ -144,6 +144,9 @@ class DataConfig:
     image_dir: Optional[str] = None  # llava: folder the rows' "image" paths are relative to
     eval_path: Optional[str] = None  # llava: held-out JSON/JSONL (default: last n_eval_samples rows)
     streaming: bool = False  # llava: stream rows instead of loading the file
+    # llava: image paths that leave data.image_dir ("../", absolute, a symlink out) are
+    # refused unless this is true (a shared dataset file must not read arbitrary files)
+    allow_outside_image_dir: bool = False
     pack: bool = False  # pack several samples into each sequence
     max_images_per_seq: int = 4  # packing budget: images per packed sequence
 
@@ -180,6 +183,13 @@ class TrainConfig:
     deterministic: bool = False
     trainable: list[str] = field(default_factory=lambda: ["all"])  # groups: moe_vlm.train.freeze
     init_from: Optional[str] = None  # start from this run dir's (or file's) checkpoint weights
+    # Resume refuses a config that differs from the run's saved one in anything but run
+    # cadence and layout; list keys (or groups: "train", "routing.gate") to change them
+    # deliberately. Applied and recorded in summary.json as changed_on_resume.
+    allow_changes: list[str] = field(default_factory=list)
+    # Read checkpoints written before checksums (pickled, weights_only=False): only for
+    # files you trust, since unpickling a file can run code.
+    trust_checkpoint: bool = False
     progress: bool = True
 
 
