@@ -4,16 +4,27 @@ Shapes: S tokens (<= ``seq_len``), N images of the row (may be 0), H = W = ``ima
 
 Rows look like ``{"id": ..., "image": "a.png" | ["a.png", ...] | absent,
 "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}``
-and are rendered by ``chat.render_conversation``. Files are read with
-``datasets.load_dataset("json")``: it infers the schema and stores fields whose type
-varies between rows (``image`` as a string in one row and a list in another, a malformed
-``conversations``) as JSON, so one odd row does not break loading; the datasets cache
-goes to a temporary directory that is deleted again, never to ``~/.cache``.
+and are rendered by ``chat.render_conversation``. A ``.json`` file holds a JSON list of
+rows (or, if it does not start with ``[``, one row per line like ``.jsonl``); a ``.jsonl``
+file holds one JSON object per line, blank lines ignored. Any other suffix (``.txt``, ...)
+is refused with a ``DataError`` naming the supported ones: the suffix says how to parse
+the file, and guessing from content would silently accept a wrong file.
 
-Real data has bad rows (a missing or corrupt image, a conversation longer than the
-context, broken structure). They are skipped, not fatal: each bad row is counted once in
+Map-style files are loaded with ``datasets.load_dataset("json")`` (rows kept as Arrow in
+memory, not as millions of Python objects): it infers the schema and stores fields whose
+type varies between rows (``image`` as a string in one row and a list in another, a
+malformed ``conversations``) as JSON; the datasets cache goes to a temporary directory
+that is deleted again, never to ``~/.cache``. ``datasets`` refuses a whole file for one
+line that is not JSON, not UTF-8, or not an object; then the rows are read here
+(``_read_rows``) and the readable ones handed to ``datasets`` as a clean copy, so those
+lines become bad rows like any other. Streaming reads the file with ``_read_rows`` itself.
+
+Real data has bad rows (a line that is not JSON or not an object, a missing or corrupt
+image, an image outside ``data.image_dir``, a conversation longer than the context,
+broken structure). They are skipped, not fatal: each bad row is counted once in
 ``stats`` and warned about once (``BadRowWarning``), so a long run survives them and the
-run's log says how many were lost and why.
+run's log says how many were lost and why. A file with no usable row at all raises
+``NoUsableRows`` (a ``DataError``) naming the file, the counts and what to change.
 
 Two modes:
 
@@ -27,6 +38,7 @@ Two modes:
 
 from __future__ import annotations
 
+import codecs
 import copy
 import json
 import tempfile
@@ -39,18 +51,37 @@ import torch
 from moe_vlm.config.schema import ConfigError, DataConfig
 from moe_vlm.data.chat import MalformedRow, render_conversation
 from moe_vlm.data.images import ImageError, load_image
+from moe_vlm.errors import DataError
 
 SUFFIXES = (".json", ".jsonl")
+# Always in ``stats`` (0 if none), so a run's log shows them side by side.
 STAT_KEYS = ("skipped_missing_image", "skipped_corrupt_image", "skipped_too_long",
              "skipped_malformed")
+# Rarer, file-level problems: in ``stats`` only once one occurs, so clean logs stay short.
+EXTRA_STAT_KEYS = ("skipped_invalid_json", "skipped_not_object", "skipped_outside_image_dir")
+# What to change when every row was skipped for one of these reasons.
+_HINTS = {
+    "skipped_invalid_json": "a .json file holds a JSON list of row objects, a .jsonl file "
+                            "one JSON object per line, both in UTF-8",
+    "skipped_not_object": "each row must be a JSON object ({...})",
+    "skipped_outside_image_dir": "the images lie outside data.image_dir; set "
+                                 "data.allow_outside_image_dir=true if that is intended",
+    "skipped_missing_image": "image paths are relative to data.image_dir; check it",
+    "skipped_too_long": "the conversations do not fit data.seq_len; raise it",
+}
 
 
 class BadRowWarning(UserWarning):
     """A row that was skipped; the message names the file, row, id and reason."""
 
 
-class NoUsableRows(ValueError):
-    """Every row of the (selected part of the) file is bad."""
+class NoUsableRows(DataError):
+    """Every row of the (selected part of the) file is bad, or there are none."""
+
+
+class MissingDataPath(DataError, FileNotFoundError):
+    """A configured data file or directory that does not exist; also a
+    ``FileNotFoundError``, so callers that catch that keep working."""
 
 
 class _Skip(Exception):
@@ -59,37 +90,132 @@ class _Skip(Exception):
         self.stat, self.reason = stat, reason
 
 
-def _load_json_rows(path: Path, streaming: bool) -> Any:
-    """``datasets`` JSON loader, cache in a temporary directory that is removed again.
+def check_path(key: str, path: str | Path, want_dir: bool = False) -> Path:
+    """``path`` as a ``Path`` if it is an existing file (or directory), else a
+    ``DataError`` naming the config ``key``."""
+    p, kind = Path(path), "directory" if want_dir else "file"
+    if not p.exists():
+        raise MissingDataPath(f"{key}: no such {kind}: {p}")
+    if p.is_dir() != want_dir:
+        raise DataError(f"{key}: {p} is a {'file' if want_dir else 'directory'}, not a {kind}")
+    return p
 
-    Map-style data is kept in memory (``keep_in_memory``) so nothing on disk is needed
-    after loading; a streaming dataset reads the source file itself on iteration.
-    Local files need no network, so no offline switch is set."""
+
+def _first_byte(path: Path) -> bytes:
+    """The first non-whitespace byte of the file (after a UTF-8 BOM), ``b""`` if none;
+    reads only as far as it needs, so it is cheap on a large file."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            rest = chunk.lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()
+            if rest:
+                return rest[:1]
+    return b""
+
+
+def _parse_line(line: bytes, lineno: int) -> Any:
+    """One JSONL line -> a row (a dict), or a ``_Skip`` saying why it is unusable."""
+    try:
+        row = json.loads(line.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        return _Skip("skipped_invalid_json", f"line {lineno}: not UTF-8 (byte {e.start})")
+    except json.JSONDecodeError as e:
+        return _Skip("skipped_invalid_json", f"line {lineno}: invalid JSON: {e}")
+    return _check_object(row, f"line {lineno}")
+
+
+def _check_object(row: Any, where: str) -> Any:
+    """``row`` if it is a non-empty object, else a ``_Skip`` naming ``where`` it came from."""
+    if not isinstance(row, dict):
+        return _Skip("skipped_not_object", f"{where}: not a JSON object but {type(row).__name__} "
+                                           f"{json.dumps(row)[:40]}")
+    if not row:
+        return _Skip("skipped_malformed", f"{where}: empty object")
+    return row
+
+
+def _read_rows(path: Path, where: str) -> Iterator[Any]:
+    """The rows of a conversation file in order: a dict per usable row, a ``_Skip`` per
+    line that is not UTF-8, not JSON or not a non-empty object (numbered like
+    ``datasets`` numbers rows: blank lines do not count).
+
+    A ``.json`` file starting with ``[`` is one JSON list, parsed whole (as ``datasets``
+    does too); if it does not parse, no row can be trusted and a ``DataError`` (prefixed
+    ``where``) says where. Everything else is read line by line, lazily."""
+    if path.suffix == ".json" and _first_byte(path) == b"[":
+        try:
+            rows = json.loads(path.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{where}: not a valid JSON list of rows ({e}); fix it, or write it "
+                            "as JSON Lines (.jsonl), where a broken line is only skipped") from None
+        for i, row in enumerate(rows):
+            yield _check_object(row, f"item {i}")
+        return
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield _parse_line(line, lineno)
+
+
+def _is_utf8(path: Path) -> bool:
+    """Whether the whole file decodes as UTF-8 (read in chunks: fast, little memory).
+    Checked before ``datasets`` reads a file: pyarrow accepts invalid bytes inside
+    strings and only fails when the row is read, mid-run."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        try:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def _load_json_rows(path: Path) -> Any:
+    """``datasets`` JSON loader (in memory), cache in a temporary directory that is
+    removed again. Local files need no network, so no offline switch is set."""
     import datasets
 
     with tempfile.TemporaryDirectory(prefix="moe_vlm_datasets_") as cache:
         return datasets.load_dataset("json", data_files=str(path), split="train",
-                                     streaming=streaming, cache_dir=cache,
-                                     keep_in_memory=None if streaming else True)
+                                     cache_dir=cache, keep_in_memory=True)
 
 
-def _iter_stream_rows(ds: Any) -> Iterator[dict]:
-    """Rows of a streaming dataset as plain Python objects.
+def _load_rows(path: Path, where: str) -> tuple[Any, dict[int, _Skip]]:
+    """``(rows, unreadable)``: a ``datasets.Dataset`` with one row per row of the file,
+    and the rows that could not be read, by row number (their entries in ``rows`` are empty).
 
-    Read at the Arrow level: a column that ``datasets`` stored as JSON (because its
-    type varies) has the Arrow JSON type and is decoded here; without this, a streamed
-    ``.json`` list file (whose schema is unknown up front) would yield JSON strings."""
-    import pyarrow as pa
+    A clean file goes to ``datasets`` directly. If ``datasets`` refuses it (it refuses a
+    whole file for one broken line) or it is not all UTF-8, ``_read_rows`` finds the bad
+    rows and ``datasets`` loads a clean copy with an empty object in their place, so row
+    numbers stay those of the file."""
+    import datasets
 
-    for table in ds.with_format("arrow").iter(batch_size=256):
-        cols = {}
-        for name, col in zip(table.column_names, table.columns):
-            values = col.to_pylist()
-            if isinstance(col.type, pa.JsonType):
-                values = [None if v is None else json.loads(v) for v in values]
-            cols[name] = values
-        for i in range(table.num_rows):
-            yield {name: values[i] for name, values in cols.items()}
+    if _is_utf8(path):
+        try:
+            return _load_json_rows(path), {}
+        except Exception:  # noqa: BLE001 - whatever it refused, _read_rows finds out below
+            pass
+    unreadable: dict[int, _Skip] = {}
+    n = 0
+    with tempfile.TemporaryDirectory(prefix="moe_vlm_clean_") as tmp:
+        clean = Path(tmp) / "rows.jsonl"
+        with open(clean, "wb") as f:
+            for n, row in enumerate(_read_rows(path, where), 1):
+                if not isinstance(row, _Skip):
+                    try:  # a lone surrogate ("\ud800") is valid JSON but not text
+                        f.write(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n")
+                        continue
+                    except UnicodeEncodeError as e:
+                        row = _Skip("skipped_invalid_json", f"not valid Unicode text ({e.reason})")
+                unreadable[n - 1] = row
+                f.write(b"{}\n")
+        if n == 0 or len(unreadable) == n:
+            return None, unreadable  # nothing for datasets to load; the caller explains
+        try:
+            return _load_json_rows(clean), unreadable
+        except datasets.exceptions.DatasetGenerationError as e:
+            raise DataError(f"{where}: cannot be loaded: {e.__cause__ or e}") from e
 
 
 def _image_paths(row: dict) -> list[str]:
@@ -97,7 +223,8 @@ def _image_paths(row: dict) -> list[str]:
     if image is None:
         return []
     paths = [image] if isinstance(image, str) else image
-    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p and "\0" not in p
+                                              for p in paths):
         raise MalformedRow(f"'image' must be a path or a list of paths, got {image!r:.80}")
     return paths
 
@@ -106,40 +233,86 @@ class LlavaDataset:
     """LLaVA conversations -> samples; bad rows skipped and counted in ``stats``.
 
     ``start``/``stop`` select rows ``[start, stop)`` of the file (file order), e.g. to
-    hold out the first or last rows for eval.
+    hold out the first or last rows for eval. ``key`` is the config key the file came
+    from, named in errors. Image paths that leave ``image_dir`` (``../``, absolute, a
+    symlink out) are skipped unless ``allow_outside_image_dir``: a dataset file from
+    elsewhere must not make a run read arbitrary files.
     """
 
     def __init__(self, path: str | Path, image_dir: str | Path | None, tokenizer: Any,
                  n_image_tokens: int, image_size: int, image_mean: Sequence[float],
                  image_std: Sequence[float], seq_len: int, streaming: bool = False, *,
-                 start: int = 0, stop: Optional[int] = None):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"no such conversation file: {self.path}")
+                 start: int = 0, stop: Optional[int] = None, key: str = "data.path",
+                 allow_outside_image_dir: bool = False):
+        self.path, self.key = check_path(key, path), key
         if self.path.suffix not in SUFFIXES:
-            raise ValueError(f"{self.path}: expected a {' or '.join(SUFFIXES)} file")
-        if image_dir is not None and not Path(image_dir).is_dir():
-            raise FileNotFoundError(f"data.image_dir: no such directory: {image_dir}")
-        self.image_dir = None if image_dir is None else Path(image_dir)
+            raise DataError(f"{key}: {self.path}: unsupported suffix {self.path.suffix!r}; "
+                            "use .json (a JSON list of rows) or .jsonl (one JSON object per "
+                            "line), renaming the file if it holds one of those")
+        self.image_dir = None if image_dir is None else check_path("data.image_dir", image_dir,
+                                                                   want_dir=True)
+        self._image_root = None if image_dir is None else self.image_dir.resolve()
+        self.allow_outside_image_dir = allow_outside_image_dir
         self.tokenizer, self.n_image_tokens, self.seq_len = tokenizer, n_image_tokens, seq_len
         self.image_size, self.image_mean, self.image_std = image_size, list(image_mean), list(image_std)
         self.streaming = streaming
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self._bad: dict[int, str] = {}  # row number -> reason, so each bad row counts once
         self._start, self._stop = start, stop
-        ds = _load_json_rows(self.path, streaming)
+        if not _first_byte(self.path):
+            raise NoUsableRows(f"{self._where}: no rows (the file is empty or only blank lines)")
+        # Rows that could not be read at all (map-style), by row number; shared by views.
+        self._unreadable: dict[int, _Skip] = {}
         if streaming:
-            self._stream, self._rows, self._rownums = ds, None, None
-        else:
-            self._stream, self._rows = None, ds
-            self._rownums = list(range(len(ds)))[start:stop]  # position -> row number
-            if self.image_dir is None and "image" in ds.column_names:
-                images = ds.select(self._rownums)["image"]
-                if any(i not in (None, "", []) for i in images):
-                    raise ConfigError(f"data.image_dir: rows of {self.path} reference images; "
-                                      "set the folder their paths are relative to")
+            self._rows, self._rownums = None, None
+            return
+        ds, self._unreadable = _load_rows(self.path, self._where)
+        n_rows = len(self._unreadable) if ds is None else len(ds)
+        self._rows, self._rownums = ds, list(range(n_rows))[start:stop]  # position -> row number
+        if ds is None:  # every row unreadable: count them all and say why
+            for n in self._rownums:
+                self._try(n, self._row(n))
+            raise self._no_usable_rows(len(self._rownums))
+        if self.image_dir is None and "image" in ds.column_names:
+            images = ds.select(self._rownums)["image"]
+            if any(i not in (None, "", []) for i in images):
+                raise ConfigError(f"data.image_dir: rows of {self.path} reference images; "
+                                  "set the folder their paths are relative to")
+
+    @property
+    def _where(self) -> str:
+        return f"{self.key}: {self.path}"
+
+    def _no_usable_rows(self, n: int) -> NoUsableRows:
+        """The error for a selection without a usable row: counts, first reason, hints."""
+        sel = "" if (self._start, self._stop) == (0, None) else \
+            f" in [{self._start}, {'end' if self._stop is None else self._stop})"
+        if n == 0:
+            return NoUsableRows(f"{self._where}: no rows{sel}")
+        counts = ", ".join(f"{k}={v}" for k, v in self.stats.items() if v)
+        first = min(self._bad) if self._bad else None
+        msg = f"{self._where}: none of the {n} rows{sel} is usable; skipped: {counts}"
+        if first is not None:
+            msg += f" (first: row {first}: {self._bad[first]})"
+        hints = [h for k, h in _HINTS.items() if self.stats.get(k)]
+        return NoUsableRows("; ".join([msg, *hints]))
 
     # -- one row -> one sample ------------------------------------------------------
+
+    def _image_file(self, p: str) -> Path:
+        """``image_dir / p``; ``_Skip`` if it resolves outside ``image_dir`` (unless allowed)."""
+        path = self.image_dir / p  # type: ignore[operator]
+        if self.allow_outside_image_dir:
+            return path
+        try:
+            inside = path.resolve().is_relative_to(self._image_root)  # type: ignore[arg-type]
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+            raise _Skip("skipped_missing_image", f"image {p!r} cannot be resolved: {e}") from None
+        if not inside:
+            raise _Skip("skipped_outside_image_dir",
+                        f"image {p!r} lies outside data.image_dir {self.image_dir} "
+                        "(see data.allow_outside_image_dir)")
+        return path
 
     def _sample(self, row: dict) -> dict[str, torch.Tensor]:
         """Render and load one row, or raise ``_Skip`` with the stats key and reason."""
@@ -149,6 +322,8 @@ class LlavaDataset:
                                                        len(paths), self.n_image_tokens)
         except MalformedRow as e:
             raise _Skip("skipped_malformed", f"malformed: {e}") from None
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800") in the text
+            raise _Skip("skipped_invalid_json", f"not valid Unicode text ({e.reason})") from None
         if len(ids) > self.seq_len:
             raise _Skip("skipped_too_long", f"too long: {len(ids)} tokens > seq_len {self.seq_len}")
         if paths and self.image_dir is None:
@@ -157,7 +332,7 @@ class LlavaDataset:
         images = []
         for p in paths:
             try:
-                images.append(load_image(self.image_dir / p, self.image_size,  # type: ignore[operator]
+                images.append(load_image(self._image_file(p), self.image_size,
                                          self.image_mean, self.image_std))  # [3, H, W]
             except ImageError as e:
                 raise _Skip(f"skipped_{e.kind}_image", str(e)) from None
@@ -172,15 +347,24 @@ class LlavaDataset:
         if rownum in self._bad:
             return
         self._bad[rownum] = skip.reason
-        self.stats[skip.stat] += 1
+        self.stats[skip.stat] = self.stats.get(skip.stat, 0) + 1
         rid = row.get("id") if isinstance(row, dict) else None
         warnings.warn(f"{self.path.name} row {rownum} (id={rid!r}) skipped: {skip.reason}",
                       BadRowWarning, stacklevel=3)
 
-    def _try(self, rownum: int, row: dict) -> Optional[dict[str, torch.Tensor]]:
+    def _row(self, rownum: int) -> Any:
+        """Map-style row ``rownum``: a dict, or the ``_Skip`` of a row that could not be read."""
+        skip = self._unreadable.get(rownum)
+        return skip if skip is not None else self._rows[rownum]  # type: ignore[index]
+
+    def _try(self, rownum: int, row: Any) -> Optional[dict[str, torch.Tensor]]:
+        """The sample of a row, or ``None`` (counted once) if it is bad; ``row`` may be
+        the ``_Skip`` of a row that could not be read."""
         if rownum in self._bad:
             return None
         try:
+            if isinstance(row, _Skip):
+                raise row
             return self._sample(row)
         except _Skip as e:
             self._mark_bad(rownum, row, e)
@@ -200,15 +384,15 @@ class LlavaDataset:
         """Sample of row ``index % len``, or of the next good row after it (wrapping)."""
         n = len(self)
         if n == 0:
-            raise NoUsableRows(f"{self.path}: no rows selected")
+            raise self._no_usable_rows(0)
         for step in range(n):
             rownum = self._rownums[(index + step) % n]  # type: ignore[index]
             if rownum in self._bad:
                 continue
-            sample = self._try(rownum, self._rows[rownum])  # type: ignore[index]
+            sample = self._try(rownum, self._row(rownum))
             if sample is not None:
                 return sample
-        raise NoUsableRows(f"{self.path}: none of the {n} rows is usable; skipped: {self.stats}")
+        raise self._no_usable_rows(n)
 
     def _subset(self, positions: Sequence[int]) -> "LlavaDataset":
         """A map-style view of some rows, sharing the loaded data, with its own stats."""
@@ -225,42 +409,50 @@ class LlavaDataset:
         if self._rows is None:
             rows = list(self._iter_rows())
             new = copy.copy(self)
-            new._stream, new._rows, new.streaming = None, {n: r for n, r in rows}, False
+            new._rows, new.streaming = {n: r for n, r in rows}, False
             new._rownums = [n for n, _ in rows]
             new.stats, new._bad = dict(self.stats), dict(self._bad)
             return new.compact()
         good = [p for p, n in enumerate(self._rownums)  # type: ignore[arg-type]
-                if self._try(n, self._rows[n]) is not None]
+                if self._try(n, self._row(n)) is not None]
         if not good:
-            raise NoUsableRows(f"{self.path}: none of the {len(self)} rows is usable; "
-                               f"skipped: {self.stats}")
+            raise self._no_usable_rows(len(self))
         new = self._subset(good)
         new.stats, new._bad = dict(self.stats), dict(self._bad)
         return new
 
     # -- iteration (both modes) ---------------------------------------------------------
 
-    def _iter_rows(self) -> Iterator[tuple[int, dict]]:
-        """``(row number, row)`` in file order over the selected rows."""
+    def _iter_rows(self) -> Iterator[tuple[int, Any]]:
+        """``(row number, row)`` in file order over the selected rows; a row that could
+        not be read is a ``_Skip``."""
         if self._rows is not None:
             for n in self._rownums:  # type: ignore[union-attr]
-                yield n, self._rows[n]
+                yield n, self._row(n)
             return
-        for n, row in enumerate(_iter_stream_rows(self._stream)):
+        for n, row in enumerate(_read_rows(self.path, self._where)):
             if self._stop is not None and n >= self._stop:
                 return
             if n >= self._start:
                 yield n, row
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """The good samples in file order (one pass, no wrap-around)."""
+        """The good samples in file order (one pass, no wrap-around). A pass without a
+        single good sample raises ``NoUsableRows`` rather than ending quietly, so a
+        consumer that cycles epochs cannot spin forever (not per ``DataLoader`` worker,
+        whose share may legitimately be empty)."""
         info = torch.utils.data.get_worker_info()
+        n_rows, any_good = 0, False
         for n, row in self._iter_rows():
             if info is not None and n % info.num_workers != info.id:
                 continue
+            n_rows += 1
             sample = self._try(n, row)
             if sample is not None:
+                any_good = True
                 yield sample
+        if not any_good and info is None:
+            raise self._no_usable_rows(n_rows)
 
 
 def build_llava_sources(cfg: DataConfig, tokenizer: Any, n_image_tokens: int, image_size: int,
@@ -275,19 +467,21 @@ def build_llava_sources(cfg: DataConfig, tokenizer: Any, n_image_tokens: int, im
     """
     if not cfg.path:
         raise ConfigError("data.path: data.name=llava needs a conversation JSON/JSONL file")
-    for key, p in (("data.path", cfg.path), ("data.eval_path", cfg.eval_path)):
-        if p is not None and not Path(p).is_file():
-            raise FileNotFoundError(f"{key}: no such file: {p}")
-    if cfg.image_dir is not None and not Path(cfg.image_dir).is_dir():
-        raise FileNotFoundError(f"data.image_dir: no such directory: {cfg.image_dir}")
+    check_path("data.path", cfg.path)
+    if cfg.eval_path is not None:
+        check_path("data.eval_path", cfg.eval_path)
+    if cfg.image_dir is not None:
+        check_path("data.image_dir", cfg.image_dir, want_dir=True)
 
-    def make(path: str, streaming: bool, **kw: Any) -> LlavaDataset:
+    def make(path: str, streaming: bool, key: str = "data.path", **kw: Any) -> LlavaDataset:
         return LlavaDataset(path, cfg.image_dir, tokenizer, n_image_tokens, image_size,
-                            image_mean, image_std, cfg.seq_len, streaming, **kw)
+                            image_mean, image_std, cfg.seq_len, streaming, key=key,
+                            allow_outside_image_dir=cfg.allow_outside_image_dir, **kw)
 
     n_eval = cfg.n_eval_samples
     if cfg.eval_path is not None:
-        return make(cfg.path, cfg.streaming), make(cfg.eval_path, False).compact()
+        return (make(cfg.path, cfg.streaming),
+                make(cfg.eval_path, False, key="data.eval_path").compact())
     if cfg.streaming:
         return make(cfg.path, True, start=n_eval), make(cfg.path, True, stop=n_eval).compact()
     full = make(cfg.path, False)
@@ -298,4 +492,5 @@ def build_llava_sources(cfg: DataConfig, tokenizer: Any, n_image_tokens: int, im
     return full._subset(range(n - n_eval)), full._subset(range(n - n_eval, n)).compact()
 
 
-__all__ = ["BadRowWarning", "LlavaDataset", "NoUsableRows", "build_llava_sources", "STAT_KEYS"]
+__all__ = ["BadRowWarning", "LlavaDataset", "MissingDataPath", "NoUsableRows",
+           "build_llava_sources", "check_path", "STAT_KEYS", "EXTRA_STAT_KEYS"]

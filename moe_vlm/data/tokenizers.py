@@ -19,6 +19,7 @@ is tokenized as ordinary text, so special ids only ever come from the caller (``
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -26,6 +27,7 @@ from typing import Any, Iterable, Optional
 from moe_vlm.config.schema import ConfigError, DataConfig
 from moe_vlm.data.synthetic_text import synthetic_document
 from moe_vlm.data.tokenizer import ByteTokenizer
+from moe_vlm.errors import DataError
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<image>")
 IMAGE_TOKEN = "<image>"
@@ -77,9 +79,16 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: Path) -> "BPETokenizer":
+        """The run's saved tokenizer. A damaged file is a ``DataError`` that says to delete
+        it: the next start then retrains it, identically from the same corpus."""
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(str(path)))
+        try:  # tokenizers raises a bare Exception for unreadable or wrongly shaped JSON
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - any failure here means the file is bad
+            raise DataError(f"{path}: not a usable BPE tokenizer ({type(e).__name__}: {e}); it "
+                            "is this run's saved tokenizer: delete it to have it retrained "
+                            "(deterministic: the same corpus gives the same ids)") from e
 
     def save(self, path: Path) -> None:
         """Atomic: a killed run never leaves a half-written tokenizer.json behind."""
@@ -131,11 +140,25 @@ class HFTokenizer:
 def _load_hf(path: Optional[str]) -> HFTokenizer:
     if not path:
         raise ConfigError("data.tokenizer_path: data.tokenizer=hf needs a local tokenizer directory")
-    if not Path(path).exists():
-        raise FileNotFoundError(f"data.tokenizer_path: no such tokenizer directory: {path}")
+    from moe_vlm.data.llava import check_path
+
+    check_path("data.tokenizer_path", path, want_dir=True)
+    for f in (Path(path) / "tokenizer.json", Path(path) / "tokenizer_config.json"):
+        if not f.is_file():  # name the broken file if it is not even JSON
+            continue
+        try:
+            json.loads(f.read_bytes())
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise DataError(f"data.tokenizer_path: {f} is not valid JSON ({e}); fix or replace "
+                            "it, or point data.tokenizer_path at an intact tokenizer") from e
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:  # a damaged tokenizer.json surfaces as any of KeyError, TypeError, JSON errors, ...
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means the directory is bad
+        raise DataError(f"data.tokenizer_path: cannot load the tokenizer in {path} "
+                        f"({type(e).__name__}: {e}); fix data.tokenizer_path or its files "
+                        "(tokenizer.json, tokenizer_config.json)") from e
     return HFTokenizer(tok, source=str(path))
 
 
