@@ -7,7 +7,19 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from moe_vlm.errors import UserError
+
 SHOW = ["status", "final_eval_loss", "eval_accuracy", "params_active", "tokens_seen", "steps"]
+
+
+def check_out_file(out: Path) -> None:
+    """Refuse an ``--out`` file path that cannot be written because it is a directory or
+    one of its parents is a regular file (the OSError would only say "File exists")."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file path")
+    for parent in reversed(out.absolute().parents):  # from the root down
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--out {out}: {parent} is a file, not a directory")
 
 
 def results_main(args: Sequence[str]) -> None:
@@ -20,15 +32,20 @@ def results_main(args: Sequence[str]) -> None:
     ap.add_argument("--out", default=None, help="TABLE.csv or TABLE.parquet (default: print only)")
     a = ap.parse_args(list(args))
     try:
+        if a.out:
+            check_out_file(Path(a.out))
         df = collect_results(a.root)
         if a.out:
             write_table(df, a.out)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (UserError, OSError, ValueError, ImportError) as e:  # OSError: --out unwritable
         print(f"moe-vlm results: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if df.empty:
         print(f"no run directories under {a.root}")
         return
+    for _, row in df[df["status"] == "invalid"].iterrows():  # in the table; say why here
+        print(f"moe-vlm results: {row['run']}: invalid run directory: {row['error']}",
+              file=sys.stderr)
     cols = ["run", *varying_keys(df), *[c for c in SHOW if c in df.columns]]
     print(df[cols].to_markdown(index=False, floatfmt=".4g") if _has_tabulate()
           else df[cols].to_string(index=False))
@@ -63,6 +80,7 @@ def plot_main(args: Sequence[str]) -> None:
     a = ap.parse_args(list(args))
     out = Path(a.out or Path(a.root) / f"{a.kind}.png")
     try:
+        check_out_file(out)
         if a.kind == "curves":
             path = plots.plot_loss_curves(a.root, out, a.metric or "eval_loss")
         elif a.kind == "load":
@@ -75,7 +93,7 @@ def plot_main(args: Sequence[str]) -> None:
                 path = plots.plot_final_vs_key(table, a.key, out, a.metric or "final_eval_loss")
             else:
                 path = plots.plot_isoflop(table, out, n_col=a.n_col)
-    except (FileNotFoundError, ValueError) as e:
+    except (UserError, OSError, ValueError) as e:  # OSError: --out unwritable
         print(f"moe-vlm plot: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(path)

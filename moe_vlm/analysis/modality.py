@@ -7,30 +7,112 @@ pair per MoE layer: for each modality, the fraction of its tokens each expert re
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from moe_vlm.train.rundir import read_jsonl
+from moe_vlm.errors import DataError
+
+
+def _is_count(x: Any) -> bool:
+    """A finite number >= 0 (bools, NaN and inf are not counts)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < float("inf")
+
+
+def _layer_counts(routing: Any, fields: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """``{layer: counts [len(fields), E]}`` of one row's ``routing`` object; None if a row
+    has no layer with ``fields`` at all (e.g. a text-only row for the modality fields).
+    Raises ValueError saying what is malformed."""
+    if not isinstance(routing, dict) or not routing:
+        raise ValueError(f"'routing' should be a non-empty object, got {type(routing).__name__}")
+    out: dict[str, np.ndarray] = {}
+    for layer, v in routing.items():
+        if not (isinstance(layer, str) and layer.startswith("layer_")
+                and layer[len("layer_"):].isdigit()):
+            raise ValueError(f"routing key {layer!r} is not layer_<index>")
+        if not isinstance(v, dict):
+            raise ValueError(f"routing.{layer} should be an object, got {type(v).__name__}")
+        if not any(f in v for f in fields):
+            continue
+        counts = []
+        for f in fields:
+            c = v.get(f)
+            if not (isinstance(c, list) and c and all(_is_count(x) for x in c)):
+                raise ValueError(f"routing.{layer}.{f} should be a non-empty list of "
+                                 f"non-negative counts, got {json.dumps(c)[:60]}")
+            counts.append(c)
+        if len({len(c) for c in counts}) > 1:
+            raise ValueError(f"routing.{layer}: {', '.join(fields)} differ in length")
+        out[layer] = np.asarray(counts, dtype=float)
+    return out or None
+
+
+def routing_counts(run_dir: str | Path, fields: Sequence[str], last: Optional[int] = None,
+                   what: str = "routing", hint: str = "") -> dict[str, np.ndarray]:
+    """``{layer: counts [len(fields), E]}`` summed over the usable ``metrics.jsonl`` rows
+    of ``run_dir`` (the last ``last`` of them if given; 0 or None: all), layers in order.
+
+    Rows without ``routing`` (eval rows) or without ``fields`` are not rows of this plot.
+    Malformed rows (not an object, ``routing`` of the wrong shape, missing or non-numeric
+    counts, an expert count that changes between rows) are skipped and counted on stderr,
+    so one bad line does not hide a whole run; a torn last line (a killed run) is ignored
+    silently. DataError when no usable row remains."""
+    if last is not None and last < 0:
+        raise ValueError(f"--last must be >= 0, got {last}")
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (is {run_dir} a run directory?)")
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    rows: list[dict[str, np.ndarray]] = []
+    experts: dict[str, int] = {}  # layer -> expert count of the first usable row
+    bad: list[str] = []
+    for n, line in enumerate(lines, 1):
+        try:
+            r = json.loads(line)
+        except ValueError:
+            if n < len(lines):  # the last line may be torn by a kill; any other is corrupt
+                bad.append(f"line {n}: not valid JSON")
+            continue
+        if not isinstance(r, dict):
+            bad.append(f"line {n}: expected a JSON object, got {type(r).__name__}")
+            continue
+        if "routing" not in r:
+            continue
+        try:
+            counts = _layer_counts(r["routing"], fields)
+            for layer, c in (counts or {}).items():
+                if experts.get(layer, c.shape[1]) != c.shape[1]:
+                    raise ValueError(f"routing.{layer} has {c.shape[1]} experts, earlier "
+                                     f"rows {experts[layer]}")
+        except ValueError as e:
+            bad.append(f"line {n}: {e}")
+            continue
+        if counts:
+            experts.update({layer: c.shape[1] for layer, c in counts.items()})
+            rows.append(counts)
+    if not rows:
+        raise DataError(f"{path}: has no {what} rows{hint}" if not bad else
+                        f"{path}: has no usable {what} rows ({len(bad)} malformed, first: "
+                        f"{bad[0]}){hint}")
+    if bad:
+        print(f"{path}: skipped {len(bad)} malformed row(s) (first: {bad[0]})", file=sys.stderr)
+    out: dict[str, np.ndarray] = {}
+    for r in rows[-last:] if last else rows:
+        for layer, c in r.items():
+            out[layer] = out.get(layer, 0) + c
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0][len("layer_"):])))
 
 
 def modality_load(run_dir: str | Path, last: Optional[int] = None) -> dict[str, np.ndarray]:
     """``{layer: array [2, E]}`` of image (row 0) and text (row 1) assignment counts,
-    summed over the logged steps (the last ``last`` of them if given)."""
-    rows = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "routing" in r]
-    rows = [r for r in rows if any("tokens_per_expert_image" in v for v in r["routing"].values())]
-    if not rows:
-        raise ValueError(f"{run_dir}: metrics.jsonl has no per-modality routing rows; "
-                         "is this a vision-language MoE run?")
-    if last is not None:
-        rows = rows[-last:]
-    out: dict[str, np.ndarray] = {}
-    for r in rows:
-        for layer, v in r["routing"].items():
-            counts = np.array([v["tokens_per_expert_image"], v["tokens_per_expert_text"]])
-            out[layer] = out.get(layer, 0) + counts
-    return dict(sorted(out.items(), key=lambda kv: int(kv[0].split("_")[-1])))
+    summed over the logged steps (the last ``last`` of them if given); malformed rows
+    are skipped (see ``routing_counts``)."""
+    return routing_counts(run_dir, ("tokens_per_expert_image", "tokens_per_expert_text"), last,
+                          what="per-modality routing",
+                          hint="; is this a vision-language MoE run?")
 
 
 def plot_modality_heatmap(run_dir: str | Path, out: Optional[str | Path] = None,

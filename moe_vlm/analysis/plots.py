@@ -5,12 +5,14 @@ same figures come from ``moe-vlm plot`` and from notebooks.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
+from moe_vlm.analysis.modality import routing_counts
 from moe_vlm.analysis.results import collect_results, varying_keys
 from moe_vlm.train.rundir import read_jsonl
 
@@ -31,6 +33,24 @@ def _save(fig, out: str | Path) -> Path:
     return out
 
 
+def drop_invalid(table: pd.DataFrame) -> pd.DataFrame:
+    """The table without ``invalid`` rows (run directories whose files have the wrong
+    shape; their ``error`` says why); how many were skipped goes to stderr."""
+    if "status" not in table.columns:
+        return table
+    bad = table["status"] == "invalid"
+    if bad.any():
+        first = table[bad].iloc[0]
+        print(f"skipped {int(bad.sum())} invalid run director{'y' if bad.sum() == 1 else 'ies'} "
+              f"(first: {first['run']}: {first.get('error')}); `moe-vlm results` lists them",
+              file=sys.stderr)
+    return table[~bad]
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _label(row: pd.Series, keys: Sequence[str]) -> str:
     return ", ".join(f"{k.split('.')[-1]}={row[k]}" for k in keys) if keys else str(row["run"])
 
@@ -43,13 +63,16 @@ def plot_loss_curves(root: str | Path, out: str | Path, metric: str = "eval_loss
     df = collect_results(root)
     if df.empty:
         raise ValueError(f"{root}: no run directories found")
+    df = drop_invalid(df)
     keys = list(keys) if keys is not None else varying_keys(df)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = 0
     for _, row in df.iterrows():
         path = root / row["run"] / "metrics.jsonl"
-        pts = [(r["step"], r[metric]) for r in read_jsonl(path) if metric in r] if path.is_file() else []
+        rows = read_jsonl(path) if path.is_file() else []
+        pts = [(r["step"], r[metric]) for r in rows  # rows of the wrong shape are not drawn
+               if isinstance(r, dict) and _is_number(r.get("step")) and _is_number(r.get(metric))]
         if not pts:
             continue
         steps, vals = zip(*pts)
@@ -70,7 +93,8 @@ def plot_loss_curves(root: str | Path, out: str | Path, metric: str = "eval_loss
 def plot_final_vs_key(table: pd.DataFrame, key: str, out: str | Path,
                       metric: str = "final_eval_loss") -> Path:
     """``metric`` of completed runs against ``key``; one line per combination of the other
-    swept keys. Failed runs are marked on the x axis with an x."""
+    swept keys. Failed runs are marked on the x axis with an x; invalid rows are skipped."""
+    table = drop_invalid(table)
     for c in (key, metric, "status"):
         if c not in table.columns:
             raise ValueError(f"the table has no column {c!r}; columns are e.g. "
@@ -82,7 +106,7 @@ def plot_final_vs_key(table: pd.DataFrame, key: str, out: str | Path,
     groups = ok.groupby(others, dropna=False) if others else [((), ok)]
     numeric = pd.api.types.is_numeric_dtype(table[key])
     for name, g in groups:
-        g = g.sort_values(key)
+        g = g.sort_values(key) if numeric else g.sort_values(key, key=lambda v: v.astype(str))
         x = g[key] if numeric else g[key].astype(str)
         label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in
                           zip(others, name if isinstance(name, tuple) else (name,))) or None
@@ -101,17 +125,10 @@ def plot_final_vs_key(table: pd.DataFrame, key: str, out: str | Path,
 
 
 def expert_load(run_dir: str | Path, last: Optional[int] = None) -> dict[str, np.ndarray]:
-    """``{layer: fraction of assignments per expert [E]}`` summed over the logged steps."""
-    rows = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "routing" in r]
-    if not rows:
-        raise ValueError(f"{run_dir}: metrics.jsonl has no routing rows (a dense run?)")
-    rows = rows[-last:] if last else rows
-    out: dict[str, np.ndarray] = {}
-    for r in rows:
-        for layer, v in r["routing"].items():
-            out[layer] = out.get(layer, 0) + np.asarray(v["tokens_per_expert"], dtype=float)
-    return {k: v / max(v.sum(), 1e-12) for k, v in
-            sorted(out.items(), key=lambda kv: int(kv[0].split("_")[-1]))}
+    """``{layer: fraction of assignments per expert [E]}`` summed over the logged steps;
+    malformed routing rows are skipped and counted on stderr (``modality.routing_counts``)."""
+    counts = routing_counts(run_dir, ("tokens_per_expert",), last, hint=" (a dense run?)")
+    return {k: v[0] / max(v[0].sum(), 1e-12) for k, v in counts.items()}
 
 
 def plot_expert_load(run_dir: str | Path, out: str | Path, last: Optional[int] = None) -> Path:
@@ -137,7 +154,8 @@ def plot_isoflop(table: pd.DataFrame, out: str | Path, n_col: str = "params_acti
     other share a budget), with each profile's parabola in log N and its minimum."""
     from moe_vlm.scaling import isoflop_fit
 
-    ok = table[table["status"] == "completed"]
+    ok = drop_invalid(table)
+    ok = ok[ok["status"] == "completed"]
     for c in (n_col, d_col, loss_col):
         if c not in ok.columns:
             raise ValueError(f"the table has no column {c!r}")
@@ -162,5 +180,5 @@ def plot_isoflop(table: pd.DataFrame, out: str | Path, n_col: str = "params_acti
     return _save(fig, out)
 
 
-__all__ = ["expert_load", "plot_expert_load", "plot_final_vs_key",
+__all__ = ["drop_invalid", "expert_load", "plot_expert_load", "plot_final_vs_key",
            "plot_isoflop", "plot_loss_curves"]

@@ -6,6 +6,10 @@ Legend: L layers, D model width, F MLP / expert width, E routed experts.
 Reading accepts ``model.safetensors``, sharded safetensors with
 ``model.safetensors.index.json``, ``pytorch_model.bin`` (``torch.load(weights_only=True)``)
 and sharded ``.bin`` with ``pytorch_model.bin.index.json``, in that order of preference.
+A weights file that cannot be read (truncated, not safetensors, a pickle that holds more
+than tensors) raises ``CheckpointError`` naming it; an index whose shard names leave the
+model directory (``../x``, an absolute path, a symlink out) is refused, never followed;
+a ``config.json`` that is not a JSON object raises ``ConfigError`` naming the file.
 Writing produces one ``model.safetensors`` (``{"format": "pt"}`` metadata, which older
 transformers versions insist on) next to ``config.json``.
 """
@@ -21,6 +25,8 @@ from typing import Union
 
 import torch
 from torch import Tensor
+
+from moe_vlm.errors import CheckpointError, ConfigError
 
 PathLike = Union[str, Path]
 
@@ -107,48 +113,102 @@ def plain_names(n_layers: int, schedule: list[bool], hf_type: str, qk_norm: bool
     return names
 
 
-def _read_json(f: Path) -> dict:
+def _read_json(f: Path, error: type[ValueError] = ConfigError) -> dict:
+    """A JSON object from ``f``; ``error`` (naming the file) if it is anything else."""
     try:
-        with open(f) as h:
+        with open(f, encoding="utf-8") as h:
             data = json.load(h)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: not valid JSON ({e})") from e
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise error(f"{f}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{f}: expected a JSON object, got {type(data).__name__}")
+        raise error(f"{f}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _unreadable(f: Path, e: BaseException) -> CheckpointError:
+    return CheckpointError(f"{f}: cannot read the weights ({_first_line(e)}); the file may be "
+                           f"truncated or not a checkpoint: download it again")
+
+
 def _load_safetensors(f: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(f), device="cpu")
+    try:
+        return load_file(str(f), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _unreadable(f, e) from None
 
 
 def _load_bin(f: Path) -> dict[str, Tensor]:
-    sd = torch.load(f, map_location="cpu", weights_only=True)
+    """A pickled state dict read with ``weights_only=True``: a pickle that needs anything
+    but tensors (code could run) is refused as untrusted, like a damaged file."""
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # "pickle protocol N" notes before the real error
+            warnings.simplefilter("ignore", UserWarning)
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a paragraph; the reason follows "WeightsUnpickler error:"
+        why = str(e).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+        why = " ".join(why.split())[:200] or _first_line(e)
+        raise CheckpointError(f"{f}: refused by torch.load(weights_only=True): not a plain "
+                              f"state dict of tensors, or damaged ({why})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise _unreadable(f, e) from None
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise ValueError(f"{f}: expected a flat state dict of tensors")
+        raise CheckpointError(f"{f}: expected a flat state dict of tensors")
     return sd
 
 
+def _shard_path(index: Path, shard: object) -> Path:
+    """The file a ``weight_map`` entry names, which must lie inside the model directory:
+    an absolute name, ``..`` or a symlink out would read files the index's author chose.
+    The one exception is the Hugging Face hub cache, where ``snapshots/<rev>/<file>`` are
+    symlinks to ``../../blobs/<hash>`` of the same repository."""
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{index}: weight_map holds {shard!r}, not a shard file name")
+    if Path(shard).is_absolute() or ".." in Path(shard).parts:
+        raise CheckpointError(f"{index}: weights shard {shard!r} is outside the model "
+                              f"directory {index.parent}; refusing to read it")
+    f = index.parent / shard
+    home = index.parent.resolve()
+    allowed = [home]
+    if home.parent.name == "snapshots":  # hub cache: <repo>/snapshots/<rev> -> <repo>/blobs
+        allowed.append(home.parent.parent / "blobs")
+    target = f.resolve()
+    if not any(target.is_relative_to(a) for a in allowed):
+        raise CheckpointError(f"{index}: weights shard {shard!r} resolves to {target}, outside "
+                              f"the model directory {index.parent}; refusing to read it")
+    return f
+
+
 def _read_sharded(index: Path, load) -> dict[str, Tensor]:
-    """All tensors of a sharded checkpoint; every key the index lists must be in its shard."""
-    weight_map = _read_json(index).get("weight_map")
+    """All tensors of a sharded checkpoint; every key the index lists must be in its shard,
+    and every shard inside the model directory (``_shard_path``)."""
+    weight_map = _read_json(index, CheckpointError).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{index}: has no 'weight_map' object")
+        raise CheckpointError(f"{index}: has no 'weight_map' object")
     by_shard: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
+        _shard_path(index, shard)  # refuse a bad entry before reading any shard
         by_shard.setdefault(shard, []).append(key)
     out: dict[str, Tensor] = {}
     for shard, keys in sorted(by_shard.items()):
-        f = index.parent / shard
+        f = _shard_path(index, shard)
         if not f.is_file():
             raise FileNotFoundError(f"weights shard {f} (listed in {index.name}) does not exist")
         tensors = load(f)
         missing = [k for k in keys if k not in tensors]
         if missing:
-            raise ValueError(f"{f}: lacks {missing[:5]} (listed in {index.name}"
-                             f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''})")
+            raise CheckpointError(f"{f}: lacks {missing[:5]} (listed in {index.name}"
+                                  f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''})")
         out.update(tensors)
     return out
 
