@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, replace
 from contextlib import contextmanager
@@ -28,21 +29,47 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from moe_vlm.config.schema import Config, ConfigError, UpcycleConfig
+from moe_vlm.errors import UserError
+
+# OS errors that mean "this path cannot be used" (not a bug): reported as one line.
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+                IsADirectoryError)
+
+
+def _describe(e: BaseException) -> str:
+    """The message of ``e``; an OS error as ``PATH: reason`` rather than ``[Errno N] ...``."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        other = f" -> {e.filename2}" if e.filename2 is not None else ""
+        return f"{e.filename}{other}: {e.strerror}"
+    return str(e)
 
 
 @contextmanager
 def _user_errors(prog: str) -> Iterator[None]:
-    """Problems with the user's paths, shapes or configs: one line on stderr, exit 2."""
+    """Problems with the user's paths, shapes, configs or checkpoint files (``UserError``
+    and the ValueErrors the readers raise, unusable paths): one line on stderr, exit 2.
+    Anything else is a bug and keeps its traceback."""
     try:
         yield
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ConfigError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+    except (UserError, ValueError, TypeError, ConfigError, *_PATH_ERRORS) as e:
+        print(f"{prog}: {_describe(e)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def _refuse_nonempty(out: Path, prog: str) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{prog}: {out} exists and is not empty; choose a new --out")
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become a new checkpoint directory, before any work:
+    an existing file, a non-empty directory, a regular file among its parents, or a parent
+    we may not write into."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} exists and is not empty; choose a new --out")
+    for parent in reversed(out.absolute().parents):  # from the root down
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"--out {out}: {parent} is a file, not a directory")
+    first = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not os.access(first, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: cannot create it, {first} is not writable")
 
 
 def _build(cfg: Config) -> nn.Module:
@@ -116,12 +143,15 @@ def upcycle_main(args: Sequence[str]) -> None:
     ap.add_argument("--from", dest="source", required=True)
     ap.add_argument("--method", required=True, choices=list(METHODS))
     ap.add_argument("--out", required=True)
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="read a checkpoint that needs full unpickling (an older moe-vlm's); "
+                         "only for files you trust: unpickling can run code")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     a = ap.parse_args(list(args))
     out = Path(a.out)
     with _user_errors("moe-vlm upcycle"):
-        _refuse_nonempty(out, "moe-vlm upcycle")
-        src = load_checkpoint(a.source)
+        _check_out(out)
+        src = load_checkpoint(a.source, trust=a.trust_checkpoint)
         base = default_target_moe(src.config)
         overrides = [*a.overrides, f"upcycle.method={a.method}", f"upcycle.source={a.source}"]
         derived = None
@@ -142,7 +172,8 @@ def upcycle_main(args: Sequence[str]) -> None:
               "overrides": list(a.overrides), "max_abs_logit_diff_vs_dense": gap}
     if derived is not None:
         record["derived"] = {"moe.d_expert": derived}
-    write_checkpoint_dir(out, cfg, target.state_dict(), "upcycle.json", record)
+    with _user_errors("moe-vlm upcycle"):  # e.g. --out made unwritable meanwhile
+        write_checkpoint_dir(out, cfg, target.state_dict(), "upcycle.json", record)
     sizes = getattr(target, "decoder", target).moe_sizes
     how = (f"  moe.d_expert={derived} (not set: derived from the dense d_ff "
            f"{src.config.model.d_ff} for {a.method})\n" if derived is not None else "")
@@ -167,14 +198,15 @@ def import_hf_main(args: Sequence[str]) -> None:
     a = ap.parse_args(list(args))
     out = Path(a.out)
     with _user_errors("moe-vlm import-hf"):
-        _refuse_nonempty(out, "moe-vlm import-hf")
+        _check_out(out)
         if not (Path(a.source) / "config.json").is_file():
             raise FileNotFoundError(f"{a.source}: no config.json (a Hugging Face model directory)")
         src = load_checkpoint(a.source)
         model = _build(src.config)
         model.load_state_dict(src.state_dict)
-    write_checkpoint_dir(out, src.config, model.state_dict(), "import.json",
-                         {"source": str(src.path)})
+    with _user_errors("moe-vlm import-hf"):
+        write_checkpoint_dir(out, src.config, model.state_dict(), "import.json",
+                             {"source": str(src.path)})
     m = src.config.model
     print(f"imported {src.path} -> {out}: {m.n_layers} layers x d_model {m.d_model}, vocab "
           f"{m.vocab_size}, {'MoE' if m.moe_every else 'dense'}\n"
@@ -191,12 +223,15 @@ def export_hf_main(args: Sequence[str]) -> None:
         "Hugging Face model directory that transformers loads with its own classes."))
     ap.add_argument("--from", dest="source", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="read a checkpoint that needs full unpickling (an older moe-vlm's); "
+                         "only for files you trust: unpickling can run code")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--decoder-only", action="store_true",
                     help="export the language model of a vision-language checkpoint")
     a = ap.parse_args(list(args))
     with _user_errors("moe-vlm export-hf"):
-        src = load_checkpoint(a.source)
+        src = load_checkpoint(a.source, trust=a.trust_checkpoint)
         sd = src.state_dict
         if any(k.startswith("decoder.") for k in sd):
             if not a.decoder_only:

@@ -60,13 +60,22 @@ def to_config(cfg: DictConfig) -> Config:
     """Composed ``DictConfig`` -> validated ``Config`` (drops Hydra's own keys)."""
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) \
         if "hydra" in cfg else cfg
-    obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    try:  # a --config-path file with an unknown key or a wrong type: name it, no traceback
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    except Exception as e:  # noqa: BLE001 - OmegaConf's errors name the key and the type
+        raise ConfigError(" ".join(str(e).split())) from None
     assert isinstance(obj, Config)
     return validate(obj)
 
 
 def load_config(overrides: Sequence[str] = ()) -> Config:
-    """Compose ``configs/config.yaml`` with Hydra overrides, outside of a Hydra app."""
+    """Compose ``configs/config.yaml`` with Hydra overrides, outside of a Hydra app.
+
+    Group overrides are looked up first: Hydra skips a missing *optional* preset
+    (``experiment=smok``) and would run the default job."""
+    from moe_vlm.config.groups import check_group_overrides
+
+    check_group_overrides(overrides)
     register_schema()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moe_vlm.errors import ConfigError
 from moe_vlm.parallel.engines import AmpContext
 from moe_vlm.parallel.expert_parallel import expert_parameters, full_state_dict
 from moe_vlm.parallel.runtime import Layout
@@ -195,8 +196,9 @@ class DeepSpeedEngine:
 
         n_saved = sum(len(g["params"]) for g in state["param_groups"])
         if n_saved != len(self.params):
-            raise ValueError(f"the checkpoint's optimizer has {n_saved} parameters, this run's "
-                             f"{len(self.params)}; train.trainable must match the run that saved it")
+            raise ConfigError(f"train.trainable: the checkpoint's optimizer has {n_saved} parameters, "
+                              f"this run's {len(self.params)}; train.trainable must match the run "
+                              "that saved it (start a new run.dir with train.init_from to change it)")
         saved = slice_expert_state(self.model, self.params, state["state"])
         if not saved:
             return

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moe_vlm.errors import ConfigError
 from moe_vlm.parallel.expert_parallel import ExpertParallelExperts, full_tensor, gather_shards
 
 
@@ -101,11 +102,19 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                               state: dict[str, Any]) -> None:
-    """Load a single-process optimizer state dict at this rank's layout."""
+    """Load a single-process optimizer state dict at this rank's layout. The moments and
+    step counts come from the checkpoint; the hyperparameters (betas, eps, weight decay)
+    stay those ``optimizer`` was built with from the current config, so what
+    ``config.yaml`` says is what runs (a resume may change them only when the user allows
+    it: ``moe_vlm.train.resume``)."""
     params = _ordered_params(optimizer)
     n_saved = sum(len(g["params"]) for g in state["param_groups"])
     if n_saved != len(params):
-        raise ValueError(f"the checkpoint's optimizer has {n_saved} parameters, this run's "
-                         f"{len(params)}; train.trainable must match the run that saved it")
+        raise ConfigError(f"train.trainable: the checkpoint's optimizer has {n_saved} parameters, "
+                          f"this run's {len(params)}; train.trainable must match the run that "
+                          "saved it (start a new run.dir with train.init_from to change it)")
+    current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict({"state": slice_expert_state(model, params, state["state"]),
                                "param_groups": state["param_groups"]})
+    for group, hyper in zip(optimizer.param_groups, current):
+        group.update(hyper)

@@ -9,17 +9,19 @@ micro-batch when the batch is padded, the finiteness check, plus the logging ste
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
 
+from moe_vlm.config.environment import check_runnable
 from moe_vlm.config.schema import Config, ConfigError
 from moe_vlm.data import build_data, build_tokenizer_for
 from moe_vlm.model import build_model, count_params, flops_per_token
@@ -28,12 +30,19 @@ from moe_vlm.parallel.expert_parallel import (apply_expert_parallel, load_full_s
 from moe_vlm.parallel.runtime import (Layout, check_experts, launched_world, resolve_device,
                                      setup, teardown)
 from moe_vlm.train.engine import build_engine
-from moe_vlm.train.checkpoint import checkpoint_path, load_latest, load_weights, save_checkpoint
+from moe_vlm.errors import CheckpointError, RunDirError
+from moe_vlm.train.checkpoint import (checkpoint_path, list_checkpoints, load_latest, load_weights,
+                                      quarantined, save_checkpoint)
 from moe_vlm.train.evaluate import evaluate
 from moe_vlm.train.freeze import apply_trainable
 from moe_vlm.train.optim import lr_at
-from moe_vlm.train.rundir import MetricsLog, atomic_write, write_json
+from moe_vlm.train.resume import check_resume_config
+from moe_vlm.train.rundir import (MetricsLog, RunDirLock, atomic_write, clean_stale_temporaries,
+                                  write_json)
 from moe_vlm.train.step import forward_backward_step, layer_metrics
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -93,12 +102,16 @@ def local_batches(t_cfg: Any, layout: Layout) -> tuple[int, int, int]:
     return micro_bs, n_micro, layout.rank * n_micro
 
 
-def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+def train(cfg: Config, run_dir: str | Path, overrides: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run (or resume) the training job described by ``cfg`` in ``run_dir``.
 
     Under ``torchrun``/``deepspeed`` every process calls this; rank 0 writes the run
-    directory. Returns the final summary (also written to ``run_dir/summary.json``)."""
+    directory, and only once the run is accepted (lock taken, config checked against the
+    checkpoint, model and data built): a rejected call leaves the directory as it was.
+    ``overrides`` (the CLI's) are recorded in ``.hydra/overrides.yaml``. Returns the final
+    summary (also written to ``run_dir/summary.json``)."""
     t_cfg = cfg.train
+    check_runnable(cfg, run_dir)  # paths, device, backend, run.dir: before anything is written
     world = launched_world()[0]
     if t_cfg.batch_size % world:
         raise ConfigError(f"train.batch_size={t_cfg.batch_size} is global and must be divisible "
@@ -106,7 +119,7 @@ def train(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     restore = deterministic_cuda(t_cfg.deterministic and resolve_device(t_cfg.device).type == "cuda")
     layout = setup(cfg.parallel, t_cfg.device)
     try:
-        return _train(cfg, Path(layout.broadcast(str(run_dir))), layout)
+        return _train(cfg, Path(layout.broadcast(str(run_dir))), layout, overrides)
     finally:
         teardown(layout)
         restore()
@@ -135,7 +148,64 @@ def deterministic_cuda(enabled: bool) -> Callable[[], None]:
     return restore
 
 
-def _train(cfg: Config, run_dir: Path, layout: Layout) -> dict[str, Any]:
+def _train(cfg: Config, run_dir: Path, layout: Layout,
+           overrides: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Lock the run directory (rank 0; every rank learns the outcome), then train."""
+    lock, err = RunDirLock(run_dir), None
+    if layout.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except RunDirError as e:
+            err = str(e)
+        except OSError as e:
+            err = f"cannot use run.dir {run_dir}: {e.strerror or e}"
+    err = layout.broadcast(err)
+    if err is not None:
+        raise RunDirError(err)
+    try:
+        return _train_locked(cfg, run_dir, layout, overrides)
+    except OSError as e:
+        if e.errno in _WRITE_ERRNOS:  # a full or read-only disk: nothing is lost, say so
+            raise RunDirError(
+                f"could not write {e.filename or run_dir}: {e.strerror}. Files already on disk "
+                "are intact (writes are atomic); fix that and re-run the same command to "
+                "resume") from e
+        raise
+    finally:
+        lock.release()
+
+
+def _resume_state(cfg: Config, run_dir: Path, layout: Layout) -> Optional[dict[str, Any]]:
+    """The newest good checkpoint's state (damaged ones moved aside with a warning), or
+    None for a fresh run; refuses a directory whose checkpoints all failed (starting over
+    would overwrite the run's records) and a config that changed since the checkpoint."""
+    ckpt_dir = run_dir / "checkpoints"
+    found = load_latest(ckpt_dir, map_location="cpu", trust=cfg.train.trust_checkpoint,
+                        quarantine=layout.is_main)
+    layout.barrier()  # rank 0's quarantine renames are done before anyone lists again
+    if found is None:
+        left = [p.name for _, p in list_checkpoints(ckpt_dir)] + [p.name for p in quarantined(ckpt_dir)
+                                                                  if not p.name.endswith(".sha256")]
+        if left:
+            raise RunDirError(
+                f"run.dir {run_dir} has checkpoints but none usable ({', '.join(left[:4])}; see "
+                "the warnings above). Starting over would overwrite this run's records: use "
+                "another run.dir, or move checkpoints/ and metrics.jsonl away to restart here")
+        return None
+    path, state = found
+    saved = state.get("summary", {}).get("config")
+    if saved is None and (run_dir / "config.yaml").is_file():
+        from moe_vlm.config.loader import config_from_file
+        saved = asdict(config_from_file(run_dir / "config.yaml"))
+    if saved is not None:
+        state["changed_on_resume"] = check_resume_config(
+            saved, asdict(cfg), list(cfg.train.allow_changes), str(run_dir), int(state["step"]))
+    return state
+
+
+def _train_locked(cfg: Config, run_dir: Path, layout: Layout,
+                  overrides: Optional[Sequence[str]]) -> dict[str, Any]:
     t_cfg = cfg.train
     main = layout.is_main
     ckpt_dir = run_dir / "checkpoints"
@@ -145,8 +215,8 @@ def _train(cfg: Config, run_dir: Path, layout: Layout) -> dict[str, Any]:
             print(f"{run_dir}: already completed ({done['steps']} steps); skipping", flush=True)
         return done
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg))))
+        clean_stale_temporaries(run_dir)
+    state = _resume_state(cfg, run_dir, layout)
 
     device = layout.device
     amp = autocast_dtype(t_cfg.precision, device)
@@ -167,9 +237,8 @@ def _train(cfg: Config, run_dir: Path, layout: Layout) -> dict[str, Any]:
         model = build_vlm(cfg, tokenizer.image_id, device=device, seed=cfg.seed)
         data = build_data(cfg.data, tokenizer, model.vision.cfg, model.n_image_tokens)
     check_experts(cfg.parallel.ep, routed_experts(model))
-    state = load_latest(ckpt_dir, map_location="cpu")  # tensors are copied to the device on load
     if state is None and t_cfg.init_from:
-        load_weights(model, t_cfg.init_from, map_location=device)
+        load_weights(model, t_cfg.init_from, map_location=device, trust=t_cfg.trust_checkpoint)
     upcycled = None
     if state is None and cfg.upcycle.method != "none":
         from moe_vlm.upcycling.upcycle import upcycle_from_config
@@ -192,9 +261,21 @@ def _train(cfg: Config, run_dir: Path, layout: Layout) -> dict[str, Any]:
     elif layout.distributed and moes:
         set_count_reducers(model)
     if state is not None:
-        load_full_state_dict(model, state["model"])  # this rank's slice at any layout
+        try:  # this rank's slice at any layout
+            load_full_state_dict(model, state["model"])
+        except (RuntimeError, ValueError, KeyError) as e:  # an allowed shape change
+            raise CheckpointError(f"{ckpt_dir}: the checkpoint does not fit the model this "
+                                  f"config builds ({str(e).splitlines()[0]}); use a new run.dir "
+                                  "with train.init_from for a different model") from None
     micro_bs, n_micro, first_micro = local_batches(t_cfg, layout)
     engine = build_engine(cfg, model, layout, micro_bs, n_micro)
+    if state is not None:  # everything is built and fits: only now touch the run's records
+        engine.load_optimizer_state(state["optimizer"])
+    if main:
+        atomic_write(run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg))))
+        if overrides is not None:  # what Hydra would record in .hydra/, once the run is accepted
+            atomic_write(run_dir / ".hydra" / "overrides.yaml",
+                         lambda f: f.write(OmegaConf.to_yaml(OmegaConf.create(list(overrides)))))
     image_id = getattr(tokenizer, "image_id", None) if cfg.vision.name != "none" else None
     if data.chance_accuracy is not None:
         summary["chance_accuracy"] = data.chance_accuracy
@@ -216,13 +297,15 @@ def _train(cfg: Config, run_dir: Path, layout: Layout) -> dict[str, Any]:
             write_json(run_dir / "summary.json", summary)
 
     if state is not None:
-        engine.load_optimizer_state(state["optimizer"])
         torch.set_rng_state(state["rng"])
         step, prior = state["step"], state["summary"]
         summary.update({k: prior[k] for k in (
             "initial_eval_loss", "initial_eval_accuracy", "tokens_seen", "wall_time_s",
             "skipped_steps", "final_train_loss", "final_eval_loss", "eval_accuracy",
-            "caption_loss", "upcycle") if k in prior})
+            "caption_loss", "upcycle", "changed_on_resume") if k in prior})
+        changed = summary.get("changed_on_resume", []) + state["changed_on_resume"]
+        if changed:
+            summary["changed_on_resume"] = changed
         summary["resumed_from"] = step
         if "parallel" in prior and prior["parallel"] != summary["parallel"]:
             summary["resumed_from_layout"] = prior["parallel"]
@@ -240,13 +323,15 @@ def _train(cfg: Config, run_dir: Path, layout: Layout) -> dict[str, Any]:
     summary["steps"] = step
     write_summary()
 
-    def checkpoint() -> Path:
+    def checkpoint(rotate: bool = True) -> Path:
+        """Save (collective). Saves made on the way out of a failure do not rotate: they
+        must never delete an earlier, good checkpoint."""
         payload = {"step": step, "model": engine.model_state(),  # collectives: every rank
                    "optimizer": engine.optimizer_state(), "rng": torch.get_rng_state(),
                    "summary": summary, "layout": layout.describe()}
         path = checkpoint_path(ckpt_dir, step)
         if main:
-            save_checkpoint(ckpt_dir, step, payload, keep=t_cfg.keep_checkpoints)
+            save_checkpoint(ckpt_dir, step, payload, keep=t_cfg.keep_checkpoints if rotate else None)
         layout.barrier()  # a checkpoint counts once it is on disk
         return path
 
@@ -277,7 +362,7 @@ def _train(cfg: Config, run_dir: Path, layout: Layout) -> dict[str, Any]:
                 bad = f"loss={(lm_sum + rt_sum).item():.4g}" + \
                     (f", grad_norm={grad_norm.item():.4g}" if grad_norm is not None else "")
                 if t_cfg.nan_policy == "stop":
-                    path = checkpoint()
+                    path = checkpoint(rotate=False)
                     raise NonFiniteLossError(
                         f"non-finite loss at step {step} ({bad}). The state before this step "
                         f"is saved at {path}. Lower train.lr, raise train.warmup_steps, check "
@@ -286,7 +371,7 @@ def _train(cfg: Config, run_dir: Path, layout: Layout) -> dict[str, Any]:
                 if main:
                     warnings.warn(f"skipped step {step} with non-finite {bad}")
                 if summary["skipped_steps"] > t_cfg.max_skipped_steps:
-                    path = checkpoint()
+                    path = checkpoint(rotate=False)
                     raise NonFiniteLossError(
                         f"{summary['skipped_steps']} non-finite steps (limit "
                         f"train.max_skipped_steps={t_cfg.max_skipped_steps}); state saved at {path}")
@@ -333,7 +418,10 @@ def _train(cfg: Config, run_dir: Path, layout: Layout) -> dict[str, Any]:
         summary["wall_time_s"] = wall0 + time.time() - t_start
         summary["status"] = "failed"
         summary["error"] = f"{type(e).__name__}: {e}"
-        write_summary()
+        try:
+            write_summary()
+        except OSError:  # a full or read-only disk: report the original error
+            pass
         raise
     finally:
         if bar is not None:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from moe_vlm.config.schema import Config, DataConfig, UpcycleConfig
+from moe_vlm.train.checkpoint import list_checkpoints, newest_weights
 
 
 @dataclass(frozen=True)
@@ -20,15 +21,11 @@ class Checkpoint:
     kind: str  # "run" | "hf"
 
 
-def _newest(ckpt_dir: Path) -> Path | None:
-    files = sorted(ckpt_dir.glob("step_*.pt"))
-    return files[-1] if files else None
-
-
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read ``path``: a run directory (its ``config.yaml`` and newest
-    ``checkpoints/step_*.pt``), a ``.pt`` file inside a run, or a Hugging Face directory
-    (``config.json`` + safetensors)."""
+def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
+    """Read ``path``: a run directory (its ``config.yaml`` and newest good
+    ``checkpoints/step_*.pt``; damaged newer ones are skipped with a warning), a ``.pt``
+    file inside a run, or a Hugging Face directory (``config.json`` + safetensors).
+    Weights load with ``weights_only=True`` (no code runs) unless ``trust``."""
     from moe_vlm.config.loader import config_from_file
 
     p = Path(path)
@@ -41,12 +38,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         cfg = Config(model=imp.model, moe=imp.moe, routing=imp.routing, data=data)
         return Checkpoint(cfg, imp.state_dict, p, "hf")
     if p.is_dir():
-        run_dir, weights = p, _newest(p / "checkpoints") or _newest(p)
-        if weights is None:
+        run_dir = p
+        if not list_checkpoints(p / "checkpoints") and not list_checkpoints(p):
             raise FileNotFoundError(f"{p}: no checkpoints/step_*.pt (and no config.json of a "
                                     "Hugging Face model) in this directory")
     elif p.is_file():
-        weights = p
         run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
     else:
         raise FileNotFoundError(f"{p} does not exist")
@@ -54,8 +50,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise FileNotFoundError(f"{run_dir / 'config.yaml'} is missing: the checkpoint's model "
                                 "config is read from its run directory")
     cfg = config_from_file(run_dir / "config.yaml")
-    state = torch.load(weights, map_location="cpu", weights_only=False)
-    sd = state["model"] if isinstance(state, dict) and "model" in state else state
+    weights, sd = newest_weights(p, str(p), trust)
     return Checkpoint(cfg, sd, weights, "run")
 
 

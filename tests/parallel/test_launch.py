@@ -272,7 +272,7 @@ def test_two_nodes_rendezvous(tmp_path, tmp_path_factory):
 def test_impossible_layout_is_refused_at_launch(tmp_path):
     res = torchrun(2, [*TEXT, "parallel.ep=3", f"run.dir={tmp_path / 'run'}"])
     assert res.returncode != 0
-    assert "config error: parallel.ep=3 needs at least 3 processes but 2 were launched" in res.stderr
+    assert "moe-vlm train: parallel.ep=3 needs at least 3 processes but 2 were launched" in res.stderr
 
 
 @pytest.mark.parametrize("world, dp, ep, n_experts, says", [

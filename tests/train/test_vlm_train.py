@@ -10,6 +10,7 @@ import torch
 
 from moe_vlm.analysis.modality import modality_load, plot_modality_heatmap
 from moe_vlm.config import ConfigError, load_config
+from moe_vlm.errors import UserError
 from moe_vlm.train import train
 from moe_vlm.train.rundir import read_jsonl
 
@@ -59,7 +60,7 @@ def test_init_from_mismatch_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="does not fit this model"):
         train(b, b.run.dir)
     c = _cfg(tmp_path / "c", "train.max_steps=1", f"train.init_from={tmp_path / 'nope'}")
-    with pytest.raises(FileNotFoundError, match="train.init_from"):
+    with pytest.raises(UserError, match="train.init_from"):
         train(c, c.run.dir)
 
 
