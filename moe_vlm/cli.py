@@ -110,7 +110,7 @@ def train_main(args: Sequence[str]) -> None:
     from moe_vlm.config.loader import config_dir, register_schema, searchpath_override, to_config
     from moe_vlm.config.schema import ConfigError
     from moe_vlm.errors import UserError
-    from moe_vlm.train.loop import train
+    from moe_vlm.train.loop import NonFiniteLossError, train
 
     register_schema()
     failed: list[str] = []
@@ -169,6 +169,9 @@ def train_main(args: Sequence[str]) -> None:
             except UserError as e:  # config, data, checkpoint or run-directory problems
                 print(f"moe-vlm train: {e}", file=sys.stderr)
                 raise SystemExit(2) from None
+            except NonFiniteLossError as e:  # an outcome, not a bug: its message says what to do
+                print(f"moe-vlm train: {e}", file=sys.stderr)
+                raise SystemExit(1) from None
         if int(os.environ.get("RANK", 0)) != 0:  # one report per multi-process run
             return
         print(f"run dir: {run_dir}\nstatus: {s['status']}  steps: {s['steps']}  "

@@ -19,6 +19,8 @@ from moe_vlm.errors import ConfigError
 _CODE_KEYS = ("_target_", "()")
 _HYDRA_CODE_NODES = ("callbacks", "job_logging", "hydra_logging", "launcher", "sweeper")
 _HYDRA_DEFAULTS = tuple(f"hydra/{n}" for n in _HYDRA_CODE_NODES)
+# Hydra's own bundled choices for those groups (plain logging/launch configs).
+_BUILTIN_CHOICES = ("default", "disabled", "none", "stdout", "basic")
 
 
 def _walk(node: Any, path: str) -> Iterable[str]:
@@ -32,11 +34,11 @@ def _walk(node: Any, path: str) -> Iterable[str]:
                 yield key
             elif k == "defaults" and isinstance(v, list):
                 for entry in v:
-                    names = entry.keys() if isinstance(entry, dict) else [entry]
-                    for name in names:
+                    items = entry.items() if isinstance(entry, dict) else [(entry, None)]
+                    for name, choice in items:
                         name = str(name).lstrip("+").removeprefix("override ").strip()
-                        if name.startswith(_HYDRA_DEFAULTS):
-                            yield f"{key}: {name}"
+                        if name.startswith(_HYDRA_DEFAULTS) and choice not in _BUILTIN_CHOICES:
+                            yield f"{key}: {name}: {choice}"
             else:
                 yield from _walk(v, key)
     elif isinstance(node, list):

@@ -196,3 +196,41 @@ def test_planted_checkpoint_in_a_run_dir_does_not_run(tiny_config, tmp_path, mon
     with pytest.warns(UserWarning, match="step_00000003.pt: holds Python objects"):
         s = train(tiny_config("train.max_steps=4", "train.ckpt_every=2", "train.eval_every=2"), run)
     assert s["resumed_from"] == 2 and s["status"] == "completed" and not mark.exists()
+
+
+def test_full_disk_during_a_save_says_so_and_resumes(tiny_config, monkeypatch):
+    import errno
+
+    import moe_vlm.train.loop as loop
+
+    cfg = tiny_config("train.max_steps=4", "train.ckpt_every=2", "train.eval_every=2")
+    run = Path(cfg.run.dir)
+    real = loop.save_checkpoint
+
+    def full_at_4(ckpt_dir, step, state, keep):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(ckpt_dir / "x.tmp"))
+        return real(ckpt_dir, step, state, keep)
+
+    monkeypatch.setattr(loop, "save_checkpoint", full_at_4)
+    with pytest.raises(RunDirError, match="No space left on device.*re-run the same command"):
+        train(cfg, run)
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2]
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    s = train(cfg, run)
+    assert s["status"] == "completed" and s["resumed_from"] == 2
+
+
+def test_tools_read_the_newest_good_checkpoint_of_a_run(tiny_config):
+    from moe_vlm.upcycling.source import load_checkpoint
+
+    cfg = tiny_config("train.max_steps=4", "train.ckpt_every=2", "train.eval_every=2",
+                      "train.keep_checkpoints=2")
+    run = Path(cfg.run.dir)
+    train(cfg, run)
+    garble(run / "checkpoints" / "step_00000004.pt", 0.5)
+    with pytest.warns(UserWarning, match="step_00000004.pt: checksum mismatch"):
+        src = load_checkpoint(run)
+    assert src.path.name == "step_00000002.pt"
+    assert (run / "checkpoints" / "step_00000004.pt").exists()  # someone else's run: not moved
