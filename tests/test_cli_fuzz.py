@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from moe_vlm.cli import main
+from moe_vlm.config.environment import LAUNCHER_ENV
 from moe_vlm.train import train
 
 TEXT = ["vision=none", "data=synthetic_text", "train.progress=false", "train.batch_size=4",
@@ -78,7 +79,9 @@ CONFIG_CASES = [  # (overrides, what the one line must say)
 
 
 @pytest.mark.parametrize("overrides, says", CONFIG_CASES, ids=[" ".join(c[0]) for c in CONFIG_CASES])
-def test_bad_config_is_one_line_and_writes_nothing(overrides, says, tmp_path, capsys):
+def test_bad_config_is_one_line_and_writes_nothing(overrides, says, tmp_path, capsys, monkeypatch):
+    for k in LAUNCHER_ENV:  # in-process distributed tests may leave a launcher's variables
+        monkeypatch.delenv(k, raising=False)
     run = tmp_path / "run"
     line = one_line_error(capsys, ["train", *overrides, f"run.dir={run}"])
     assert says in line

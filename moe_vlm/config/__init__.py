@@ -13,8 +13,8 @@ from moe_vlm.config.schema import (
     TrainConfig,
     UpcycleConfig,
     VisionConfig,
-    validate,
 )
+from moe_vlm.config.validation import validate
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "ParallelConfig",

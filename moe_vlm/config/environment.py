@@ -1,6 +1,6 @@
 """Can this config run *here*? Files, hardware, packages, launcher and run directory.
 
-``validate`` (``moe_vlm.config.schema``) only judges values, because it also runs where
+``validate`` (``moe_vlm.config.validation``) only judges values, because it also runs where
 a finished run's ``config.yaml`` is read on another machine (export, evaluation): a
 ``train.device=cuda`` run must stay readable on a laptop. ``check_runnable`` holds the
 checks that depend on this machine, plus the two training-only consistency checks that
@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from moe_vlm.config.schema import DEVICES, Config, device_ok, n_moe_layers
+from moe_vlm.config.schema import Config
+from moe_vlm.config.validation import DEVICES, device_ok, n_moe_layers
 from moe_vlm.errors import ConfigError
 
 __all__ = ["MissingPathError", "check_runnable"]

@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from moe_vlm.config.schema import Config, ConfigError, validate
+from moe_vlm.config.schema import Config, ConfigError
+from moe_vlm.config.validation import validate
 
 SCHEMA_NAME = "moe_vlm_schema"
 

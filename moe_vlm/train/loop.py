@@ -152,6 +152,7 @@ def _train(cfg: Config, run_dir: Path, layout: Layout,
            overrides: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Lock the run directory (rank 0; every rank learns the outcome), then train."""
     lock, err = RunDirLock(run_dir), None
+    created = layout.is_main and not run_dir.exists()
     if layout.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -162,6 +163,8 @@ def _train(cfg: Config, run_dir: Path, layout: Layout,
             err = f"cannot use run.dir {run_dir}: {e.strerror or e}"
     err = layout.broadcast(err)
     if err is not None:
+        if created:
+            _remove_unaccepted(run_dir)
         raise RunDirError(err)
     try:
         return _train_locked(cfg, run_dir, layout, overrides)
@@ -172,8 +175,25 @@ def _train(cfg: Config, run_dir: Path, layout: Layout,
                 "are intact (writes are atomic); fix that and re-run the same command to "
                 "resume") from e
         raise
+    except BaseException:
+        if created:  # refused before it was accepted (data, weights, shapes): leave no trace
+            _remove_unaccepted(run_dir)
+        raise
     finally:
         lock.release()
+
+
+def _remove_unaccepted(run_dir: Path) -> None:
+    """Remove a run directory this call created, if the run never got past set-up: only
+    the lock and a trained tokenizer are in it (otherwise nothing is touched)."""
+    ours = {".lock", "tokenizer.json"}
+    try:
+        if {p.name for p in run_dir.iterdir()} <= ours:
+            for name in ours:
+                (run_dir / name).unlink(missing_ok=True)
+            run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def _resume_state(cfg: Config, run_dir: Path, layout: Layout) -> Optional[dict[str, Any]]:

@@ -234,3 +234,11 @@ def test_tools_read_the_newest_good_checkpoint_of_a_run(tiny_config):
         src = load_checkpoint(run)
     assert src.path.name == "step_00000002.pt"
     assert (run / "checkpoints" / "step_00000004.pt").exists()  # someone else's run: not moved
+
+
+def test_a_refused_fresh_run_leaves_no_directory(tiny_config, tmp_path):
+    (tmp_path / "empty").mkdir()
+    cfg = tiny_config("train.max_steps=2", f"train.init_from={tmp_path / 'empty'}")
+    with pytest.raises(CheckpointError, match="train.init_from: no usable"):
+        train(cfg, cfg.run.dir)
+    assert not Path(cfg.run.dir).exists()
