@@ -126,9 +126,9 @@ def train_main(args: Sequence[str]) -> None:
     except UserError as e:
         print(f"moe-vlm train: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if cdir is not None:
-        i = flags.index("--config-path") if "--config-path" in flags else flags.index("-cp")
-        del flags[i:i + 2]
+    if cdir is not None:  # Hydra resolves a relative --config-path against cli.py: pass it absolute
+        i = next(i for i, f in enumerate(flags) if f.split("=", 1)[0] in ("--config-path", "-cp"))
+        del flags[i:i + (1 if "=" in flags[i] else 2)]
         flags = [*extra, *flags]
     if not multirun and not just_print:
         # One run writes its own record of the overrides once it is accepted (train()):

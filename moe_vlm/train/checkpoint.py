@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
@@ -136,6 +137,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                 raise CheckpointError(f"{path}: checksum mismatch (the file changed after it was "
                                       f"written: sha256 {got[:12]}..., expected "
                                       f"{(want or ['?'])[0][:12]}...)")
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: not a checkpoint (torch.save writes a zip archive; "
+                                  "this file is not one)")
         mmap = {"mmap": True} if str(map_location) == "cpu" else {}
         try:  # memory-mapped on CPU: each process copies out only what it needs
             return torch.load(path, map_location=map_location, weights_only=True, **mmap)

@@ -24,13 +24,13 @@ from omegaconf import OmegaConf
 from moe_vlm.config.environment import check_runnable
 from moe_vlm.config.schema import Config, ConfigError
 from moe_vlm.data import build_data, build_tokenizer_for
+from moe_vlm.errors import CheckpointError, RunDirError
 from moe_vlm.model import build_model, count_params, flops_per_token
 from moe_vlm.parallel.expert_parallel import (apply_expert_parallel, load_full_state_dict,
                                               set_count_reducers)
 from moe_vlm.parallel.runtime import (Layout, check_experts, launched_world, resolve_device,
                                      setup, teardown)
 from moe_vlm.train.engine import build_engine
-from moe_vlm.errors import CheckpointError, RunDirError
 from moe_vlm.train.checkpoint import (checkpoint_path, list_checkpoints, load_latest, load_weights,
                                       quarantined, save_checkpoint)
 from moe_vlm.train.evaluate import evaluate
@@ -152,7 +152,8 @@ def _train(cfg: Config, run_dir: Path, layout: Layout,
            overrides: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Lock the run directory (rank 0; every rank learns the outcome), then train."""
     lock, err = RunDirLock(run_dir), None
-    created = layout.is_main and not run_dir.exists()
+    # Ours to remove again if the run is refused: absent or empty (Hydra makes its job dir).
+    created = layout.is_main and (not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())))
     if layout.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +231,10 @@ def _train_locked(cfg: Config, run_dir: Path, layout: Layout,
     main = layout.is_main
     ckpt_dir = run_dir / "checkpoints"
     done = finished_summary(run_dir, t_cfg.max_steps)
-    if done is not None:  # a re-run sweep skips what already finished
+    if done is not None:  # a re-run sweep skips what already finished (with this config)
+        if isinstance(done.get("config"), dict):
+            check_resume_config(done["config"], asdict(cfg), list(t_cfg.allow_changes),
+                                str(run_dir), int(done["steps"]))
         if main:
             print(f"{run_dir}: already completed ({done['steps']} steps); skipping", flush=True)
         return done

@@ -166,6 +166,14 @@ def test_resume_refuses_changed_config_unless_allowed(tiny_config):
     assert opt["param_groups"][0]["betas"][1] == 0.9
 
 
+def test_completed_run_with_another_config_is_refused_not_skipped(tiny_config):
+    cfg = tiny_config("train.max_steps=2")
+    train(cfg, cfg.run.dir)
+    with pytest.raises(ConfigError, match="routing.gate"):
+        train(tiny_config("train.max_steps=2", "routing.gate=sigmoid_topk"), cfg.run.dir)
+    assert train(tiny_config("train.max_steps=2", "train.log_every=1"), cfg.run.dir)["steps"] == 2
+
+
 def test_run_with_only_damaged_checkpoints_refuses_to_start_over(tiny_config):
     cfg = tiny_config("train.max_steps=4", "train.ckpt_every=2", "train.eval_every=2",
                       "train.stop_after_steps=4")
@@ -240,5 +248,14 @@ def test_a_refused_fresh_run_leaves_no_directory(tiny_config, tmp_path):
     (tmp_path / "empty").mkdir()
     cfg = tiny_config("train.max_steps=2", f"train.init_from={tmp_path / 'empty'}")
     with pytest.raises(CheckpointError, match="train.init_from: no usable"):
+        train(cfg, cfg.run.dir)
+    assert not Path(cfg.run.dir).exists()
+
+
+def test_a_refused_run_in_an_empty_job_dir_leaves_nothing(tiny_config, tmp_path):
+    (tmp_path / "notackpt.pt").write_text("hello")
+    cfg = tiny_config("train.max_steps=2", f"train.init_from={tmp_path / 'notackpt.pt'}")
+    Path(cfg.run.dir).mkdir()  # as Hydra makes its job directory before the job runs
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
         train(cfg, cfg.run.dir)
     assert not Path(cfg.run.dir).exists()
