@@ -204,7 +204,10 @@ def newest_weights(source: str | Path, what: str, trust: bool = False) -> tuple[
                 (f" ({n} found, none readable: see the warnings)" if n else ""))
         path, state = found
     elif src.is_file():
-        path, state = src, read_checkpoint(src, "cpu", trust)
+        try:
+            path, state = src, read_checkpoint(src, "cpu", trust)
+        except CheckpointError as e:
+            raise CheckpointError(f"{what}: {e}") from None
     else:
         raise CheckpointError(f"{what}: {src} is neither a run directory nor a checkpoint file")
     weights = state["model"] if isinstance(state, dict) and "model" in state else state

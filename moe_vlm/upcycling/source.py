@@ -20,11 +20,12 @@ class Checkpoint:
     kind: str  # "run" | "hf"
 
 
-def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
+def load_checkpoint(path: str | Path, trust: bool = False, what: str = "--from") -> Checkpoint:
     """Read ``path``: a run directory (its ``config.yaml`` and newest good
     ``checkpoints/step_*.pt``; damaged newer ones are skipped with a warning), a ``.pt``
     file inside a run, or a Hugging Face directory (``config.json`` + safetensors).
-    Weights load with ``weights_only=True`` (no code runs) unless ``trust``."""
+    Weights load with ``weights_only=True`` (no code runs) unless ``trust``; errors name
+    ``what`` (the flag or config key the path came from)."""
     from moe_vlm.config.loader import config_from_file
 
     p = Path(path)
@@ -49,7 +50,7 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
         raise FileNotFoundError(f"{run_dir / 'config.yaml'} is missing: the checkpoint's model "
                                 "config is read from its run directory")
     cfg = config_from_file(run_dir / "config.yaml")
-    weights, sd = newest_weights(p, str(p), trust)
+    weights, sd = newest_weights(p, what, trust)
     return Checkpoint(cfg, sd, weights, "run")
 
 

@@ -166,6 +166,6 @@ def upcycle_from_config(target: nn.Module, cfg: Config) -> dict:
     (with the source path) for ``summary.json``."""
     from moe_vlm.upcycling.source import load_checkpoint
 
-    src = load_checkpoint(cfg.upcycle.source, trust=cfg.train.trust_checkpoint)
+    src = load_checkpoint(cfg.upcycle.source, trust=cfg.train.trust_checkpoint, what="upcycle.source")
     report = upcycle_into(target, src.state_dict, cfg.upcycle, seed=cfg.seed)
     return {**asdict(report), "source": str(src.path), "source_kind": src.kind}
