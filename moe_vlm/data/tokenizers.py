@@ -140,7 +140,7 @@ class HFTokenizer:
 def _load_hf(path: Optional[str]) -> HFTokenizer:
     if not path:
         raise ConfigError("data.tokenizer_path: data.tokenizer=hf needs a local tokenizer directory")
-    from moe_vlm.data.llava import check_path
+    from moe_vlm.data.json_rows import check_path
 
     check_path("data.tokenizer_path", path, want_dir=True)
     for f in (Path(path) / "tokenizer.json", Path(path) / "tokenizer_config.json"):
