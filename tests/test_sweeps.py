@@ -35,7 +35,7 @@ def sweep_params(study: str) -> dict[str, list[str]]:
 def test_the_promised_studies_exist():
     for study in ("granularity", "experts", "routing_gates", "routing_topk", "routing_aux",
                   "routing_auxfree", "routing_capacity", "routing_shared", "scaling_dense",
-                  "scaling_moe"):
+                  "scaling_moe", "steplaw"):
         assert study in STUDIES
 
 

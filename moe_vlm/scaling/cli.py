@@ -1,10 +1,11 @@
-"""``moe-vlm fit TABLE.csv --law {chinchilla,krajewski,clark} [--out DIR] ...``
+"""``moe-vlm fit TABLE.csv --law {chinchilla,krajewski,clark,steplaw} [--out DIR] ...``
 
 Reads a results table (one row per run, as ``moe-vlm results`` writes it), keeps the
 completed runs, fits the law, prints parameters with bootstrap CIs and the fit quality,
 and with ``--out`` writes ``fit_<law>.json`` and ``fit_<law>.png`` (observed against
-predicted loss). Bad input (missing file or column, too few or degenerate points) exits
-with status 2 and a message on stderr.
+predicted loss; for ``steplaw`` the near-optimal runs' lr and batch size against the
+law's). Bad input (missing file or column, too few or degenerate points) exits with
+status 2 and a message on stderr.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ LAW_COLUMNS: dict[str, tuple[str, ...]] = {
     "chinchilla": ("n", "d"),
     "krajewski": ("n", "d", "g"),
     "clark": ("n", "e"),
+    "steplaw": ("n", "d", "lr", "bs"),
 }
 """Which of the ``--*-col`` inputs each law reads (besides the loss)."""
 
@@ -42,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--loss-col", default="final_eval_loss", help="loss to fit")
     ap.add_argument("--g-col", default="moe.granularity", help="granularity G (krajewski)")
     ap.add_argument("--e-col", default="moe.n_experts", help="number of experts E (clark)")
+    ap.add_argument("--lr-col", default="train.lr", help="peak learning rate (steplaw)")
+    ap.add_argument("--bs-col", default=None,
+                    help="batch size in tokens (steplaw; default train.batch_size x data.seq_len)")
+    ap.add_argument("--threshold", type=float, default=0.0025,
+                    help="steplaw: keep runs within this relative loss of their (N, D) best")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (0: no CIs)")
     ap.add_argument("--holdout", type=float, default=None, help="fraction of runs held out and scored")
     ap.add_argument("--ci", type=float, default=0.95, help="confidence level of the intervals")
@@ -99,8 +106,10 @@ def run_fit(a: argparse.Namespace) -> dict[str, Any]:
     """Fit as the parsed arguments say; print the summary, write outputs; return the JSON dict."""
     from moe_vlm.scaling import fit_chinchilla, fit_clark, fit_krajewski
 
-    flags = {"n": a.n_col, "d": a.d_col, "g": a.g_col, "e": a.e_col}
+    flags = {"n": a.n_col, "d": a.d_col, "g": a.g_col, "e": a.e_col, "lr": a.lr_col, "bs": a.bs_col}
     columns = {k: flags[k] for k in LAW_COLUMNS[a.law]} | {"loss": a.loss_col}
+    if a.law == "steplaw":
+        return _run_step_law(a, columns)
     data, counts = load_table(a.table, columns)
     kw = dict(n_bootstrap=a.bootstrap, ci=a.ci, holdout=a.holdout, seed=a.seed)
     if a.law == "chinchilla":
@@ -114,19 +123,71 @@ def run_fit(a: argparse.Namespace) -> dict[str, Any]:
     report = {**res.to_dict(), "table": str(a.table), "columns": columns,
               "n_rows": counts["rows"], "n_completed": counts["completed"]}
     if a.out is not None:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        json_path, png_path = out / f"fit_{a.law}.json", out / f"fit_{a.law}.png"
-
-        def dump(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(report, fh, indent=2, allow_nan=False)
-                fh.write("\n")
-
-        _atomic_write(json_path, dump)
-        _atomic_write(png_path, lambda tmp: _plot(res, data, tmp))
-        print(f"wrote {json_path} and {png_path}")
+        _write_outputs(a, report, lambda tmp: _plot(res, data, tmp))
     return report
+
+
+def _write_outputs(a: argparse.Namespace, report: dict[str, Any], plot: Callable[[str], None]) -> None:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"fit_{a.law}.json", out / f"fit_{a.law}.png"
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2, allow_nan=False)
+            fh.write("\n")
+
+    _atomic_write(json_path, dump)
+    _atomic_write(png_path, plot)
+    print(f"wrote {json_path} and {png_path}")
+
+
+def _run_step_law(a: argparse.Namespace, columns: dict[str, Any]) -> dict[str, Any]:
+    """``--law steplaw``: the table's (N, D, lr, bs in tokens, loss) -> ``fit_step_law``.
+    Without ``--bs-col`` the batch in tokens is ``train.batch_size x data.seq_len``."""
+    import pandas as pd
+
+    from moe_vlm.scaling.step_law import fit_step_law
+
+    if a.holdout is not None:
+        raise FitCliError("--holdout is not used by --law steplaw (its fit is a linear "
+                          "regression on the near-optimal runs)")
+    if a.bs_col is None:
+        columns = {k: v for k, v in columns.items() if k != "bs"} | {
+            "batch": "train.batch_size", "seq": "data.seq_len"}
+    data, counts = load_table(a.table, columns)
+    bs = data["bs"] if "bs" in data else data["batch"] * data["seq"]
+    table = pd.DataFrame({"N": data["n"], "D": data["d"], "lr": data["lr"], "bs": bs,
+                          "loss": data["loss"]})
+    res = fit_step_law(table, threshold=a.threshold, n_bootstrap=a.bootstrap, ci=a.ci, seed=a.seed)
+    print(f"{a.table}: {counts['completed']} completed of {counts['rows']} rows")
+    print(res.summary())
+    report = {**res.to_dict(), "table": str(a.table), "columns": columns,
+              "n_rows": counts["rows"], "n_completed": counts["completed"]}
+    if a.out is not None:
+        _write_outputs(a, report, lambda tmp: _plot_step_law(res, tmp))
+    return report
+
+
+def _plot_step_law(res: Any, path: str) -> None:
+    """Near-optimal runs' lr and batch size (observed) against the fitted law's."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = res.kept
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, obs, pred, name in ((axes[0], k["lr"], res.lr(k["N"], k["D"]), "learning rate"),
+                                (axes[1], k["bs"], res.bs(k["D"]), "batch size (tokens)")):
+        ax.scatter(pred, obs, s=12, alpha=0.6)
+        lo, hi = min(obs.min(), pred.min()), max(obs.max(), pred.max())
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.set(xscale="log", yscale="log", xlabel=f"law's optimal {name}",
+               ylabel=f"near-optimal runs' {name}")
+    fig.suptitle(f"Step Law fit on {res.n_kept} near-optimal runs of {res.n_runs}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
 
 
 def _plot(res: Any, data: dict[str, np.ndarray], path: str) -> None:
@@ -144,7 +205,7 @@ def _plot(res: Any, data: dict[str, np.ndarray], path: str) -> None:
 
 
 def fit_main(args: Sequence[str]) -> None:
-    """``moe-vlm fit TABLE.csv --law {chinchilla,krajewski,clark} [--out DIR] ...``."""
+    """``moe-vlm fit TABLE.csv --law {chinchilla,krajewski,clark,steplaw} [--out DIR] ...``."""
     a = _parser().parse_args(list(args))
     try:
         run_fit(a)
