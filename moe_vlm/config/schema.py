@@ -130,14 +130,14 @@ class RoutingConfig:
 class DataConfig:
     """Which dataset and how long each sample is."""
 
-    name: str = "synthetic_text"  # synthetic_text | synthetic_vlm | llava
+    name: str = "synthetic_text"  # synthetic_text | synthetic_vlm | llava | text | stdlib
     seq_len: int = 128
     n_eval_samples: int = 64
     seed: int = 1234  # data seed, independent of the model seed
     tokenizer: str = "byte"  # byte | bpe (trained on the embedded corpus) | hf (local dir)
     tokenizer_path: Optional[str] = None  # tokenizer=hf: a local Hugging Face tokenizer dir
     bpe_vocab_size: int = 512
-    path: Optional[str] = None  # llava: conversation JSON/JSONL file
+    path: Optional[str] = None  # llava: conversation JSON/JSONL file; text: a file, folder or glob
     image_dir: Optional[str] = None  # llava: folder the rows' "image" paths are relative to
     eval_path: Optional[str] = None  # llava: held-out JSON/JSONL (default: last n_eval_samples rows)
     streaming: bool = False  # llava: stream rows instead of loading the file
@@ -145,6 +145,13 @@ class DataConfig:
     # refused unless this is true (a shared dataset file must not read arbitrary files)
     allow_outside_image_dir: bool = False
     pack: bool = False  # pack several samples into each sequence
+    # text / stdlib (moe_vlm.data.text_corpus): the row field holding a document's text,
+    # where token caches live (null: $MOE_VLM_CACHE or ~/.cache/moe_vlm), the fraction of
+    # documents held out (stdlib: a fixed list of files instead), tokenizer processes (0: all cores)
+    text_key: str = "text"
+    cache_dir: Optional[str] = None
+    eval_fraction: float = 0.02
+    tokenize_workers: int = 0
     max_images_per_seq: int = 4  # packing budget: images per packed sequence
 
 

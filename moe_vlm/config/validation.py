@@ -74,7 +74,11 @@ def _check_seed(key: str, seed: Optional[int]) -> None:
 def _validate_vision(cfg: Config) -> None:
     v, d = cfg.vision, cfg.data
     _one_of(v.name, "vision.name", ("none", "vit", "hf"))
-    _one_of(d.name, "data.name", ("synthetic_text", "synthetic_vlm", "llava"))
+    _one_of(d.name, "data.name", ("synthetic_text", "synthetic_vlm", "llava", "text", "stdlib"))
+    if d.name == "text":
+        _need(bool(d.path), "data.path", "data=text needs the corpus: a file, a folder or a glob")
+    _need(0 < d.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction}")
+    _need(d.tokenize_workers >= 0, "data.tokenize_workers", f"must be >= 0, got {d.tokenize_workers}")
     _one_of(d.tokenizer, "data.tokenizer", ("byte", "bpe", "hf"))
     if d.tokenizer == "hf":
         _need(bool(d.tokenizer_path), "data.tokenizer_path", "data.tokenizer=hf needs a local tokenizer directory")
@@ -84,7 +88,7 @@ def _validate_vision(cfg: Config) -> None:
           f"must be >= {BPE_MIN_VOCAB} (256 byte symbols + 4 special tokens), got {d.bpe_vocab_size}")
     if d.name == "llava":
         _need(bool(d.path), "data.path", "data=llava needs the conversation JSON/JSONL file")
-    if d.name != "synthetic_text":
+    if d.name in ("synthetic_vlm", "llava"):
         _need(v.name != "none", "vision.name",
               f"data.name={d.name} needs a vision tower; pick e.g. vision=vit_tiny or vision=hf")
     _one_of(cfg.projector.type, "projector.type", ("mlp2x_gelu",))

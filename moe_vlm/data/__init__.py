@@ -30,6 +30,7 @@ class DataBundle:
     collate: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]] = collate
     chance_accuracy: Optional[float] = None  # of the eval questions, if it has any
     seed: int = 0
+    corpus_stats: dict[str, int] = field(default_factory=dict)  # text corpora: skipped at tokenisation
     _perm: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _stream: Optional[tuple[int, Iterator]] = field(default=None, repr=False)
 
@@ -78,7 +79,7 @@ class DataBundle:
     def stats(self) -> dict[str, int]:
         """Counters of skipped rows (missing/corrupt images, too long, malformed) and
         packing, summed over the train and eval sources that keep them."""
-        out: dict[str, int] = {}
+        out: dict[str, int] = dict(self.corpus_stats)
         for src in (self.train, self.eval):
             for k, v in getattr(src, "stats", {}).items():
                 out[k] = out.get(k, 0) + int(v)
@@ -148,8 +149,31 @@ def _llava(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBundle:
                       collate=functools.partial(collate, pad_id=tokenizer.pad_id), seed=cfg.seed)
 
 
+def _corpus_files(cfg: DataConfig) -> tuple[list[Path], Optional[set[str]]]:
+    """The files of ``data=text`` (``data.path``) or ``data=stdlib`` (the interpreter's
+    standard library, with its fixed held-out files)."""
+    from moe_vlm.data.text_corpus import discover, stdlib_files
+
+    if cfg.name == "stdlib":
+        return stdlib_files()
+    return discover(cfg.path or ""), None
+
+
+def _text(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBundle:
+    from moe_vlm.data.text_corpus import TextCorpus, build_cache, default_cache_dir
+
+    files, eval_files = _corpus_files(cfg)
+    cache = build_cache(files, tokenizer, cfg.text_key,
+                        Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
+                        workers=cfg.tokenize_workers)
+    corpus = TextCorpus(cache, cfg.seq_len, cfg.eval_fraction, cfg.n_eval_samples, eval_files)
+    return DataBundle(train=corpus.train, eval=corpus.eval, tokenizer=tokenizer, seed=cfg.seed,
+                      corpus_stats=corpus.stats)
+
+
 DATASETS: dict[str, Callable[..., DataBundle]] = {
-    "synthetic_text": _synthetic_text, "synthetic_vlm": _synthetic_vlm, "llava": _llava}
+    "synthetic_text": _synthetic_text, "synthetic_vlm": _synthetic_vlm, "llava": _llava,
+    "text": _text, "stdlib": _text}
 
 
 def build_data(cfg: DataConfig, tokenizer: Any = None, vision: Optional[VisionConfig] = None,
@@ -171,6 +195,9 @@ def build_tokenizer_for(cfg: DataConfig, run_dir: Optional[Path] = None):
     if cfg.tokenizer == "bpe" and cfg.name == "synthetic_vlm":
         from moe_vlm.data.synthetic_vlm import synthetic_vlm_corpus
         corpus = synthetic_vlm_corpus(cfg.seed)
+    if cfg.tokenizer == "bpe" and cfg.name in ("text", "stdlib"):
+        from moe_vlm.data.text_corpus import corpus_sample
+        corpus = corpus_sample(*_corpus_files(cfg), cfg.text_key)
     return build_tokenizer(cfg, run_dir, corpus)
 
 
