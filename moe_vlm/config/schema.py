@@ -152,6 +152,9 @@ class DataConfig:
     cache_dir: Optional[str] = None
     eval_fraction: float = 0.02
     tokenize_workers: int = 0
+    # text / stdlib: attention stays inside each document and positions restart at every
+    # document start (documents packed into one window do not see each other)
+    doc_mask: bool = False
     max_images_per_seq: int = 4  # packing budget: images per packed sequence
 
 

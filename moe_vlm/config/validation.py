@@ -79,6 +79,10 @@ def _validate_vision(cfg: Config) -> None:
         _need(bool(d.path), "data.path", "data=text needs the corpus: a file, a folder or a glob")
     _need(0 < d.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction}")
     _need(d.tokenize_workers >= 0, "data.tokenize_workers", f"must be >= 0, got {d.tokenize_workers}")
+    if d.doc_mask:
+        _need(d.name in ("text", "stdlib") and v.name == "none", "data.doc_mask",
+              "masks attention at document boundaries of text corpora: use it with data=text or "
+              "data=stdlib and vision=none")
     _one_of(d.tokenizer, "data.tokenizer", ("byte", "bpe", "hf"))
     if d.tokenizer == "hf":
         _need(bool(d.tokenizer_path), "data.tokenizer_path", "data.tokenizer=hf needs a local tokenizer directory")

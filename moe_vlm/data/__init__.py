@@ -166,7 +166,8 @@ def _text(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBundle:
     cache = build_cache(files, tokenizer, cfg.text_key,
                         Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
                         workers=cfg.tokenize_workers)
-    corpus = TextCorpus(cache, cfg.seq_len, cfg.eval_fraction, cfg.n_eval_samples, eval_files)
+    corpus = TextCorpus(cache, cfg.seq_len, cfg.eval_fraction, cfg.n_eval_samples, eval_files,
+                        doc_ids=cfg.doc_mask)
     return DataBundle(train=corpus.train, eval=corpus.eval, tokenizer=tokenizer, seed=cfg.seed,
                       corpus_stats=corpus.stats)
 

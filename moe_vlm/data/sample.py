@@ -13,6 +13,9 @@ A sample is a dict of tensors (S tokens, N images, H x W pixels):
   sequence's tail). ``collate`` adds it for every batch: False at the positions it pads.
   Padding is never routed, counted or put in a loss (``moe_vlm.model.moe``). Pad *ids*
   cannot serve as the mask: a Hugging Face tokenizer may pad with its EOS id.
+- ``doc_ids`` [S] long (optional, ``data.doc_mask``): the document each position belongs
+  to (non-decreasing): attention stays inside a document and positions restart at its
+  start (``moe_vlm.model.decoder.document_positions``).
 - ``answer_ids`` [S] long (optional): ``-1``, or the index (within the sample) of the
   question whose answer this position's label belongs to. Eval uses it for exact-match
   accuracy; labelled positions with ``-1`` count as caption/other text.
@@ -30,7 +33,7 @@ def collate(samples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str
     with -1, ``token_mask`` [B, S] with False (and a sample's own False positions kept);
     images concatenated in sample order -> ``pixel_values`` [sum N, 3, H, W]."""
     s_max = max(int(s["input_ids"].numel()) for s in samples)
-    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "answer_ids": -1}
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "answer_ids": -1, "doc_ids": -1}
     out: dict[str, torch.Tensor] = {}
     for key, value in fill.items():
         if key not in samples[0]:

@@ -269,11 +269,13 @@ def held_out(doc_files: np.ndarray, files: Sequence[str], fraction: float,
 class TokenWindows:
     """Map-style windows of ``seq_len + 1`` tokens over the documents ``docs`` of a token
     cache, concatenated in order: sample ``i`` -> ``input_ids`` and ``labels`` [seq_len].
-    Reads only the slices a window needs from the memory map."""
+    Reads only the slices a window needs from the memory map. With ``doc_ids`` a sample
+    also carries ``doc_ids`` [seq_len]: the window-local index of each input's document
+    (``data.doc_mask``)."""
 
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray, docs: np.ndarray, seq_len: int,
-                 limit: Optional[int] = None):
-        self.tokens, self.seq_len = tokens, seq_len
+                 limit: Optional[int] = None, doc_ids: bool = False):
+        self.tokens, self.seq_len, self.doc_ids = tokens, seq_len, doc_ids
         self.starts = offsets[docs]  # [n] token start of each kept document
         lengths = offsets[docs + 1] - self.starts
         self.cum = np.concatenate([[0], np.cumsum(lengths)])  # [n + 1] virtual positions
@@ -296,7 +298,11 @@ class TokenWindows:
             pos += take
             d += 1
         ids = torch.from_numpy(np.concatenate(parts))  # [seq_len + 1]
-        return {"input_ids": ids[:-1], "labels": ids[1:]}
+        out = {"input_ids": ids[:-1], "labels": ids[1:]}
+        if self.doc_ids:  # which document (0, 1, ... within the window) each input belongs to
+            seg = np.repeat(np.arange(len(parts)), [len(p) for p in parts])  # [seq_len + 1]
+            out["doc_ids"] = torch.from_numpy(seg[:-1])
+        return out
 
 
 class TextCorpus:
@@ -304,7 +310,7 @@ class TextCorpus:
     the train / held-out windows."""
 
     def __init__(self, cache: Path, seq_len: int, eval_fraction: float, n_eval: int,
-                 eval_files: Optional[set[str]] = None):
+                 eval_files: Optional[set[str]] = None, doc_ids: bool = False):
         meta = json.loads((cache / "meta.json").read_text())
         self.meta, self.stats = meta, {k: v for k, v in meta["stats"].items() if v}
         tokens = np.memmap(cache / "tokens.bin", dtype=meta["dtype"], mode="r")
@@ -317,8 +323,8 @@ class TextCorpus:
             raise DataError(f"data.eval_fraction: every one of the {len(ev)} documents is held "
                             "out; lower it or add documents")
         self.eval_docs, self.train_docs = np.flatnonzero(ev), np.flatnonzero(~ev)
-        self.train = TokenWindows(tokens, offsets, self.train_docs, seq_len)
-        self.eval = TokenWindows(tokens, offsets, self.eval_docs, seq_len, limit=n_eval)
+        self.train = TokenWindows(tokens, offsets, self.train_docs, seq_len, doc_ids=doc_ids)
+        self.eval = TokenWindows(tokens, offsets, self.eval_docs, seq_len, limit=n_eval, doc_ids=doc_ids)
         if len(self.train) == 0 or len(self.eval) == 0:
             raise DataError(f"data.path: the corpus ({meta['n_tokens']} tokens in "
                             f"{meta['n_docs']} documents) is too small for one training and one "

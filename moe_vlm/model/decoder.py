@@ -50,8 +50,9 @@ class Block(nn.Module):
         self.ffn = ffn
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None,
-                loss_norm: Optional[LossNorm] = None) -> tuple[Tensor, Optional[RouterOutput]]:
-        x = x + self.attn(self.attn_norm(x), cos, sin)  # [B, S, D]
+                loss_norm: Optional[LossNorm] = None, attn_mask: Optional[Tensor] = None
+                ) -> tuple[Tensor, Optional[RouterOutput]]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)  # [B, S, D]
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
             y, r = self.ffn(h, mask, loss_norm)
@@ -134,7 +135,8 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 inputs_embeds: Optional[Tensor] = None, token_mask: Optional[Tensor] = None,
-                loss_norm: Optional[LossNorm] = None) -> ModelOutput:
+                loss_norm: Optional[LossNorm] = None, doc_ids: Optional[Tensor] = None
+                ) -> ModelOutput:
         """input_ids [B, S] or inputs_embeds [B, S, D]; labels [B, S] are the *next-token*
         targets of each position (already shifted), ``-100`` where no loss is taken.
 
@@ -142,7 +144,10 @@ class DecoderLM(nn.Module):
         any MoE layer (right padding under a causal mask never reaches a real token's
         attention either). ``loss_norm``: the step's totals (``moe_vlm.routing.loss_norm``);
         with it every loss is this batch's share of the step loss, so the shares of all
-        micro-batches and processes add up to the mean over the global batch."""
+        micro-batches and processes add up to the mean over the global batch. ``doc_ids``
+        [B, S] (non-decreasing per row, ``data.doc_mask``): attention stays inside each
+        document and rotary positions restart at every document start, so each document
+        is computed as if it were alone."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, S, D]
@@ -153,8 +158,15 @@ class DecoderLM(nn.Module):
         if token_mask is not None and token_mask.shape != x.shape[:2]:
             raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}, the batch "
                              f"{tuple(x.shape[:2])}; it needs one entry per token [B, S]")
+        cos, sin, attn_mask = self.rope_cos, self.rope_sin, None
+        if doc_ids is not None:
+            if doc_ids.shape != x.shape[:2]:
+                raise ValueError(f"doc_ids has shape {tuple(doc_ids.shape)}, the batch "
+                                 f"{tuple(x.shape[:2])}; it needs one entry per token [B, S]")
+            pos, attn_mask = document_positions(doc_ids)  # [B, S], [B, 1, S, S]
+            cos, sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)  # [B, 1, S, Hd/2]
         for blk in self.layers:
-            x, r = blk(x, self.rope_cos, self.rope_sin, token_mask, loss_norm)
+            x, r = blk(x, cos, sin, token_mask, loss_norm, attn_mask)
             if r is not None:
                 routing.append(r)
         x = self.norm(x)
@@ -170,6 +182,19 @@ class DecoderLM(nn.Module):
             out.routing_loss = sum((r.loss for r in routing), torch.zeros((), device=x.device))
             out.loss = out.lm_loss + out.routing_loss
         return out
+
+
+def document_positions(doc_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """doc_ids [B, S] (each row non-decreasing) -> (positions [B, S] counting from 0 at
+    every document start, attention mask [B, 1, S, S]: causal and within a document)."""
+    s = doc_ids.shape[1]
+    idx = torch.arange(s, device=doc_ids.device)  # [S]
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)  # [B, S]
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # [B, S]
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, S, S]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    return idx - first, (same & causal).unsqueeze(1)
 
 
 def build_model(cfg: ModelConfig, moe: MoEConfig, routing: RoutingConfig,

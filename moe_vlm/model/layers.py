@@ -61,7 +61,8 @@ def rotary_tables(head_dim: int, max_seq_len: int, theta: float,
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, S, Hd]; cos/sin [S, Hd/2]. Rotate-half form."""
+    """x [B, H, S, Hd]; cos/sin [S, Hd/2] (or [B, 1, S, Hd/2]: per-token positions).
+    Rotate-half form."""
     x1, x2 = x.float().chunk(2, dim=-1)  # [B, H, S, Hd/2] each
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x.dtype)
@@ -81,7 +82,11 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
+                attn_mask: Optional[Tensor] = None) -> Tensor:
+        """x [B, S, D]; cos/sin the rotary table [S_max, Hd/2] (positions 0..S-1) or per
+        token [B, 1, S, Hd/2]; ``attn_mask`` [B, 1, S, S] bool (True = may attend), already
+        causal, or None for plain causal attention."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)  # [B, S, H, Hd]
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)  # [B, S, G, Hd]
@@ -89,11 +94,16 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H|G, S, Hd]
-        q, k = apply_rotary(q, cos[:s], sin[:s]), apply_rotary(k, cos[:s], sin[:s])
+        if cos.dim() == 2:
+            cos, sin = cos[:s], sin[:s]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, Hd]
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, Hd]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.wo(y.transpose(1, 2).reshape(b, s, -1))  # [B, S, D]
 
 

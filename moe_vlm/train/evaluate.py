@@ -25,7 +25,7 @@ def model_inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, Te
     padding is not routed in evaluation either: with capacity dropping or expert choice
     it would compete with real tokens for slots)."""
     out = {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device)}
-    for key in ("pixel_values", "token_mask"):
+    for key in ("pixel_values", "token_mask", "doc_ids"):
         if key in batch:
             out[key] = batch[key].to(device)
     return out

@@ -149,12 +149,32 @@ def test_stdlib_corpus_and_its_fixed_held_out_files():
     assert load_config(["vision=none", "data=stdlib"]).data.name == "stdlib"
 
 
-def test_trains_on_a_text_corpus(corpus, tmp_path):
+@pytest.mark.parametrize("doc_mask", ["false", "true"])
+def test_trains_on_a_text_corpus(corpus, tmp_path, doc_mask):
     from moe_vlm.train import train
 
     cfg = load_config(["vision=none", "data=text", f"data.path={corpus}", "data.seq_len=32",
                        f"data.cache_dir={tmp_path / 'cache'}", "data.n_eval_samples=8",
                        "data.tokenize_workers=1", "train.max_steps=4", "train.batch_size=4",
-                       "train.progress=false", f"run.dir={tmp_path / 'run'}"])
+                       "train.progress=false", f"run.dir={tmp_path / 'run'}",
+                       f"data.doc_mask={doc_mask}"])
     s = train(cfg, cfg.run.dir)
     assert s["status"] == "completed" and s["final_eval_loss"] < s["initial_eval_loss"]
+
+
+def test_doc_ids_mark_the_documents_of_a_window(corpus, tmp_path):
+    data = build_data(cfg_for(tmp_path, corpus, "data.doc_mask=true"), TOK)
+    for i in range(len(data.train)):
+        s = data.train[i]
+        ids, docs = s["input_ids"], s["doc_ids"]
+        assert docs[0] == 0 and bool((docs.diff() >= 0).all()) and bool((docs.diff() <= 1).all())
+        # a new document starts right after each EOS, and nowhere else
+        new = (docs.diff() == 1).nonzero().flatten() + 1
+        assert torch.equal(new, (ids[:-1] == TOK.eos_id).nonzero().flatten() + 1)
+    assert data.train_batch(0, 0, 4, 4)["doc_ids"].shape == (4, 32)
+
+
+def test_doc_mask_needs_a_text_corpus():
+    from moe_vlm.errors import ConfigError
+    with pytest.raises(ConfigError, match="data.doc_mask"):
+        load_config(["data.doc_mask=true"])  # the default VLM job

@@ -317,3 +317,34 @@ def test_exactly_one_input_kind():
         model()
     with pytest.raises(ValueError, match="exactly one"):
         model(input_ids=ids, inputs_embeds=model.embed(ids))
+
+
+def test_document_mask_equals_running_the_documents_separately():
+    """Packed documents with ``doc_ids`` give each document the logits (and gradients) it
+    gets alone: attention stays inside it and its positions restart at 0."""
+    from moe_vlm.config import load_config
+    from moe_vlm.model import build_model
+
+    cfg = load_config(["vision=none", "data=synthetic_text"])
+    model = build_model(cfg.model, cfg.moe, cfg.routing, seed=0)
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, 256, (n,), generator=g) for n in (5, 9, 2)]
+    packed = torch.cat(docs)[None]  # [1, 16]
+    doc_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    out = model(packed, doc_ids=doc_ids).logits[0]  # [16, V]
+    start = 0
+    for d in docs:
+        alone = model(d[None]).logits[0]
+        torch.testing.assert_close(out[start:start + len(d)], alone, atol=2e-5, rtol=1e-5)
+        start += len(d)
+    # gradients too: the packed loss's gradient is the sum of the documents' alone
+    model.zero_grad()
+    model(packed, doc_ids=doc_ids).logits.sum().backward()
+    packed_grad = model.embed.weight.grad.clone()
+    model.zero_grad()
+    for d in docs:
+        model(d[None]).logits.sum().backward()
+    torch.testing.assert_close(packed_grad, model.embed.weight.grad, atol=1e-4, rtol=1e-4)
+    # without doc_ids the documents see each other: the mask is what makes them equal
+    plain = model(packed).logits[0]
+    assert not torch.allclose(plain[5:14], model(docs[1][None]).logits[0], atol=1e-3)
