@@ -59,7 +59,7 @@ def _check_paths(cfg: Config) -> None:
     if u.method != "none":
         _check_path("upcycle.source", u.source, "any",
                     "give the dense run directory, checkpoint .pt or Hugging Face directory")
-    for key, value in (("data.path", d.path if d.name != "text" else None),
+    for key, value in (("data.path", d.path if d.name not in ("text", "mixture") else None),
                        ("data.eval_path", d.eval_path)):
         _check_path(key, value, "file", "give an existing .json or .jsonl conversation file")
         if value is not None and d.name == "llava" and Path(value).suffix not in (".json", ".jsonl"):

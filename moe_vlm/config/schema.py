@@ -155,6 +155,9 @@ class DataConfig:
     # text / stdlib: attention stays inside each document and positions restart at every
     # document start (documents packed into one window do not see each other)
     doc_mask: bool = False
+    # data=mixture: {source: weight}, sources among synthetic_text, synthetic_vlm, stdlib,
+    # text, llava, each built with this config's other keys; exact proportions per block
+    mixture: dict[str, float] = field(default_factory=dict)
     max_images_per_seq: int = 4  # packing budget: images per packed sequence
 
 

@@ -74,7 +74,23 @@ def _check_seed(key: str, seed: Optional[int]) -> None:
 def _validate_vision(cfg: Config) -> None:
     v, d = cfg.vision, cfg.data
     _one_of(v.name, "vision.name", ("none", "vit", "hf"))
-    _one_of(d.name, "data.name", ("synthetic_text", "synthetic_vlm", "llava", "text", "stdlib"))
+    _one_of(d.name, "data.name", ("synthetic_text", "synthetic_vlm", "llava", "text", "stdlib",
+                                  "mixture"))
+    if d.name == "mixture":
+        sources = ("synthetic_text", "synthetic_vlm", "llava", "text", "stdlib")
+        for name, w in d.mixture.items():
+            _need(name in sources, "data.mixture", f"unknown source {name!r}; choose from {list(sources)}")
+            _need(w >= 0, "data.mixture", f"the weight of {name} must be >= 0 (0 = off), got {w}")
+        on = {n for n, w in d.mixture.items() if w > 0}
+        _need(bool(on), "data.mixture", "data=mixture needs at least one source with a weight "
+              "> 0, e.g. data.mixture.stdlib=0.7 data.mixture.synthetic_vlm=0.3")
+        _need(not {"text", "llava"} <= on, "data.mixture",
+              "text and llava both read data.path; mix one of them")
+        if on & {"text", "llava"}:
+            _need(bool(d.path), "data.path", "the mixture's text/llava source needs data.path")
+        if on & {"synthetic_vlm", "llava"}:
+            _need(v.name != "none", "vision.name", "a mixture with image-text sources needs a "
+                  "vision tower; pick e.g. vision=vit_tiny")
     if d.name == "text":
         _need(bool(d.path), "data.path", "data=text needs the corpus: a file, a folder or a glob")
     _need(0 < d.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction}")

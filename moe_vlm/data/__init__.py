@@ -76,10 +76,13 @@ class DataBundle:
         start = step * batch_size + micro * micro_batch_size
         return self.collate([self._sample(start + i) for i in range(micro_batch_size)])
 
-    def stats(self) -> dict[str, int]:
+    def stats(self, n_samples: Optional[int] = None) -> dict[str, int]:
         """Counters of skipped rows (missing/corrupt images, too long, malformed) and
-        packing, summed over the train and eval sources that keep them."""
+        packing, summed over the train and eval sources that keep them; for a mixture
+        also each source's samples among the first ``n_samples`` global samples."""
         out: dict[str, int] = dict(self.corpus_stats)
+        if n_samples is not None and hasattr(self.train, "realised"):
+            out.update(self.train.realised(n_samples))
         for src in (self.train, self.eval):
             for k, v in getattr(src, "stats", {}).items():
                 out[k] = out.get(k, 0) + int(v)
@@ -172,9 +175,27 @@ def _text(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBundle:
                       corpus_stats=corpus.stats)
 
 
+def _mixture(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBundle:
+    """``data.mixture`` {source: weight}: each source built as ``data=<source>`` with this
+    config's other keys (seq_len, seed, path, tokenizer...), mixed by ``moe_vlm.data.mixture``."""
+    from dataclasses import replace
+
+    from moe_vlm.data.mixture import ConcatEval, MixtureTrain
+
+    names = [n for n, w in cfg.mixture.items() if w > 0]  # weight 0: the source is off
+    bundles = [DATASETS[n](replace(cfg, name=n, mixture={}), tokenizer, vision, n_image_tokens)
+               for n in names]
+    chance = [b.chance_accuracy for b in bundles if b.chance_accuracy is not None]
+    return DataBundle(train=MixtureTrain(names, bundles, [cfg.mixture[n] for n in names], cfg.seed),
+                      eval=ConcatEval([b.eval for b in bundles]), tokenizer=tokenizer,
+                      collate=functools.partial(collate, pad_id=tokenizer.pad_id),
+                      chance_accuracy=chance[0] if len(chance) == 1 else None, seed=cfg.seed,
+                      corpus_stats={k: v for b in bundles for k, v in b.corpus_stats.items()})
+
+
 DATASETS: dict[str, Callable[..., DataBundle]] = {
     "synthetic_text": _synthetic_text, "synthetic_vlm": _synthetic_vlm, "llava": _llava,
-    "text": _text, "stdlib": _text}
+    "text": _text, "stdlib": _text, "mixture": _mixture}
 
 
 def build_data(cfg: DataConfig, tokenizer: Any = None, vision: Optional[VisionConfig] = None,

@@ -36,17 +36,19 @@ def collate(samples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str
     fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "answer_ids": -1, "doc_ids": -1}
     out: dict[str, torch.Tensor] = {}
     for key, value in fill.items():
-        if key not in samples[0]:
+        if not any(key in s for s in samples):  # a mixture's samples may differ in keys
             continue
         rows = torch.full((len(samples), s_max), value, dtype=torch.long)  # [B, S]
         for i, s in enumerate(samples):
-            rows[i, : s[key].numel()] = s[key]
+            if key in s:
+                rows[i, : s[key].numel()] = s[key]
         out[key] = rows
     mask = torch.zeros(len(samples), s_max, dtype=torch.bool)  # [B, S]
     for i, s in enumerate(samples):
         own = s.get("token_mask")
         mask[i, : s["input_ids"].numel()] = True if own is None else own.bool()
     out["token_mask"] = mask
-    if "pixel_values" in samples[0]:
-        out["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])  # [N, 3, H, W]
+    images = [s["pixel_values"] for s in samples if "pixel_values" in s]
+    if images:
+        out["pixel_values"] = torch.cat(images)  # [N, 3, H, W]
     return out

@@ -422,8 +422,9 @@ def _train_locked(cfg: Config, run_dir: Path, layout: Layout,
                            tokens_per_s=tok_window / max(1e-9, now - t_window),
                            tokens_seen=summary["tokens_seen"], skipped=not finite,
                            routing=layer_metrics(model, fb, layout))
-                if data.stats():
-                    row["data"] = summary["data_stats"] = data.stats()
+                stats = data.stats(step * t_cfg.batch_size)  # a mixture: per source, to this step
+                if stats:
+                    row["data"] = summary["data_stats"] = stats
                 t_window, tok_window = now, 0
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
