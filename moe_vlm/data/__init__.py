@@ -31,6 +31,7 @@ class DataBundle:
     chance_accuracy: Optional[float] = None  # of the eval questions, if it has any
     seed: int = 0
     corpus_stats: dict[str, int] = field(default_factory=dict)  # text corpora: skipped at tokenisation
+    eval_parts: dict[str, Any] = field(default_factory=dict)  # a mixture: each source's held-out set
     _perm: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _stream: Optional[tuple[int, Iterator]] = field(default=None, repr=False)
 
@@ -88,12 +89,15 @@ class DataBundle:
                 out[k] = out.get(k, 0) + int(v)
         return out
 
-    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1):
+    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1,
+                     part: Optional[str] = None):
         """Held-out batches ``rank, rank + world, ...`` (all of them by default), so each of
-        ``world`` processes reads and collates only its own share."""
-        n = len(self.eval)
+        ``world`` processes reads and collates only its own share; of one source's held-out
+        set with ``part`` (a mixture's ``eval_parts``)."""
+        src = self.eval if part is None else self.eval_parts[part]
+        n = len(src)
         for start in range(rank * batch_size, n, world * batch_size):
-            yield self.collate([self.eval[i] for i in range(start, min(n, start + batch_size))])
+            yield self.collate([src[i] for i in range(start, min(n, start + batch_size))])
 
 
 class PackedSource:
@@ -190,7 +194,8 @@ def _mixture(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBundle:
                       eval=ConcatEval([b.eval for b in bundles]), tokenizer=tokenizer,
                       collate=functools.partial(collate, pad_id=tokenizer.pad_id),
                       chance_accuracy=chance[0] if len(chance) == 1 else None, seed=cfg.seed,
-                      corpus_stats={k: v for b in bundles for k, v in b.corpus_stats.items()})
+                      corpus_stats={k: v for b in bundles for k, v in b.corpus_stats.items()},
+                      eval_parts={n: b.eval for n, b in zip(names, bundles)})
 
 
 DATASETS: dict[str, Callable[..., DataBundle]] = {

@@ -57,38 +57,61 @@ def evaluate(model: torch.nn.Module, data: Any, batch_size: int, device: torch.d
              amp: Optional[torch.dtype], layout: Optional[Layout] = None) -> dict[str, float]:
     """``eval_loss`` (token-weighted LM loss over the held-out split); with answers also
     ``eval_accuracy`` (exact match) and ``caption_loss`` (loss on labelled non-answer
-    tokens, e.g. captions).
+    tokens, e.g. captions). A mixture (``data.eval_parts``) also gets each source's numbers
+    (``eval_loss_<source>``, ...); the overall ones are over all sources' tokens.
 
     With several processes (``layout``), rank r evaluates batches r, r+world, ... and the
     sums are reduced, so the numbers equal a single-process evaluation's (same batches).
     Under expert parallelism or FSDP every rank must run the same number of forwards (they
     run collectives), so a rank out of batches runs a spare one and discards it."""
+    was_training = model.training
+    model.eval()
+    try:
+        parts = getattr(data, "eval_parts", None) or {}
+        if not parts:
+            return _results(_eval_sums(model, data, batch_size, device, amp, layout, None))
+        res: dict[str, float] = {}
+        total = torch.zeros(6, device=device, dtype=torch.float64)
+        for name in parts:
+            sums = _eval_sums(model, data, batch_size, device, amp, layout, name)
+            total += sums
+            res.update(_results(sums, f"_{name}"))
+        return {**_results(total), **res}
+    finally:
+        model.train(was_training)
+
+
+def _eval_sums(model: torch.nn.Module, data: Any, batch_size: int, device: torch.device,
+               amp: Optional[torch.dtype], layout: Optional[Layout], part: Optional[str]) -> Tensor:
+    """[6] float64, reduced over ranks: loss, labelled tokens, caption loss, caption
+    tokens, correct answers, answers (of the held-out set, or of source ``part``)."""
     world = layout.world if layout is not None else 1
     rank = layout.rank if layout is not None else 0
     spare = layout is not None and layout.lockstep
-    n_batches = -(-len(data.eval) // batch_size)
+    n_eval = len(data.eval if part is None else data.eval_parts[part])
+    n_batches = -(-n_eval // batch_size)
     rounds = -(-n_batches // world)
-    was_training = model.training
-    model.eval()
-    # loss, labelled tokens, caption loss, caption tokens, correct, answers
     sums = torch.zeros(6, device=device, dtype=torch.float64)
     batch, done = None, 0
-    for batch in data.eval_batches(batch_size, rank, world):
+    for batch in data.eval_batches(batch_size, rank, world, part):
         _eval_batch(model, batch, device, amp, sums)
         done += 1
     if spare and done < rounds:  # keep the collectives in step with the other ranks
-        batch = batch if batch is not None else next(iter(data.eval_batches(batch_size)))
+        batch = batch if batch is not None else next(iter(data.eval_batches(batch_size, part=part)))
         for _ in range(rounds - done):
             _eval_batch(model, batch, device, amp, torch.zeros_like(sums))
-    model.train(was_training)
     if layout is not None:
         layout.all_sum(sums)
+    return sums
+
+
+def _results(sums: Tensor, suffix: str = "") -> dict[str, float]:
     loss_sum, n_tok, cap_sum, n_cap, correct, total = sums.tolist()  # host sync
-    res = {"eval_loss": loss_sum / max(1.0, n_tok)}
+    res = {f"eval_loss{suffix}": loss_sum / max(1.0, n_tok)}
     if total:
-        res["eval_accuracy"] = correct / total
+        res[f"eval_accuracy{suffix}"] = correct / total
     if n_cap:
-        res["caption_loss"] = cap_sum / n_cap
+        res[f"caption_loss{suffix}"] = cap_sum / n_cap
     return res
 
 

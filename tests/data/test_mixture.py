@@ -95,3 +95,19 @@ def test_text_only_mixture_by_weights(tmp_path):
     data = build_data(cfg.data)
     assert data.stats(BLOCK) == {**data.corpus_stats, "mixture_synthetic_text": 64,
                                  "mixture_stdlib": 192}
+
+
+def test_mixture_eval_reports_each_source(tmp_path):
+    from moe_vlm.model import build_model
+    from moe_vlm.train.evaluate import evaluate
+
+    cfg = load_config(["data=mixture", "vision=none", "data.mixture.synthetic_vlm=0",
+                       "data.mixture.synthetic_text=0.5", "data.mixture.stdlib=0.5",
+                       "data.n_eval_samples=6", f"data.cache_dir={tmp_path / 'cache'}"])
+    data = build_data(cfg.data)
+    model = build_model(cfg.model, cfg.moe, cfg.routing, seed=0)
+    res = evaluate(model, data, 4, torch.device("cpu"), None)
+    assert set(res) == {"eval_loss", "eval_loss_synthetic_text", "eval_loss_stdlib"}
+    # the overall loss is the token-weighted mean of the parts (equal token counts here)
+    assert res["eval_loss"] == pytest.approx(
+        (res["eval_loss_synthetic_text"] + res["eval_loss_stdlib"]) / 2, rel=1e-9)
