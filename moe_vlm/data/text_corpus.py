@@ -66,7 +66,8 @@ def discover(path: str, key: str = "data.path") -> list[Path]:
     else:
         found = [Path(f) for f in glob.glob(str(p), recursive=True)]
         found = [f for f in found if (f.is_file() and f.suffix in SUFFIXES) or _is_saved_dataset(f)]
-    found = sorted({f.resolve() for f in found if not any(q in found for q in f.parents)})
+    saved = {f for f in found if f.is_dir()}  # a saved dataset's own .json files are not documents
+    found = sorted({f.resolve() for f in found if f in saved or saved.isdisjoint(f.parents)})
     bad = [f for f in found if f.is_file() and f.suffix not in SUFFIXES]
     if bad:
         raise DataError(f"{key}: {bad[0]}: unsupported suffix {bad[0].suffix!r}; use "
