@@ -49,11 +49,11 @@ def _split_hydra_args(args: Sequence[str]) -> tuple[list[str], list[str], "argpa
     return flags, list(ns.overrides), ns
 
 
-def _check_train_args(ns: "argparse.Namespace", overrides: list[str]) -> tuple[list[str], Optional[str]]:
+def _check_train_args(ns: "argparse.Namespace", overrides: list[str]) -> Optional[str]:
     """Everything that can be checked before Hydra writes a byte: no config file we read
     can run code, preset names exist, and (one run) the composed config is valid and
-    runnable on this machine. Returns Hydra's extra flags (absolute ``--config-path``) and
-    the config directory used. Raises ``UserError``."""
+    runnable on this machine. Returns the ``--config-path`` directory made absolute (None
+    without one). Raises ``UserError``."""
     from moe_vlm.config.groups import check_group_overrides
     from moe_vlm.config.loader import config_dir, experiments_dir
     from moe_vlm.config.safety import check_config_dirs
@@ -73,7 +73,7 @@ def _check_train_args(ns: "argparse.Namespace", overrides: list[str]) -> tuple[l
     check_config_dirs([cdir or config_dir(), experiments_dir(), *([ns.config_dir] if ns.config_dir else [])])
     if cdir is None:  # a --config-path directory has its own groups (or none)
         check_group_overrides(overrides)
-    return (["--config-path", cdir] if cdir else []), cdir
+    return cdir
 
 
 def _precheck_run(cdir: Optional[str], cname: Optional[str], overrides: list[str]) -> None:
@@ -120,7 +120,7 @@ def train_main(args: Sequence[str]) -> None:
     multirun = ns.multirun or any(o.replace(" ", "") == "hydra.mode=MULTIRUN" for o in overrides)
     just_print = bool(ns.cfg or ns.info or ns.help or ns.hydra_help or ns.shell_completion)
     try:
-        extra, cdir = _check_train_args(ns, overrides)
+        cdir = _check_train_args(ns, overrides)
         if not multirun and not just_print:
             _precheck_run(cdir, ns.config_name, overrides)
     except UserError as e:
@@ -129,7 +129,7 @@ def train_main(args: Sequence[str]) -> None:
     if cdir is not None:  # Hydra resolves a relative --config-path against cli.py: pass it absolute
         i = next(i for i, f in enumerate(flags) if f.split("=", 1)[0] in ("--config-path", "-cp"))
         del flags[i:i + (1 if "=" in flags[i] else 2)]
-        flags = [*extra, *flags]
+        flags = ["--config-path", cdir, *flags]
     if not multirun and not just_print:
         # One run writes its own record of the overrides once it is accepted (train()):
         # Hydra's .hydra/ would be written, and overwrite a live run's, before any check.

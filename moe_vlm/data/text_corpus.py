@@ -256,13 +256,10 @@ def held_out(doc_files: np.ndarray, files: Sequence[str], fraction: float,
     if eval_files is not None:
         return np.array([files[i] in eval_files for i in doc_files.tolist()], dtype=bool)
     out = np.zeros(len(doc_files), dtype=bool)
-    index_in_file = np.zeros(len(doc_files), dtype=np.int64)
-    seen: dict[int, int] = {}
+    seen: dict[int, int] = {}  # file -> documents of it so far
     for j, fi in enumerate(doc_files.tolist()):
-        index_in_file[j] = seen.get(fi, 0)
-        seen[fi] = index_in_file[j] + 1
-    for j, fi in enumerate(doc_files.tolist()):
-        h = hashlib.sha256(f"{Path(files[fi]).name}/{index_in_file[j]}".encode()).digest()
+        k = seen[fi] = seen.get(fi, -1) + 1  # this document's index within its file
+        h = hashlib.sha256(f"{Path(files[fi]).name}/{k}".encode()).digest()
         out[j] = int.from_bytes(h[:8], "little") < fraction * 2**64
     return out
 

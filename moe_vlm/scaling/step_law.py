@@ -120,7 +120,11 @@ def _check_table(table: pd.DataFrame) -> pd.DataFrame:
 def near_optimal(table: pd.DataFrame, threshold: float = 0.0025) -> pd.DataFrame:
     """The runs within ``threshold`` (relative) of their (N, D) group's lowest loss, with
     ``group_best`` and ``rel_gap`` (loss / best - 1) added."""
-    t = _check_table(table)
+    return _near_optimal(_check_table(table), threshold)
+
+
+def _near_optimal(t: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """``near_optimal`` on an already checked table."""
     best = t.groupby(["N", "D"])["loss"].transform("min")
     t = t.assign(group_best=best, rel_gap=t["loss"] / best - 1)
     return t[t["rel_gap"].abs() <= threshold].reset_index(drop=True)
@@ -158,7 +162,7 @@ def fit_step_law(table: pd.DataFrame, *, threshold: float = 0.0025, n_bootstrap:
     if n_bootstrap < 0:
         raise ValueError(f"steplaw: n_bootstrap must be >= 0, got {n_bootstrap}")
     t = _check_table(table)
-    kept = near_optimal(t, threshold)
+    kept = _near_optimal(t, threshold)
     logs = [np.log(kept[c].to_numpy(float)) for c in ("N", "D", "lr", "bs")]
     v = _solve(*logs)
     if v is None:

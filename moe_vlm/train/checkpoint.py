@@ -55,9 +55,10 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 
 def quarantined(ckpt_dir: Path) -> list[Path]:
-    """Checkpoints renamed aside because they could not be read or verified."""
+    """Checkpoints renamed aside because they could not be read or verified (without
+    their checksum files)."""
     d = Path(ckpt_dir)
-    return sorted(d.glob("step_*.pt.bad*")) if d.is_dir() else []
+    return sorted(p for p in d.glob("step_*.pt.bad*") if p.suffix != ".sha256") if d.is_dir() else []
 
 
 class _HashingWriter:

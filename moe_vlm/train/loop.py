@@ -206,8 +206,7 @@ def _resume_state(cfg: Config, run_dir: Path, layout: Layout) -> Optional[dict[s
                         quarantine=layout.is_main)
     layout.barrier()  # rank 0's quarantine renames are done before anyone lists again
     if found is None:
-        left = [p.name for _, p in list_checkpoints(ckpt_dir)] + [p.name for p in quarantined(ckpt_dir)
-                                                                  if not p.name.endswith(".sha256")]
+        left = [p.name for _, p in list_checkpoints(ckpt_dir)] + [p.name for p in quarantined(ckpt_dir)]
         if left:
             raise RunDirError(
                 f"run.dir {run_dir} has checkpoints but none usable ({', '.join(left[:4])}; see "
