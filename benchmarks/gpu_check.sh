@@ -87,7 +87,10 @@ for be in torch grouped_mm triton; do
     [ -f "$RUNS/$be/summary.json" ] && cp "$RUNS/$be/summary.json" "$LOGS/train_${be}_summary.json"
     [ -f "$RUNS/$be/metrics.jsonl" ] && cp "$RUNS/$be/metrics.jsonl" "$LOGS/train_${be}_metrics.jsonl"
 done
-stage tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_kernel_gpu.py --timeout 110
+# Most of the tests' time is Triton compiling and autotuning (one test 43 s alone on the
+# first run): with pytest-xdist, 4 workers compile side by side.
+XDIST=""; "$PY" -c 'import xdist' 2>/dev/null && XDIST="-n 4"
+stage tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider $XDIST tests/kernels/test_kernel_gpu.py --timeout 140
 stage bench_moe_layer 120 "$PY" benchmarks/bench_moe_layer.py --skew uniform zipf --reps 3
 stage bench_train 150 "$PY" benchmarks/bench_train.py --shape anchor --hf-impls eager grouped_mm
 stage bench_permute 40 "$PY" benchmarks/bench_permute.py --reps 3
