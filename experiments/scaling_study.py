@@ -11,7 +11,8 @@ For each sweep found under ``--root`` it writes, in ``--out`` (names start with 
   bootstrap CIs), ``_chinchilla.png`` (loss against compute with the fit), ``_isoflop.json``
   / ``.png`` (IsoFLOP parabolas on the grid's anti-diagonals);
 - ``scaling_moe_vs_dense.json`` / ``.png``: the two grids point by point (equal active
-  compute) and per compute budget, and the dense compute the MoE's loss is worth;
+  compute), the tokens the dense model of the same active size needs for the MoE's loss
+  (from the dense fit), and the best loss of each family per compute budget;
 - ``granularity``: ``_krajewski.json`` (Krajewski et al.'s law in N, D, G) and ``_loss.png``;
 - ``experts``: ``_clark.json`` (Clark et al.'s law in N, E at fixed D) and ``_loss.png``;
 - ``scaling_study.md``: every table above in markdown (what the README quotes).
@@ -36,8 +37,7 @@ if __package__ in (None, ""):
 
 from moe_vlm.analysis.plots import plot_final_vs_key, plot_isoflop  # noqa: E402
 from moe_vlm.analysis.results import collect_results  # noqa: E402
-from moe_vlm.scaling import (compute_optimal, fit_chinchilla, fit_clark, fit_krajewski,  # noqa: E402
-                             isoflop_fit)
+from moe_vlm.scaling import fit_chinchilla, fit_clark, fit_krajewski, isoflop_fit  # noqa: E402
 from moe_vlm.train.rundir import atomic_write  # noqa: E402
 
 N_COL, D_COL, LOSS = "params_active_nonembedding", "tokens_seen", "final_eval_loss"
@@ -96,9 +96,24 @@ def chinchilla(study: str, t: pd.DataFrame, out: Path, n_boot: int) -> Any:
     return fit, iso
 
 
+def dense_tokens_for(fit: Any, n: float, loss: float) -> float:
+    """Tokens D' at which the dense Chinchilla fit reaches ``loss`` with ``n`` parameters
+    (inf when the fit's N term alone is above it)."""
+    p = fit.params
+    rest = loss - p["E"] - p["A"] / n ** p["alpha"]
+    return float("inf") if rest <= 0 else float((p["B"] / rest) ** (1.0 / p["beta"]))
+
+
+def envelope(t: pd.DataFrame, budgets: np.ndarray) -> list[Optional[float]]:
+    """Best final loss among runs whose training compute is at most each budget."""
+    c, loss = t["compute"].to_numpy(float), t[LOSS].to_numpy(float)
+    return [float(loss[c <= b].min()) if (c <= b).any() else None for b in budgets]
+
+
 def moe_vs_dense(dense: pd.DataFrame, moe: pd.DataFrame, dense_fit: Any, out: Path) -> dict[str, Any]:
-    """Point by point (same width and steps: same active compute) and per budget; and the
-    dense compute, on the dense fit's compute-optimal frontier, that reaches each MoE loss."""
+    """Point by point (same width and steps: the same active compute), the tokens the dense
+    model of the same active size would need for the MoE's loss (from the dense fit), and
+    per compute budget the best loss of each family (the IsoFLOP envelope)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -107,37 +122,27 @@ def moe_vs_dense(dense: pd.DataFrame, moe: pd.DataFrame, dense_fit: Any, out: Pa
     m = dense.merge(moe, on=keys, suffixes=("_dense", "_moe"))
     m["compute_ratio"] = m["compute_moe"] / m["compute_dense"]
     m["delta_loss"] = m[f"{LOSS}_moe"] - m[f"{LOSS}_dense"]
-    grid = np.geomspace(1e9, 1e19, 4000)
-    frontier = compute_optimal(dense_fit, grid).loss                  # [4000], decreasing in C
-    def dense_compute_for(loss: float) -> Optional[float]:
-        if not frontier.min() <= loss <= frontier.max():
-            return None
-        return float(np.exp(np.interp(-loss, -frontier, np.log(grid))))
-    m["dense_equiv_compute"] = [dense_compute_for(v) for v in m[f"{LOSS}_moe"]]
-    m["compute_multiplier"] = m["dense_equiv_compute"] / m["compute_moe"]
-    budgets = []
-    for name, t in (("dense", dense), ("moe", moe)):
-        iso = isoflop_fit(t[N_COL], t[D_COL], t[LOSS], drop_invalid=True)
-        budgets.append({name: [{"flops": float(c), "loss_opt": float(l), "n_opt": float(n)}
-                               for c, l, n in zip(iso.budgets, iso.loss_opt, iso.n_opt)]})
+    m["token_multiplier"] = [dense_tokens_for(dense_fit, n, l) / d for n, l, d in
+                             zip(m[f"{N_COL}_dense"], m[f"{LOSS}_moe"], m[f"{D_COL}_dense"])]
+    budgets = np.geomspace(min(dense["compute"].min(), moe["compute"].min()),
+                           max(dense["compute"].max(), moe["compute"].max()), 8)
+    env = [{"compute": float(b), "dense": ld, "moe": lm}
+           for b, ld, lm in zip(budgets, envelope(dense, budgets), envelope(moe, budgets))]
     rows = m[keys + [f"{N_COL}_dense", "params_total_moe", "compute_dense", "compute_ratio",
-                     f"{LOSS}_dense", f"{LOSS}_moe", "delta_loss", "compute_multiplier"]]
-    report = {"points": json.loads(rows.to_json(orient="records")),
+                     f"{LOSS}_dense", f"{LOSS}_moe", "delta_loss", "token_multiplier"]]
+    finite = m["token_multiplier"].replace(np.inf, np.nan)
+    report = {"points": json.loads(rows.replace(np.inf, np.nan).to_json(orient="records")),
               "mean_delta_loss": float(m["delta_loss"].mean()),
               "moe_better": int((m["delta_loss"] < 0).sum()), "n_points": int(len(m)),
-              "median_compute_multiplier": float(np.nanmedian(m["compute_multiplier"].astype(float))),
-              "isoflop": {**budgets[0], **budgets[1]}}
+              "median_token_multiplier": float(np.nanmedian(finite)), "envelope": env}
     write_json(out / "scaling_moe_vs_dense.json", report)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, t, colour in (("dense", dense, "tab:blue"), ("MoE 8 experts top-1", moe, "tab:red")):
+    for name, t, colour in (("dense", dense, "tab:blue"), ("MoE, 8 experts top-1", moe, "tab:red")):
         ax.scatter(t["compute"], t[LOSS], s=16, color=colour, label=name)
-        env = t.sort_values("compute")  # the best loss reached at or below each compute
-        ax.plot(env["compute"], np.minimum.accumulate(env[LOSS].to_numpy()), "-", color=colour,
-                alpha=0.5, lw=1)
-    ax.plot(grid, frontier, "k--", lw=1, label="dense Chinchilla fit: compute-optimal")
+        env_t = t.sort_values("compute")  # the best loss reached at or below each compute
+        ax.plot(env_t["compute"], np.minimum.accumulate(env_t[LOSS].to_numpy()), "-",
+                color=colour, alpha=0.6, lw=1.2)
     ax.set_xscale("log")
-    ax.set_xlim(min(dense["compute"].min(), moe["compute"].min()) / 1.5,
-                max(dense["compute"].max(), moe["compute"].max()) * 1.5)
     ax.set_xlabel("training compute (active FLOPs)")
     ax.set_ylabel("held-out loss (nats/byte)")
     ax.set_title("MoE against dense at equal active compute (lines: best loss so far)")
@@ -215,15 +220,19 @@ def main(argv: Optional[list[str]] = None) -> None:
         md += ["## MoE against dense at equal active compute", "",
                md_table(["d_model", "steps", "N active", "N total (MoE)", "C active (dense)",
                          "C MoE / C dense", "loss dense", "loss MoE", "MoE - dense",
-                         "dense compute worth"],
+                         "dense tokens for the MoE loss"],
                         [[p["model.d_model"], p["train.max_steps"], p[f"{N_COL}_dense"],
                           p["params_total_moe"], p["compute_dense"], p["compute_ratio"],
                           p[f"{LOSS}_dense"], p[f"{LOSS}_moe"], p["delta_loss"],
-                          float("nan") if p["compute_multiplier"] is None else p["compute_multiplier"]]
+                          float("nan") if p["token_multiplier"] is None else p["token_multiplier"]]
                          for p in r["points"]]), "",
                f"MoE lower on {r['moe_better']}/{r['n_points']} points; mean difference "
-               f"{r['mean_delta_loss']:+.4f}; median dense-compute multiplier "
-               f"{r['median_compute_multiplier']:.2f}x", ""]
+               f"{r['mean_delta_loss']:+.4f}; median dense-token multiplier "
+               f"{r['median_token_multiplier']:.2f}x", "",
+               "Best loss within each compute budget (IsoFLOP envelope):", "",
+               md_table(["compute (FLOPs)", "dense", "MoE"],
+                        [[e["compute"], float("nan") if e["dense"] is None else e["dense"],
+                          float("nan") if e["moe"] is None else e["moe"]] for e in r["envelope"]]), ""]
     if tabs["granularity"] is not None and len(tabs["granularity"]):
         f = granularity(tabs["granularity"], out, args.bootstrap)
         md += ["## Granularity (Krajewski et al. 2024)", "",
