@@ -55,7 +55,8 @@ from benchmarks.common import (  # noqa: E402
     tflops, triton_skip_reason
 )
 # moe_vlm.model.experts pulls only torch-level modules of moe_vlm (no Hydra/OmegaConf/datasets)
-from moe_vlm.model.experts import BACKENDS, grouped_mm_supported  # noqa: E402
+from moe_vlm.model.dispatch import routed_experts  # noqa: E402
+from moe_vlm.model.experts import grouped_mm_supported  # noqa: E402
 from triton_kernels.inputs import flat_assignments, make_moe  # noqa: E402
 
 IMPLS = ("torch", "grouped_mm", "triton", "dense_chain", "sonicmoe", "megablocks")
@@ -160,8 +161,8 @@ def run_config(name: str, cfg: tuple[int, ...], m: int, skew: str, dtype: torch.
     leaves = [x, w_in, w_out, p["weights"]]
 
     def backend(bname: str) -> Impl:
-        fn = BACKENDS[bname]()
-        return Impl(fwd=lambda: fn(x, tok, exp, wgt, w_in, w_out), dy=dy, leaves=leaves,
+        return Impl(fwd=lambda: routed_experts(x, tok, exp, wgt, w_in, w_out, bname), dy=dy,
+                    leaves=leaves,
                     check=True, note="one host sync per expert" if bname == "torch" else "")
 
     def dense() -> Impl:  # one SwiGLU chain on T*K rows: same active FLOPs, no routing

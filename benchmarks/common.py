@@ -10,7 +10,8 @@ Legend: T tokens, D model width, F expert width, E experts, K experts per token.
 - ``print_table``: a markdown table from dict rows and a column list.
 - ``base_parser``: the ``--configs/--dtype/--reps/--out-dir/--skew`` flags every script shares.
 
-Nothing here imports ``moe_vlm`` or Hydra; importing this module runs nothing.
+From ``moe_vlm`` it takes only the atomic file writer and the table formatter (no Hydra,
+so the benchmarks run on a bare GPU image); importing this module runs nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from moe_vlm.train.rundir import atomic_write
+from moe_vlm.atomic import atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"

@@ -8,7 +8,8 @@
 - ``moe_experts(x, token_idx, expert_idx, weight, w_in, w_out)``: the fused SwiGLU MoE
   expert function (gather fused into GEMM 1, SwiGLU in its epilogue, GEMM 2, combine),
   the ``triton`` expert backend of the model (``moe.py``); ``moe_experts_topk`` takes
-  ``experts/weights [T, K]`` directly.
+  ``experts/weights [T, K]`` directly; ``sorted_experts(rows, offsets, w_in, w_out)`` is the
+  same SwiGLU on rows a dispatcher already sorted by expert (expert parallelism).
 
 Each op has a plain-torch ``*_reference`` twin; ``inputs.py`` makes the inputs that
 tests and benchmarks share. Kernels run compiled on CUDA and on the CPU under
@@ -16,11 +17,13 @@ tests and benchmarks share. Kernels run compiled on CUDA and on the CPU under
 """
 
 from triton_kernels.grouped_gemm import grouped_gemm, grouped_gemm_reference
-from triton_kernels.moe import moe_experts, moe_experts_reference, moe_experts_topk
+from triton_kernels.moe import (moe_experts, moe_experts_reference, moe_experts_topk, sorted_experts,
+                                sorted_experts_reference)
 from triton_kernels.permute import permute, permute_reference, unpermute, unpermute_reference
 
 __all__ = [
     "grouped_gemm", "grouped_gemm_reference",
-    "moe_experts", "moe_experts_reference", "moe_experts_topk",
+    "moe_experts", "moe_experts_reference", "moe_experts_topk", "sorted_experts",
+    "sorted_experts_reference",
     "permute", "permute_reference", "unpermute", "unpermute_reference",
 ]

@@ -41,7 +41,7 @@ from triton_kernels._utils import (
     check_shape,
     interpreting,
 )
-from triton_kernels.grouped_gemm import gg_forward, gg_weight_grad
+from triton_kernels.grouped_gemm import check_offsets, gg_forward, gg_weight_grad
 from triton_kernels.permute import TokenIndex, combine_rows, expert_plan
 
 
@@ -49,21 +49,31 @@ from triton_kernels.permute import TokenIndex, combine_rows, expert_plan
 
 def moe_experts_reference(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor,
                           w_in: Tensor, w_out: Tensor) -> Tensor:
-    """Plain torch: loop over experts, SwiGLU in the input dtype, weighted fp32 combine.
-    One host sync per expert (``nonzero``)."""
+    """Plain torch: stable sort by expert, gather, ``sorted_experts_reference``, weighted
+    fp32 combine. One host sync (the offsets)."""
+    order = torch.argsort(expert_idx, stable=True)  # [N]
+    offsets = torch.cumsum(torch.bincount(expert_idx, minlength=w_in.shape[0]), 0)  # [E]
+    tok = token_idx[order]
+    out = sorted_experts_reference(x[tok], offsets, w_in, w_out)  # [N, D]
     acc = torch.promote_types(x.dtype, torch.float32)
     y = torch.zeros(x.shape[0], x.shape[1], device=x.device, dtype=acc)  # [T, D]
-    for e in range(w_in.shape[0]):
-        sel = (expert_idx == e).nonzero().squeeze(1)  # host sync
-        if sel.numel() == 0:
-            continue
-        tok = token_idx[sel]
-        gate, up = (x[tok] @ w_in[e]).chunk(2, dim=-1)  # [n, F]
-        out = (F.silu(gate) * up) @ w_out[e]  # [n, D]
-        y = y.index_add(0, tok, out.to(acc) * weight[sel, None].to(acc))
+    y = y.index_add(0, tok, out.to(acc) * weight[order, None].to(acc))
     # keep every input in the graph so all gradients exist (zeros when nothing is routed)
-    y = y + 0 * (w_in.sum() + w_out.sum() + weight.sum()).to(acc)
+    y = y + 0 * (x.sum() + weight.sum()).to(acc)
     return y.to(x.dtype)
+
+
+def sorted_experts_reference(rows: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+    """Plain torch: each group of expert-sorted rows through its expert's SwiGLU.
+    One host sync (the offsets)."""
+    bounds = [0, *offsets.tolist()]  # host sync
+    out = rows.new_zeros(rows.shape[0], w_out.shape[2])  # [N, D]
+    for e in range(w_in.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            gate, up = (rows[lo:hi] @ w_in[e]).chunk(2, dim=-1)  # [n, F]
+            out[lo:hi] = (F.silu(gate) * up) @ w_out[e]
+    return out + 0 * (w_in.sum() + w_out.sum())  # every input in the graph
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -168,7 +178,49 @@ class _MoEExperts(torch.autograd.Function):
         return dx, dw_in, dw_out, dweight_s, None, None, None, None
 
 
+class _SortedExperts(torch.autograd.Function):
+    """SwiGLU experts on rows already sorted by expert: GEMM 1 with SwiGLU in its
+    epilogue, GEMM 2; backward as ``_MoEExperts`` without gathers or combines."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+        act, h = gg_forward(rows, w_in, offsets, swiglu=True)  # [N, F], [N, 2F]
+        out, _ = gg_forward(act, w_out, offsets)  # [N, D]
+        ctx.save_for_backward(rows, w_in, w_out, h, offsets)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        rows, w_in, w_out, h, offsets = ctx.saved_tensors
+        dout = dout.contiguous()
+        n_exp = w_in.shape[0]
+        need_rows, _, need_in, need_out = ctx.needs_input_grad
+        g, _ = gg_forward(dout, w_out, offsets, transpose_w=True)  # [N, F]
+        ones = torch.ones(rows.shape[0], device=rows.device, dtype=torch.float32)
+        dh, act, _ = swiglu_backward(g, h, ones)  # [N, 2F], [N, F]
+        drows = dw_in = dw_out = None
+        if need_out:
+            dw_out = gg_weight_grad(act, dout, offsets, n_exp)  # [E, F, D]
+        if need_in:
+            dw_in = gg_weight_grad(rows, dh, offsets, n_exp)  # [E, D, 2F]
+        if need_rows:
+            drows, _ = gg_forward(dh, w_in, offsets, transpose_w=True)  # [N, D]
+        return drows, None, dw_in, dw_out
+
+
 # ----------------------------------------------------------------------------- public
+
+def sorted_experts(rows: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+    """SwiGLU experts on expert-sorted rows: ``rows [N, D]`` with ``offsets [E]`` (int32
+    cumulative group ends; rows ``offsets[e-1]:offsets[e]`` belong to expert e) ->
+    ``out [N, D]``. What a dispatcher (permute, all-to-all) feeds; differentiable in rows
+    and both weights. No host sync."""
+    op = "sorted_experts"
+    _validate(rows, w_in, w_out, op)
+    check_device(rows, offsets, w_in, w_out, op=op)
+    offsets = check_offsets(offsets, w_in.shape[0], op)
+    return _SortedExperts.apply(rows.contiguous(), offsets, w_in.contiguous(), w_out.contiguous())
+
 
 def _validate(x: Tensor, w_in: Tensor, w_out: Tensor, op: str) -> None:
     check_shape(x, 2, "x", op, "[T, D]")

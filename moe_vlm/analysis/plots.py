@@ -25,7 +25,7 @@ def _plt():
 
 
 def _save(fig, out: str | Path) -> Path:
-    from moe_vlm.train.rundir import atomic_write
+    from moe_vlm.atomic import atomic_write
 
     out = Path(out)
     atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), mode="wb")

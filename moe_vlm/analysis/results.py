@@ -233,7 +233,7 @@ def _missing(v: Any) -> bool:
 
 def write_table(df: pd.DataFrame, out: str | Path) -> Path:
     """Write ``.csv`` or ``.parquet`` atomically (temp file beside it, then rename)."""
-    from moe_vlm.train.rundir import atomic_write
+    from moe_vlm.atomic import atomic_write
 
     out = Path(out)
     if out.suffix == ".csv":

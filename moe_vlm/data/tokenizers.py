@@ -92,7 +92,7 @@ class BPETokenizer:
 
     def save(self, path: Path) -> None:
         """Atomic: a killed run never leaves a half-written tokenizer.json behind."""
-        from moe_vlm.train.rundir import atomic_write
+        from moe_vlm.atomic import atomic_write
 
         text = self._tok.to_str(pretty=True)
         atomic_write(Path(path), lambda f: f.write(text))

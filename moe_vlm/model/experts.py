@@ -1,18 +1,23 @@
-"""Routed experts: stacked SwiGLU weights and the compute backends that run them.
+"""Routed experts: stacked SwiGLU weights and the grouped compute on expert-sorted rows.
 
-Legend: T tokens, D model width, F expert width, E experts, N assignments
-(token, expert, weight) produced by the router.
+Legend: N rows (one per assignment), D model width, F expert width, E experts.
 
 Weights are stacked so grouped kernels and expert parallelism use them directly:
 ``w_in [E, D, 2F]`` (columns ``:F`` gate, ``F:`` up) and ``w_out [E, F, D]``.
 
-Backends (identical results within dtype tolerance):
-- ``torch``: a per-expert loop, the readable ground truth; any device, any dtype.
-- ``grouped_mm``: sort assignments by expert, gather, two ``torch._grouped_mm`` calls,
-  weighted scatter-add. Needs fp32/bf16/fp16 and widths whose rows are 16-byte aligned.
-- ``triton``: ours, ``triton_kernels.moe_experts`` (gather fused into the first grouped
-  GEMM, SwiGLU in its epilogue, fused weighted combine). CUDA; CPU only under
-  ``TRITON_INTERPRET=1`` (tests).
+Experts are pure compute: ``rows [N, D]`` sorted by expert with ``offsets [E]`` (int32
+cumulative group ends) -> ``out [N, D]``, row i through the expert whose group holds it.
+Getting tokens into that order and the outputs back, weighted, is a dispatcher's job
+(``moe_vlm.model.dispatch``; ``moe_vlm.parallel.expert_parallel`` across processes).
+
+Backends (identical results within dtype tolerance), all ``(rows, offsets, w_in, w_out)``:
+- ``torch``: a loop over the groups, the readable ground truth; any device, any dtype
+  (one host sync to read the offsets).
+- ``grouped_mm``: two ``torch._grouped_mm`` calls. Needs fp32/bf16/fp16 and widths whose
+  rows are 16-byte aligned.
+- ``triton``: ours, ``triton_kernels.sorted_experts`` (grouped GEMMs, SwiGLU in the first
+  one's epilogue). CUDA; CPU only under ``TRITON_INTERPRET=1`` (tests). With the local
+  dispatcher the ``triton`` backend runs the fused pair instead (``dispatch.fused_triton``).
 - ``auto``: ``triton`` on CUDA, else ``grouped_mm`` where it runs, else ``torch``.
 """
 
@@ -24,40 +29,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ExpertFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+ExpertFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: autocast's where it is on, else x's."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
-def _accum_dtype(x: Tensor) -> torch.dtype:
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     """Combine in fp32 (fp64 for fp64 inputs, so the reference keeps full precision)."""
-    return torch.promote_types(x.dtype, torch.float32)
+    return torch.promote_types(dtype, torch.float32)
 
 
-def experts_torch(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor,
-                  w_in: Tensor, w_out: Tensor) -> Tensor:
-    """Reference: ``y[t] = sum_{(t,e,w)} w * SwiGLU_e(x[t])`` by looping over experts.
-
-    x [T, D], token_idx/expert_idx/weight [N], w_in [E, D, 2F], w_out [E, F, D] -> [T, D].
-    One host sync per expert (``nonzero``)."""
-    dt, acc = _compute_dtype(x), _accum_dtype(x)
-    # Start from an exact zero that is still connected to every input, so the result stays
-    # differentiable (with zero gradients) even when no expert receives a token.
-    y = (x[:0].sum() + w_in[:0].sum() + w_out[:0].sum() + weight[:0].sum()).to(acc)
-    y = y.expand(x.shape[0], x.shape[1]).contiguous()  # [T, D]
+def swiglu_torch(rows: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+    """Reference: each group of rows through its expert's SwiGLU, one matmul pair per
+    expert. rows [N, D] -> [N, D] in the compute dtype. One host sync (the offsets)."""
+    dt = compute_dtype(rows)
+    bounds = [0, *offsets.tolist()]  # host sync
+    outs = []
     for e in range(w_in.shape[0]):
-        sel = (expert_idx == e).nonzero().squeeze(1)  # host sync
-        if sel.numel() == 0:
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi == lo:
             continue
-        tok = token_idx[sel]
-        gate, up = (x.index_select(0, tok).to(dt) @ w_in[e].to(dt)).chunk(2, dim=-1)  # [n, F] each
-        out = (F.silu(gate) * up) @ w_out[e].to(dt)  # [n, D]
-        y = y.index_add(0, tok, out.to(acc) * weight[sel, None].to(acc))
-    return y.to(x.dtype)
+        gate, up = (rows[lo:hi].to(dt) @ w_in[e].to(dt)).chunk(2, dim=-1)  # [n, F] each
+        outs.append((F.silu(gate) * up) @ w_out[e].to(dt))  # [n, D]
+    out = torch.cat(outs) if outs else rows.new_zeros((0, w_out.shape[2]), dtype=dt)
+    # an exact zero that keeps the rows and both weights in the graph, so their gradients
+    # are zeros (not None) when no row reaches an expert
+    return out + (rows[:0].sum() + w_in[:0].sum() + w_out[:0].sum()).to(dt)
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, d_model: int,
@@ -77,26 +79,11 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, d_model: int,
     return None
 
 
-def experts_grouped_mm(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor,
-                       w_in: Tensor, w_out: Tensor) -> Tensor:
-    """Sort-based permute + two grouped GEMMs + weighted scatter-add. On CUDA
-    ``bincount`` syncs with the host to size its output."""
-    dt = _compute_dtype(x)
-    n_exp = w_in.shape[0]
-    order = torch.argsort(expert_idx, stable=True)  # [N]
-    offsets = torch.cumsum(torch.bincount(expert_idx, minlength=n_exp), 0).to(torch.int32)  # [E]
-    tok = token_idx[order]  # [N]
-    # index_select, not x[tok]: each token appears K times, and the backward of x[tok]
-    # (index_put_ with accumulate) adds duplicates with atomics on several CPU threads, so
-    # gradients differed between runs; index_select's backward (index_add_) is serial over
-    # the index on CPU, and deterministic on CUDA under train.deterministic.
-    rows = x.index_select(0, tok).to(dt)  # [N, D], expert-sorted
-    gate, up = torch._grouped_mm(rows, w_in.to(dt), offs=offsets).chunk(2, dim=-1)  # [N, F]
-    out = torch._grouped_mm(F.silu(gate) * up, w_out.to(dt), offs=offsets)  # [N, D]
-    acc = _accum_dtype(x)
-    y = torch.zeros(x.shape[0], x.shape[1], device=x.device, dtype=acc)
-    y = y.index_add(0, tok, out.to(acc) * weight[order, None].to(acc))  # [T, D]
-    return y.to(x.dtype)
+def swiglu_grouped_mm(rows: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+    """Two ``torch._grouped_mm`` calls over the expert groups: rows [N, D] -> [N, D]."""
+    dt = compute_dtype(rows)
+    gate, up = torch._grouped_mm(rows.to(dt), w_in.to(dt), offs=offsets).chunk(2, dim=-1)  # [N, F]
+    return torch._grouped_mm(F.silu(gate) * up, w_out.to(dt), offs=offsets)  # [N, D]
 
 
 def triton_supported(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -117,23 +104,21 @@ def triton_supported(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 
 
 def _triton_backend() -> ExpertFn:
-    """``triton_kernels.moe_experts`` behind the backend signature, in the compute dtype
+    """``triton_kernels.sorted_experts`` behind the backend signature, in the compute dtype
     (the kernels ignore autocast, so the cast happens here, differentiably)."""
-    from triton_kernels import moe_experts
+    from triton_kernels import sorted_experts
 
-    def experts_triton(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor,
-                       w_in: Tensor, w_out: Tensor) -> Tensor:
-        dt = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            y = moe_experts(x.to(dt), token_idx, expert_idx, weight, w_in.to(dt), w_out.to(dt))
-        return y.to(x.dtype)
+    def swiglu_triton(rows: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+        dt = compute_dtype(rows)
+        with torch.autocast(rows.device.type, enabled=False):
+            return sorted_experts(rows.to(dt), offsets, w_in.to(dt), w_out.to(dt))
 
-    return experts_triton
+    return swiglu_triton
 
 
 BACKENDS: dict[str, Callable[[], ExpertFn]] = {
-    "torch": lambda: experts_torch,
-    "grouped_mm": lambda: experts_grouped_mm,
+    "torch": lambda: swiglu_torch,
+    "grouped_mm": lambda: swiglu_grouped_mm,
     "triton": _triton_backend,
 }
 
@@ -163,7 +148,9 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, d_model
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored stacked; ``forward`` runs the chosen backend."""
+    """E SwiGLU experts stored stacked; ``forward`` runs the chosen backend on expert-sorted
+    rows. Under expert parallelism it holds this rank's slice of the experts (``n_experts``
+    is then the local count) and the dispatcher does the rest."""
 
     def __init__(self, n_experts: int, d_model: int, d_expert: int, backend: str = "auto"):
         super().__init__()
@@ -180,17 +167,18 @@ class GroupedExperts(nn.Module):
         self.w_out.normal_(0.0, out_std, generator=generator)
 
     def backend_name(self, x: Tensor) -> str:
-        return resolve_backend(self.backend, x.device, _compute_dtype(x), self.d_model,
+        return resolve_backend(self.backend, x.device, compute_dtype(x), self.d_model,
                                self.d_expert)
 
-    def forward(self, x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor) -> Tensor:
-        """x [T, D] -> [T, D]: sum over each token's assignments of weight * expert(x)."""
-        key = (self.backend, x.device, _compute_dtype(x))
+    def forward(self, rows: Tensor, offsets: Tensor) -> Tensor:
+        """rows [N, D] sorted by expert, offsets [E] int32 group ends -> out [N, D] in the
+        compute dtype (the dispatcher weights and combines it)."""
+        key = (self.backend, rows.device, compute_dtype(rows))
         fn = self._resolved.get(key)
         if fn is None:
-            fn = BACKENDS[self.backend_name(x)]()
+            fn = BACKENDS[self.backend_name(rows)]()
             self._resolved[key] = fn
-        return fn(x, token_idx, expert_idx, weight, self.w_in, self.w_out)
+        return fn(rows, offsets, self.w_in, self.w_out)
 
     def extra_repr(self) -> str:
         return (f"n_experts={self.n_experts}, d_model={self.d_model}, "

@@ -1,4 +1,5 @@
-"""Sparse MoE FFN: router -> routed experts (weighted sum) + shared experts.
+"""Sparse MoE FFN: router -> dispatcher -> routed experts -> combine (weighted sum) + shared
+experts.
 
 Legend: B batch, S sequence, T = B*S tokens, D model width.
 """
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_vlm.config.schema import RoutingConfig
+from moe_vlm.model.dispatch import LocalDispatcher
 from moe_vlm.model.experts import GroupedExperts
 from moe_vlm.model.granularity import MoESizes
 from moe_vlm.model.layers import SwiGLU
@@ -23,13 +25,16 @@ class MoELayer(nn.Module):
     """DeepSeekMoE-style layer: ``y = sum_k w_k * expert_k(x) + shared(x)``.
 
     Dropped assignments (capacity) contribute nothing, so a fully dropped token leaves
-    the block through the residual (plus the shared experts, if any)."""
+    the block through the residual (plus the shared experts, if any). ``dispatcher`` moves
+    tokens to the experts and back: ``LocalDispatcher`` here, an all-to-all one under expert
+    parallelism (``moe_vlm.parallel.expert_parallel``)."""
 
     def __init__(self, d_model: int, sizes: MoESizes, routing: RoutingConfig, backend: str):
         super().__init__()
         self.sizes = sizes
         self.router = Router(d_model, sizes.n_experts, sizes.top_k, routing)
         self.experts = GroupedExperts(sizes.n_experts, d_model, sizes.d_expert, backend)
+        self.dispatcher: nn.Module = LocalDispatcher()
         self.shared: Optional[SwiGLU] = SwiGLU(d_model, sizes.d_shared) if sizes.d_shared else None
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None,
@@ -52,7 +57,7 @@ class MoELayer(nn.Module):
         xr = flat if rows is None else flat.index_select(0, rows)  # [T, D] real tokens
         pos = torch.arange(b * s, device=x.device) if rows is None else rows  # [T]
         r = self.router(xr, n_seqs=b, seq_ids=pos // s, loss_norm=loss_norm)
-        y = self.experts(xr, r.token_idx, r.expert_idx, r.weight)  # [T, D]
+        y = self.dispatcher(xr, r.token_idx, r.expert_idx, r.weight, self.experts)  # [T, D]
         if self.shared is not None:
             y = y + self.shared(xr)
         if rows is not None:  # padded rows: 0 (unique indices, so no accumulation order)

@@ -12,7 +12,7 @@ group instead, which DeepSpeed does for parameters it knows as expert parameters
   ``deepspeed.moe.layer.MoE`` that creates those groups (``ep`` consecutive ranks, the
   same as our mesh's EP rows; checked) and nothing else.
 
-The all-to-all itself stays ours (``ExpertParallelExperts``). Parameters stay fp32 (bf16
+The all-to-all itself stays ours (``AllToAllDispatcher``). Parameters stay fp32 (bf16
 runs through autocast as in the torch engine). Checkpoints hold the single-process model
 and optimizer state, gathered with ``deepspeed.utils.safe_get_full_optimizer_state``, so a
 DeepSpeed run resumes under either engine at any layout.

@@ -46,8 +46,9 @@ def _sq_norm(grads: list[Tensor], device: torch.device) -> Tensor:
 class TorchEngine:
     """Plain PyTorch: AdamW on every rank; dense parameters replicated with DDP, or sharded
     with FSDP2 (``parallel.fsdp``: weights, gradients and optimizer state split over all
-    processes, ZeRO-3 style); expert-parallel weights are left to ``ExpertParallelExperts``
-    and their gradients averaged by hand over the expert-data-parallel group."""
+    processes, ZeRO-3 style); expert-parallel weights (sharded by ``AllToAllDispatcher``'s
+    layers) are left out, their gradients averaged by hand over the expert-data-parallel
+    group."""
 
     name = "torch"
 

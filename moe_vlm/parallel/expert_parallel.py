@@ -1,6 +1,7 @@
 """Expert parallelism: experts sharded over an EP process group, tokens moved with
-all-to-all. Applied to a built model (``apply_expert_parallel``); model math stays
-distributed-free.
+all-to-all. Applied to a built model (``apply_expert_parallel``): each MoE layer keeps its
+``GroupedExperts`` (sliced to this rank's experts) and gets an ``AllToAllDispatcher`` in
+place of its ``LocalDispatcher``; model math stays distributed-free.
 
 Legend: T local tokens, D model width, N local assignments, M assignments received,
 E experts (global), El = E / ep experts on this rank, ep EP group size.
@@ -10,10 +11,10 @@ One MoE layer's routed experts on rank r (owner of experts ``[r*El, (r+1)*El)``)
 2. exchange counts (``all_to_all_single`` on ``[ep]`` ints; one host sync for the split
    sizes), then rows ``x[token]`` and their local expert ids (uneven splits; a rank may
    send or receive nothing);
-3. the received ``[M, D]`` rows run through the same expert backend as on one process
-   (torch / grouped_mm / triton), with weight 1 per row;
-4. the outputs travel back by the reverse all-to-all and are combined into ``[T, D]`` with
-   the routing weights.
+3. the received ``[M, D]`` rows, sorted by local expert, run through the experts as on
+   one process (torch / grouped_mm / triton backends, pure compute on sorted rows);
+4. the outputs go back to arrival order, travel back by the reverse all-to-all and are
+   combined into ``[T, D]`` with the routing weights (``dispatch.weighted_combine``).
 Both exchanges are differentiable (``_AllToAll``), so gradients reach
 ``x``, the routing weights and the local expert weights. Shared experts and the router
 stay local (data parallel).
@@ -21,13 +22,15 @@ stay local (data parallel).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moe_vlm.model.experts import BACKENDS, GroupedExperts, _compute_dtype, resolve_backend
+from moe_vlm.model.dispatch import sort_by_expert, weighted_combine
+from moe_vlm.model.experts import GroupedExperts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -51,36 +54,39 @@ class _AllToAll(torch.autograd.Function):
         return dx, None, None, None
 
 
-class ExpertParallelExperts(nn.Module):
-    """This rank's ``El`` experts of a ``GroupedExperts``, plus the all-to-all around them.
+@dataclass(frozen=True)
+class _Sent:
+    """What ``AllToAllDispatcher.combine`` needs from its ``dispatch``."""
 
-    Same call signature as ``GroupedExperts``: ``(x [T, D], token_idx, expert_idx, weight
-    [N]) -> [T, D]`` with *global* expert ids."""
+    token: Tensor  # [N] token of each sent row (sent in expert order)
+    weight: Tensor  # [N] routing weight of each sent row
+    arrival: Tensor  # [M] position in arrival order of each expert-sorted received row
+    send: list[int]  # rows sent to each rank
+    recv: list[int]  # rows received from each rank
+    n_tokens: int
+    dtype: torch.dtype
 
-    def __init__(self, inner: GroupedExperts, group: Optional[dist.ProcessGroup] = None):
+
+class AllToAllDispatcher(nn.Module):
+    """The dispatcher of an expert-parallel MoE layer: this rank holds experts
+    ``[first_expert, first_expert + n_local)`` of ``n_experts``; tokens travel to their
+    experts' ranks and back by all-to-all. Same call as ``LocalDispatcher``. No parameters."""
+
+    def __init__(self, n_experts: int, group: Optional[dist.ProcessGroup] = None):
         super().__init__()
         self.group = group if group is not None else dist.group.WORLD
         self.ep = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        if inner.n_experts % self.ep:
-            raise ValueError(f"expert parallelism: {inner.n_experts} experts do not split over "
+        if n_experts % self.ep:
+            raise ValueError(f"expert parallelism: {n_experts} experts do not split over "
                              f"ep={self.ep} ranks; choose parallel.ep dividing the expert count")
-        self.n_experts, self.n_local = inner.n_experts, inner.n_experts // self.ep
-        self.d_model, self.d_expert, self.backend = inner.d_model, inner.d_expert, inner.backend
-        lo = self.rank * self.n_local
-        sl = slice(lo, lo + self.n_local)
-        self.w_in = nn.Parameter(inner.w_in.detach()[sl].clone(),
-                                 requires_grad=inner.w_in.requires_grad)  # [El, D, 2F]
-        self.w_out = nn.Parameter(inner.w_out.detach()[sl].clone(),
-                                  requires_grad=inner.w_out.requires_grad)  # [El, F, D]
-        self.first_expert = lo
-        self._resolved: dict[tuple, Callable] = {}  # (device, dtype) -> backend fn, as GroupedExperts
+        self.n_experts, self.n_local = n_experts, n_experts // self.ep
+        self.first_expert = self.rank * self.n_local
 
-    def backend_name(self, x: Tensor) -> str:
-        return resolve_backend(self.backend, x.device, _compute_dtype(x), self.d_model, self.d_expert)
-
-    def forward(self, x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor) -> Tensor:
-        t, d = x.shape
+    def dispatch(self, x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor
+                 ) -> tuple[Tensor, Tensor, _Sent]:
+        """x [T, D], global assignments [N] -> (received rows [M, D] sorted by local expert,
+        offsets [El], what ``combine`` needs)."""
         order = torch.argsort(expert_idx, stable=True)  # [N]
         tok, exp, wgt = token_idx[order], expert_idx[order], weight[order]
         owner = exp // self.n_local  # [N]
@@ -91,24 +97,44 @@ class ExpertParallelExperts(nn.Module):
         local_ids = exp - owner * self.n_local  # [N] expert id on its owner rank
         ids_recv = local_ids.new_empty(sum(recv_l))  # [M]
         dist.all_to_all_single(ids_recv, local_ids, recv_l, send_l, group=self.group)
-        # index_select: a deterministic backward for the repeated tokens (see experts.py)
+        # index_select: a deterministic backward for the repeated tokens (dispatch.py)
         rows = _AllToAll.apply(x.index_select(0, tok), recv_l, send_l, self.group)  # [M, D]
-        m = rows.shape[0]
-        key = (x.device, _compute_dtype(x))
-        fn = self._resolved.get(key)
-        if fn is None:
-            fn = self._resolved[key] = BACKENDS[self.backend_name(x)]()
-        ones = torch.ones(m, device=x.device, dtype=weight.dtype)
-        out = fn(rows, torch.arange(m, device=x.device), ids_recv, ones, self.w_in, self.w_out)  # [M, D]
-        back = _AllToAll.apply(out, send_l, recv_l, self.group)  # [N, D]
-        acc = torch.promote_types(x.dtype, torch.float32)
-        y = torch.zeros(t, d, device=x.device, dtype=acc)
-        y = y.index_add(0, tok, back.to(acc) * wgt[:, None].to(acc))  # [T, D]
-        return y.to(x.dtype)
+        arrival, offsets = sort_by_expert(ids_recv, self.n_local)  # [M], [El]
+        return (rows.index_select(0, arrival), offsets,
+                _Sent(tok, wgt, arrival, send_l, recv_l, x.shape[0], x.dtype))
+
+    def combine(self, out: Tensor, sent: _Sent) -> Tensor:
+        """Expert outputs [M, D] (expert-sorted, as dispatched) -> y [T, D]."""
+        back = out.new_empty(out.shape).index_copy(0, sent.arrival, out)  # [M] arrival order
+        back = _AllToAll.apply(back, sent.send, sent.recv, self.group)  # [N, D]
+        return weighted_combine(back, sent.token, sent.weight, sent.n_tokens, sent.dtype)
+
+    def forward(self, x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor,
+                experts: GroupedExperts) -> Tensor:
+        rows, offsets, sent = self.dispatch(x, token_idx, expert_idx, weight)
+        return self.combine(experts(rows, offsets), sent)
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}..{self.first_expert + self.n_local - 1} of "
-                f"{self.n_experts} (ep={self.ep}), d_model={self.d_model}, d_expert={self.d_expert}")
+                f"{self.n_experts} (ep={self.ep})")
+
+
+def shard_experts(experts: GroupedExperts, dispatcher: AllToAllDispatcher) -> None:
+    """Keep only this rank's experts (in place): ``w_in/w_out [E, ...] -> [El, ...]``."""
+    sl = slice(dispatcher.first_expert, dispatcher.first_expert + dispatcher.n_local)
+    for name in ("w_in", "w_out"):
+        p = getattr(experts, name)
+        setattr(experts, name, nn.Parameter(p.detach()[sl].clone(), requires_grad=p.requires_grad))
+    experts.n_experts = dispatcher.n_local
+
+
+def sharded_experts(model: nn.Module) -> dict[str, tuple[GroupedExperts, AllToAllDispatcher]]:
+    """Module name of each expert-parallel ``GroupedExperts`` -> (it, its dispatcher)."""
+    from moe_vlm.model.moe import MoELayer
+
+    return {f"{name}.experts" if name else "experts": (m.experts, m.dispatcher)
+            for name, m in model.named_modules()
+            if isinstance(m, MoELayer) and isinstance(m.dispatcher, AllToAllDispatcher)}
 
 
 def _sum_counts(group: Optional[dist.ProcessGroup]):
@@ -131,8 +157,9 @@ def apply_expert_parallel(model: nn.Module, ep_group: Optional[dist.ProcessGroup
     n = 0
     for mod in model.modules():
         if isinstance(mod, MoELayer):
-            if not isinstance(mod.experts, ExpertParallelExperts):
-                mod.experts = ExpertParallelExperts(mod.experts, ep_group)
+            if not isinstance(mod.dispatcher, AllToAllDispatcher):
+                mod.dispatcher = AllToAllDispatcher(mod.experts.n_experts, ep_group)
+                shard_experts(mod.experts, mod.dispatcher)
             n += 1
     if n == 0:
         raise ValueError("apply_expert_parallel: the model has no MoE layers")
@@ -152,8 +179,8 @@ def set_count_reducers(model: nn.Module, dp_group: Optional[dist.ProcessGroup] =
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for m in model.modules() if isinstance(m, ExpertParallelExperts)
-            for p in m.parameters(recurse=False)]
+    """The expert-parallel (sharded) parameters: not data-parallel like the rest."""
+    return [p for ex, _ in sharded_experts(model).values() for p in ex.parameters(recurse=False)]
 
 
 @torch.no_grad()
@@ -188,7 +215,7 @@ def sync_gradients(model: nn.Module, world_group: Optional[dist.ProcessGroup] = 
     reduce_expert_grads([p for p in experts if p.requires_grad], expert_dp_group, world)
 
 
-def gather_shards(local: Tensor, mod: ExpertParallelExperts, dst: Optional[int]) -> Optional[Tensor]:
+def gather_shards(local: Tensor, mod: AllToAllDispatcher, dst: Optional[int]) -> Optional[Tensor]:
     """An expert tensor's ``[El, ...]`` shards over ``mod``'s EP group -> ``[E, ...]``.
     ``dst=None``: on every rank. ``dst=r``: on global rank r only, moved to CPU (None
     elsewhere; EP groups without r hold replicas and skip). Collective over the group."""
@@ -229,12 +256,11 @@ def full_state_dict(model: nn.Module, dst: Optional[int] = None) -> dict[str, Te
         value = full_tensor(value, keep, dst is not None)
         if keep:
             sd[key] = value
-    for name, mod in model.named_modules():
-        if isinstance(mod, ExpertParallelExperts):
-            for pname in ("w_in", "w_out"):
-                full = gather_shards(getattr(mod, pname), mod, dst)  # [E, ...]
-                if keep:
-                    sd[f"{name}.{pname}" if name else pname] = full
+    for name, (ex, disp) in sharded_experts(model).items():
+        for pname in ("w_in", "w_out"):
+            full = gather_shards(getattr(ex, pname), disp, dst)  # [E, ...]
+            if keep:
+                sd[f"{name}.{pname}"] = full
     return sd
 
 
@@ -242,7 +268,7 @@ def full_state_dict(model: nn.Module, dst: Optional[int] = None) -> dict[str, Te
 def load_full_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Load a single-process state dict into a (possibly expert-parallel) model: each
     rank takes its slice of every expert tensor. Shapes and names must otherwise match."""
-    shards = {name: mod for name, mod in model.named_modules() if isinstance(mod, ExpertParallelExperts)}
+    shards = {name: disp for name, (_, disp) in sharded_experts(model).items()}
     local = {}
     for key, value in state.items():
         owner, _, pname = key.rpartition(".")

@@ -20,13 +20,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moe_vlm.errors import ConfigError
-from moe_vlm.parallel.expert_parallel import ExpertParallelExperts, full_tensor, gather_shards
+from moe_vlm.parallel.expert_parallel import (AllToAllDispatcher, full_tensor, gather_shards,
+                                              sharded_experts)
 
 
-def _expert_shards(model: nn.Module) -> dict[int, ExpertParallelExperts]:
-    """id(expert parameter) -> the EP module holding it."""
-    return {id(p): m for m in model.modules() if isinstance(m, ExpertParallelExperts)
-            for p in (m.w_in, m.w_out)}
+def _expert_shards(model: nn.Module) -> dict[int, AllToAllDispatcher]:
+    """id(expert parameter) -> the dispatcher of its expert-parallel layer (EP group, slice)."""
+    return {id(p): disp for ex, disp in sharded_experts(model).values() for p in (ex.w_in, ex.w_out)}
 
 
 def _ordered_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from moe_vlm.atomic import atomic_write
 
 LAW_COLUMNS: dict[str, tuple[str, ...]] = {
     "chinchilla": ("n", "d"),
@@ -88,20 +88,6 @@ def load_table(path: str | Path, columns: dict[str, str]) -> tuple[dict[str, np.
     return out, counts
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temp file in the same directory, then ``os.replace`` (readers never
-    see a half-written file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run_fit(a: argparse.Namespace) -> dict[str, Any]:
     """Fit as the parsed arguments say; print the summary, write outputs; return the JSON dict."""
     from moe_vlm.scaling import fit_chinchilla, fit_clark, fit_krajewski
@@ -123,22 +109,21 @@ def run_fit(a: argparse.Namespace) -> dict[str, Any]:
     report = {**res.to_dict(), "table": str(a.table), "columns": columns,
               "n_rows": counts["rows"], "n_completed": counts["completed"]}
     if a.out is not None:
-        _write_outputs(a, report, lambda tmp: _plot(res, data, tmp))
+        _write_outputs(a, report, lambda fh: _plot(res, data, fh))
     return report
 
 
-def _write_outputs(a: argparse.Namespace, report: dict[str, Any], plot: Callable[[str], None]) -> None:
+def _write_outputs(a: argparse.Namespace, report: dict[str, Any], plot: Callable[[Any], None]) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / f"fit_{a.law}.json", out / f"fit_{a.law}.png"
 
-    def dump(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, allow_nan=False)
-            fh.write("\n")
+    def dump(fh: Any) -> None:
+        json.dump(report, fh, indent=2, allow_nan=False)
+        fh.write("\n")
 
-    _atomic_write(json_path, dump)
-    _atomic_write(png_path, plot)
+    atomic_write(json_path, dump)
+    atomic_write(png_path, plot, mode="wb")
     print(f"wrote {json_path} and {png_path}")
 
 
@@ -165,11 +150,11 @@ def _run_step_law(a: argparse.Namespace, columns: dict[str, Any]) -> dict[str, A
     report = {**res.to_dict(), "table": str(a.table), "columns": columns,
               "n_rows": counts["rows"], "n_completed": counts["completed"]}
     if a.out is not None:
-        _write_outputs(a, report, lambda tmp: _plot_step_law(res, tmp))
+        _write_outputs(a, report, lambda fh: _plot_step_law(res, fh))
     return report
 
 
-def _plot_step_law(res: Any, path: str) -> None:
+def _plot_step_law(res: Any, fh: Any) -> None:
     """Near-optimal runs' lr and batch size (observed) against the fitted law's."""
     import matplotlib
     matplotlib.use("Agg")
@@ -186,11 +171,11 @@ def _plot_step_law(res: Any, path: str) -> None:
                ylabel=f"near-optimal runs' {name}")
     fig.suptitle(f"Step Law fit on {res.n_kept} near-optimal runs of {res.n_runs}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
+    fig.savefig(fh, dpi=120, format="png")
     plt.close(fig)
 
 
-def _plot(res: Any, data: dict[str, np.ndarray], path: str) -> None:
+def _plot(res: Any, data: dict[str, np.ndarray], fh: Any) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -200,7 +185,7 @@ def _plot(res: Any, data: dict[str, np.ndarray], path: str) -> None:
     inputs = [data[k.lower()] for k in res.inputs]
     fig = plot_observed_vs_predicted(data["loss"], res.predict(*inputs), held_out=res.holdout_mask,
                                      title=f"{res.law}: rmse(log L) {res.rmse:.3g}")
-    fig.savefig(path, dpi=120, format="png")
+    fig.savefig(fh, dpi=120, format="png")
     plt.close(fig)
 
 

@@ -85,7 +85,7 @@ def finished_summary(run_dir: Path, max_steps: int) -> Optional[dict[str, Any]]:
 def routed_experts(model: torch.nn.Module) -> int:
     """Routed experts per MoE layer (after granularity); 0 for a dense model."""
     moes = model.moe_layers()
-    return moes[0].experts.n_experts if moes else 0
+    return moes[0].sizes.n_experts if moes else 0
 
 
 def local_batches(t_cfg: Any, layout: Layout) -> tuple[int, int, int]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_kernels import moe_experts, moe_experts_reference, moe_experts_topk
+from triton_kernels import (moe_experts, moe_experts_reference, moe_experts_topk, sorted_experts,
+                            sorted_experts_reference)
 from triton_kernels.inputs import TOLERANCES, flat_assignments, make_moe
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,3 +134,28 @@ def test_frozen_inputs_get_no_gradient_and_the_rest_still_match():
     (got,) = torch.autograd.grad(y, p["w_in"], p["dy"])
     (want,) = torch.autograd.grad(ref, p["w_in"], p["dy"])
     torch.testing.assert_close(got, want, atol=4e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("case", ["uniform_k2", "all_on_one_expert_odd_sizes", "empty_experts"])
+def test_sorted_experts_match_reference(case):
+    """The experts alone on rows a dispatcher sorted by expert (empty groups included)."""
+    p = make_moe(*CASES[case], device=DEV, requires_grad=True)
+    tok, exp, _ = flat_assignments(p["experts"], p["weights"])
+    order = torch.argsort(exp, stable=True)
+    offsets = torch.cumsum(torch.bincount(exp, minlength=p["w_in"].shape[0]), 0).to(torch.int32)
+    rows = p["x"].detach()[tok[order]].clone().requires_grad_()  # [N, D]
+    leaves = [rows, p["w_in"], p["w_out"]]
+    y = sorted_experts(rows, offsets, p["w_in"], p["w_out"])
+    ref = sorted_experts_reference(rows, offsets, p["w_in"], p["w_out"])
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(y, ref, atol=atol, rtol=rtol)
+    dy = torch.randn_like(y)
+    for name, a, b in zip(("rows", "w_in", "w_out"), torch.autograd.grad(y, leaves, dy),
+                          torch.autograd.grad(ref, leaves, dy)):
+        torch.testing.assert_close(a, b, atol=atol * 4, rtol=rtol * 2, msg=lambda m: f"d{name}: {m}")
+
+
+def test_sorted_experts_refuses_offsets_of_another_expert_count():
+    p = make_moe(8, 16, 16, 4, 1, device=DEV)
+    with pytest.raises(ValueError, match="offsets has 3 entries but w has 4 experts"):
+        sorted_experts(p["x"], torch.tensor([2, 5, 8], dtype=torch.int32), p["w_in"], p["w_out"])

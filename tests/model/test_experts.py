@@ -1,4 +1,5 @@
-"""Expert backends (``experts_torch``, ``experts_grouped_mm``) and backend selection.
+"""Expert backends (pure compute on expert-sorted rows) through the local dispatcher, the
+fused Triton pair, and backend selection.
 
 Legend: T tokens, D model width, F expert width, E experts, K experts per token,
 N assignments (token, expert, weight).
@@ -10,18 +11,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from functools import partial
+
 from moe_vlm.model import experts as experts_mod
-from moe_vlm.model.experts import (
-    GroupedExperts,
-    experts_grouped_mm,
-    experts_torch,
-    grouped_mm_supported,
-    resolve_backend,
-)
+from moe_vlm.model.dispatch import LocalDispatcher, routed_experts
+from moe_vlm.model.experts import GroupedExperts, grouped_mm_supported, resolve_backend
 
 CPU = torch.device("cpu")
 D, FF, E = 16, 8, 4  # rows 16-byte aligned for fp32 and bf16
 
+
+def pipeline(backend: str):
+    """dispatch -> ``backend``'s compute on the expert-sorted rows -> weighted combine, as
+    one ``fn(x, token_idx, expert_idx, weight, w_in, w_out) -> y [T, D]``."""
+    compute = experts_mod.BACKENDS[backend]()
+    disp = LocalDispatcher()
+
+    def fn(x, tok, exp, weight, w_in, w_out):
+        rows, offsets, routed = disp.dispatch(x, tok, exp, weight, w_in.shape[0])
+        return disp.combine(compute(rows, offsets, w_in, w_out), routed)
+    return fn
+
+
+fused = partial(routed_experts, backend="triton")  # the fused Triton dispatcher + experts pair
+experts_torch, experts_grouped_mm = pipeline("torch"), pipeline("grouped_mm")
 BACKEND_FNS = {"torch": experts_torch, "grouped_mm": experts_grouped_mm}
 
 
@@ -269,12 +282,13 @@ def test_triton_backend_matches_torch(case):
     go = torch.randn(t, D, generator=g)
     leaves = (x, w_in, w_out, w)
     outs = {}
-    for name in ("torch", "triton"):
-        y = experts_mod.BACKENDS[name]()(x, tok, exp, w, w_in, w_out)
+    for name, fn in (("torch", experts_torch), ("triton", pipeline("triton")), ("fused", fused)):
+        y = fn(x, tok, exp, w, w_in, w_out)
         outs[name] = (y, torch.autograd.grad(y, leaves, go))
-    torch.testing.assert_close(outs["triton"][0], outs["torch"][0], atol=1e-5, rtol=1e-4)
-    for a, b in zip(outs["triton"][1], outs["torch"][1]):
-        torch.testing.assert_close(a, b, atol=4e-5, rtol=2e-4)
+    for name in ("triton", "fused"):
+        torch.testing.assert_close(outs[name][0], outs["torch"][0], atol=1e-5, rtol=1e-4)
+        for a, b in zip(outs[name][1], outs["torch"][1]):
+            torch.testing.assert_close(a, b, atol=4e-5, rtol=2e-4)
 
 
 def test_triton_backend_under_bf16_autocast_close_to_torch():
@@ -284,10 +298,12 @@ def test_triton_backend_under_bf16_autocast_close_to_torch():
     w_in, w_out = torch.randn(E, D, 2 * FF, generator=g) * 0.3, torch.randn(E, FF, D, generator=g) * 0.3
     w = torch.rand(tok.numel(), generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_tr = experts_mod.BACKENDS["triton"]()(x, tok, exp, w, w_in, w_out)
+        y_tr = pipeline("triton")(x, tok, exp, w, w_in, w_out)
+        y_fu = fused(x, tok, exp, w, w_in, w_out)
         y_to = experts_torch(x, tok, exp, w, w_in, w_out)
-    assert y_tr.dtype == y_to.dtype == torch.float32
+    assert y_tr.dtype == y_fu.dtype == y_to.dtype == torch.float32
     torch.testing.assert_close(y_tr, y_to, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(y_fu, y_to, atol=3e-2, rtol=3e-2)
 
 
 def test_triton_backend_refused_where_it_cannot_run(monkeypatch):
@@ -299,7 +315,7 @@ def test_triton_backend_refused_where_it_cannot_run(monkeypatch):
     ex.init_weights(0.1, 0.1, torch.Generator().manual_seed(0))
     t, tok, exp = make_case("random")
     with pytest.raises(ValueError, match=r"need CUDA \(or TRITON_INTERPRET=1.*moe.backend=auto"):
-        ex(torch.randn(t, D), tok, exp, torch.ones(tok.numel()))
+        LocalDispatcher()(torch.randn(t, D), tok, exp, torch.ones(tok.numel()), ex)
 
 
 @pytest.mark.parametrize("d_expert,dtype,expected", [
@@ -308,7 +324,7 @@ def test_grouped_experts_auto_runs_resolved_backend(monkeypatch, d_expert, dtype
     calls = []
 
     def spy(name):
-        real = {"torch": experts_torch, "grouped_mm": experts_grouped_mm}[name]
+        real = {"torch": experts_mod.swiglu_torch, "grouped_mm": experts_mod.swiglu_grouped_mm}[name]
 
         def fn(*args):
             calls.append(name)
@@ -323,6 +339,6 @@ def test_grouped_experts_auto_runs_resolved_backend(monkeypatch, d_expert, dtype
     x = torch.randn(t, D, dtype=dtype)
     w = torch.rand(tok.numel(), dtype=dtype)
     assert ex.backend_name(x) == expected
-    y = ex(x, tok, exp, w)
+    y = LocalDispatcher()(x, tok, exp, w, ex)
     assert calls == [expected]
     torch.testing.assert_close(y, experts_torch(x, tok, exp, w, ex.w_in, ex.w_out))

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from moe_vlm.config.schema import RoutingConfig
 from moe_vlm.model import experts as experts_mod
-from moe_vlm.model.experts import experts_grouped_mm, experts_torch
 from moe_vlm.model.granularity import MoESizes
 from moe_vlm.model.layers import SwiGLU
 from moe_vlm.model.moe import MoELayer
@@ -217,8 +216,9 @@ def backend_spy(monkeypatch):
             return real(*args)
         return lambda: fn
 
-    monkeypatch.setitem(experts_mod.BACKENDS, "torch", wrap("torch", experts_torch))
-    monkeypatch.setitem(experts_mod.BACKENDS, "grouped_mm", wrap("grouped_mm", experts_grouped_mm))
+    monkeypatch.setitem(experts_mod.BACKENDS, "torch", wrap("torch", experts_mod.swiglu_torch))
+    monkeypatch.setitem(experts_mod.BACKENDS, "grouped_mm",
+                        wrap("grouped_mm", experts_mod.swiglu_grouped_mm))
     return calls
 
 

@@ -40,8 +40,8 @@ def one_step(cfg, layout) -> dict:
     forward/backward and gradient reduction; -> losses, metrics and full gradients."""
     from moe_vlm.data import build_data, build_tokenizer_for
     from moe_vlm.model.vlm import build_vlm
-    from moe_vlm.parallel.expert_parallel import (ExpertParallelExperts, apply_expert_parallel,
-                                                  gather_shards, set_count_reducers)
+    from moe_vlm.parallel.expert_parallel import (apply_expert_parallel, gather_shards,
+                                                  set_count_reducers, sharded_experts)
     from moe_vlm.train.engine import build_engine
     from moe_vlm.train.loop import local_batches
     from moe_vlm.train.step import forward_backward_step, layer_metrics
@@ -58,7 +58,7 @@ def one_step(cfg, layout) -> dict:
     batches = [data.train_batch(0, first + m, micro_bs, cfg.train.batch_size) for m in range(n_micro)]
     fb = forward_backward_step(engine, batches, layout, None, tok.image_id)
     engine.reduce_and_clip(float("inf"))
-    shards = {f"{n}.{p}": m for n, m in model.named_modules() if isinstance(m, ExpertParallelExperts)
+    shards = {f"{n}.{p}": disp for n, (_, disp) in sharded_experts(model).items()
               for p in ("w_in", "w_out")}
     grads = {}
     for name, p in model.named_parameters():
