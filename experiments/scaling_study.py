@@ -38,7 +38,7 @@ if __package__ in (None, ""):
 from moe_vlm.analysis.plots import plot_final_vs_key, plot_isoflop  # noqa: E402
 from moe_vlm.analysis.results import collect_results  # noqa: E402
 from moe_vlm.scaling import fit_chinchilla, fit_clark, fit_krajewski, isoflop_fit  # noqa: E402
-from moe_vlm.train.rundir import atomic_write  # noqa: E402
+from moe_vlm.train.rundir import atomic_write, write_json  # noqa: E402
 
 N_COL, D_COL, LOSS = "params_active_nonembedding", "tokens_seen", "final_eval_loss"
 COLUMNS = ["status", "model.d_model", "model.n_layers", "train.max_steps", "moe.n_experts",
@@ -46,10 +46,6 @@ COLUMNS = ["status", "model.d_model", "model.n_layers", "train.max_steps", "moe.
            "params_total", D_COL, "compute", "initial_eval_loss", LOSS, "final_train_loss",
            "wall_time_s"]
 STUDIES = ("scaling_dense", "scaling_moe", "granularity", "experts")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, allow_nan=False) + "\n"))
 
 
 def table(root: Path, study: str, out: Path) -> Optional[pd.DataFrame]:

@@ -9,6 +9,7 @@ its slice of the same global batch. Imports no model code.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -194,7 +195,7 @@ def _mixture(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBundle:
                       eval=ConcatEval([b.eval for b in bundles]), tokenizer=tokenizer,
                       collate=functools.partial(collate, pad_id=tokenizer.pad_id),
                       chance_accuracy=chance[0] if len(chance) == 1 else None, seed=cfg.seed,
-                      corpus_stats={k: v for b in bundles for k, v in b.corpus_stats.items()},
+                      corpus_stats=dict(sum((Counter(b.corpus_stats) for b in bundles), Counter())),
                       eval_parts={n: b.eval for n, b in zip(names, bundles)})
 
 

@@ -52,6 +52,11 @@ def _is_saved_dataset(p: Path) -> bool:
     return p.is_dir() and (p / "dataset_info.json").is_file() and (p / "state.json").is_file()
 
 
+def _is_corpus_entry(f: Path) -> bool:
+    """A file with a corpus suffix, or a saved ``datasets`` folder."""
+    return (f.is_file() and f.suffix in SUFFIXES) or _is_saved_dataset(f)
+
+
 def discover(path: str, key: str = "data.path") -> list[Path]:
     """The corpus files (and saved ``datasets`` folders) ``path`` names, sorted; a
     ``DataError`` naming ``key`` when there are none."""
@@ -60,12 +65,9 @@ def discover(path: str, key: str = "data.path") -> list[Path]:
         return [p]
     if p.is_file():
         found = [p]
-    elif p.is_dir():
-        found = [f for f in p.rglob("*") if (f.is_file() and f.suffix in SUFFIXES)
-                 or _is_saved_dataset(f)]
     else:
-        found = [Path(f) for f in glob.glob(str(p), recursive=True)]
-        found = [f for f in found if (f.is_file() and f.suffix in SUFFIXES) or _is_saved_dataset(f)]
+        found = p.rglob("*") if p.is_dir() else map(Path, glob.glob(str(p), recursive=True))
+        found = [f for f in found if _is_corpus_entry(f)]
     saved = {f for f in found if f.is_dir()}  # a saved dataset's own .json files are not documents
     found = sorted({f.resolve() for f in found if f in saved or saved.isdisjoint(f.parents)})
     bad = [f for f in found if f.is_file() and f.suffix not in SUFFIXES]
@@ -111,8 +113,8 @@ def _texts(f: Path, text_key: str, stats: dict[str, int]) -> Iterator[str]:
                     yield t
                 else:
                     stats["skipped_no_text"] += 1
-        elif f.suffix == ".json" and f.read_bytes()[:64].lstrip().startswith(b"["):
-            for row in json.loads(f.read_bytes()):
+        elif f.suffix == ".json" and (raw := f.read_bytes()).lstrip().startswith(b"["):
+            for row in json.loads(raw):
                 t = row_text(row)
                 if t is not None:
                     yield t

@@ -40,8 +40,9 @@ LI_2025 = {"lr_scale": 1.79, "lr_N": -0.713, "lr_D": 0.307, "bs_scale": 0.58, "b
 class StepLawFit:
     """A fitted Step Law. ``params`` from the least-squares fit on all kept runs, ``ci``
     the bootstrap percentile interval of each at ``ci_level``, ``bootstrap_mean`` the mean
-    of the replicates (what the paper reports; scales as exp of the mean intercept). ``kept`` is the table of near-optimal
-    runs the fit used (with ``group_best`` and ``rel_gap`` columns)."""
+    of the replicates (what the paper reports; scales as exp of the mean intercept).
+    ``kept`` is the table of near-optimal runs the fit used (with ``group_best`` and
+    ``rel_gap`` columns)."""
 
     params: dict[str, float]
     ci: dict[str, tuple[float, float]]

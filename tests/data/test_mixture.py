@@ -111,3 +111,18 @@ def test_mixture_eval_reports_each_source(tmp_path):
     # the overall loss is the token-weighted mean of the parts (equal token counts here)
     assert res["eval_loss"] == pytest.approx(
         (res["eval_loss_synthetic_text"] + res["eval_loss_stdlib"]) / 2, rel=1e-9)
+
+
+def test_mixture_sums_the_sources_skip_counts(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"doc{i}.txt").write_text(f"document {i} " * 200)
+    (corpus / "empty.txt").write_text("  \n")  # skipped and counted
+    common = ["vision=none", f"data.cache_dir={tmp_path / 'cache'}", f"data.path={corpus}"]
+    text = build_data(load_config(["data=text", *common]).data).corpus_stats
+    stdlib = build_data(load_config(["data=stdlib", *common]).data).corpus_stats
+    mix = build_data(load_config(["data=mixture", "data.mixture.synthetic_vlm=0",
+                                  "data.mixture.text=0.5", "data.mixture.stdlib=0.5", *common]).data)
+    assert text["skipped_empty_doc"] == 1
+    assert mix.corpus_stats == {k: text.get(k, 0) + stdlib.get(k, 0) for k in {*text, *stdlib}}
