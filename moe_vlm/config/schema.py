@@ -214,6 +214,10 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel size: divides the process count and the routed experts
     zero_stage: int = 2  # engine=deepspeed: 1 (optimizer state) or 2 (+ gradients) partitioned
     fsdp: bool = False  # engine=torch: shard dense weights/grads/optimizer state (FSDP2) instead of DDP
+    # Recompute each block's activations in the backward instead of keeping them (less
+    # memory, ~1/3 more compute; losses and gradients unchanged)
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block (moe_vlm.parallel.parallelize)
 
 
 @dataclass

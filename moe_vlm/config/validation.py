@@ -326,8 +326,5 @@ def validate(cfg: Config) -> Config:
               "(stage 0 is plain data parallelism: use parallel.engine=torch)")
         _need(not par.fsdp, "parallel.fsdp",
               "FSDP is the torch engine's sharding; with engine=deepspeed use parallel.zero_stage")
-        _need(t.nan_policy == "stop", "train.nan_policy",
-              "engine=deepspeed steps inside DeepSpeed and cannot skip a step; use stop "
-              "(or parallel.engine=torch)")
     _validate_sizes(cfg, hd)
     return cfg

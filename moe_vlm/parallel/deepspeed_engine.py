@@ -27,8 +27,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moe_vlm.errors import ConfigError
-from moe_vlm.parallel.engines import AmpContext
-from moe_vlm.parallel.expert_parallel import expert_parameters, full_state_dict
+from moe_vlm.parallel.engines import AmpContext, StepResult, finite
+from moe_vlm.parallel.expert_parallel import full_state_dict
+from moe_vlm.parallel.parallelize import Parallelized
 from moe_vlm.parallel.runtime import Layout
 from moe_vlm.parallel.state import gather_expert_state, slice_expert_state
 
@@ -73,11 +74,12 @@ def _marker(ep: int, n_experts: int) -> nn.Module:
 
 
 class DeepSpeedEngine:
-    """Same interface as ``TorchEngine``; DeepSpeed clips and steps inside ``step``."""
+    """The ``Engine`` interface over DeepSpeed, which reduces, clips and steps inside its
+    own ``step`` (and skips a step whose gradient norm is not finite: checked after it)."""
 
     name = "deepspeed"
 
-    def __init__(self, model: nn.Module, layout: Layout, groups: list[dict], lr: float,
+    def __init__(self, par: Parallelized, layout: Layout, groups: list[dict], lr: float,
                  betas: tuple[float, float], eps: float, grad_clip: float,
                  micro_batch_size: int, grad_accum: int, zero_stage: int):
         try:
@@ -86,9 +88,10 @@ class DeepSpeedEngine:
         except ImportError as e:
             raise ImportError("parallel.engine=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]' "
                               f"(or use parallel.engine=torch): {e}") from None
+        model = par.model
         self.model, self.layout = model, layout
         deepspeed.init_distributed(dist_backend="nccl" if layout.device.type == "cuda" else "gloo")
-        experts = expert_parameters(model)
+        experts = par.expert_params
         group_name = f"ep_size_{layout.ep}"
         for p in experts:
             p.allreduce, p.group_name = False, group_name
@@ -137,21 +140,25 @@ class DeepSpeedEngine:
             self.engine.step()  # only advances DeepSpeed's micro-step counter
         return out
 
-    def reduce_and_clip(self, max_norm: float) -> Optional[Tensor]:
-        return None  # DeepSpeed reduces during backward and clips inside step()
-
-    def step(self, lr: float) -> Tensor:
+    def step(self, lr: float, loss: Tensor) -> StepResult:
+        """DeepSpeed's step: it measures the global norm, and skips the update (clearing
+        the gradients) when the norm is not finite. A non-finite *loss* with finite
+        gradients cannot happen (the gradients of a NaN loss are NaN); a DeepSpeed that
+        updated with a non-finite norm is refused, since its weights are then lost."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return torch.tensor(float("nan") if norm is None else float(norm))
-
-    def zero_grad(self) -> None:
-        self.engine.zero_grad()
+        raw = self.engine.get_global_grad_norm()
+        norm = torch.tensor(float("nan") if raw is None else float(raw))
+        skipped = bool(getattr(self.engine.optimizer, "overflow", False))
+        if not skipped and not finite(loss, norm):
+            raise RuntimeError(
+                f"DeepSpeed {_version()} applied a step with a non-finite loss or gradient "
+                "norm instead of skipping it; use a DeepSpeed that skips them (0.19.8 does) or "
+                "parallel.engine=torch")
+        return StepResult(norm, skipped)
 
     def model_state(self) -> dict[str, Tensor]:
-        """The single-process model state, on rank 0's CPU ({} elsewhere); collective."""
         return full_state_dict(self.model, 0)
 
     def _step_count(self) -> Optional[Tensor]:
@@ -214,3 +221,9 @@ class DeepSpeedEngine:
         for i, p in enumerate(self.params):
             for k in _ADAM_KEYS:
                 safe_set_full_optimizer_state(p, saved[i][k].to(p.device), k)
+
+
+def _version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__

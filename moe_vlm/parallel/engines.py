@@ -1,11 +1,18 @@
-"""Training engines: one interface over a single process, torch DDP or FSDP2 + expert
-parallelism (``parallel.engine=torch``) and DeepSpeed ZeRO-1/2 (``parallel.engine=deepspeed``).
+"""Training engines: one typed interface (``Engine``) over plain PyTorch (a single
+process, DDP or FSDP2, with or without expert parallelism: ``parallel.engine=torch``) and
+DeepSpeed ZeRO-1/2 (``parallel.engine=deepspeed``).
 
-The training loop calls, per optimizer step::
+The training step calls, per optimizer step::
 
     for each micro-batch: out = engine.forward_backward(inputs, last, amp)
-    norm = engine.reduce_and_clip(max_norm)   # None when the engine clips inside step
-    norm2 = engine.step(lr)                    # the grad norm for such engines
+    result = engine.step(lr, loss)   # StepResult(grad_norm, skipped)
+
+``step`` finishes the gradient reduction, measures the global gradient norm, clips it
+(``train.grad_clip``) and decides finiteness: when the step's loss or the norm is NaN/inf it
+clears the gradients, leaves weights and optimizer state untouched and returns
+``skipped=True``. The decision is the same on every rank (the loss is the reduced step
+loss and the norm the global one). What to do about a skipped step (stop or go on) is the
+training loop's ``train.nan_policy``.
 
 Gradient semantics are the same everywhere: ``out.loss`` of a micro-batch is its *share* of
 the step loss (its sums divided by the global batch's totals, ``moe_vlm.routing.loss_norm``),
@@ -21,20 +28,52 @@ Checkpoint state is always the single-process state (``moe_vlm.parallel.state``)
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
-from typing import Any, Callable, ContextManager, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moe_vlm.parallel.expert_parallel import (expert_parameters, full_state_dict,
-                                              reduce_expert_grads)
+from moe_vlm.parallel.expert_parallel import full_state_dict, reduce_expert_grads
+from moe_vlm.parallel.parallelize import Parallelized
 from moe_vlm.parallel.runtime import Layout
 from moe_vlm.parallel.state import full_optimizer_state, load_full_optimizer_state
 
 AmpContext = Callable[[], ContextManager]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step did."""
+
+    grad_norm: Tensor  # scalar: the global gradient norm before clipping (NaN/inf if non-finite)
+    skipped: bool  # non-finite loss or gradients: no update, gradients cleared
+
+
+class Engine(Protocol):
+    """What the training loop needs from an engine (``TorchEngine``, ``DeepSpeedEngine``)."""
+
+    name: str
+    model: nn.Module  # the run's model: its parameters and state dict are the checkpoint's
+
+    def forward_backward(self, inputs: dict[str, Any], last: bool, amp: AmpContext) -> Any:
+        """Forward one micro-batch and backpropagate its share of the step loss; ``last``
+        marks the step's last micro-batch (where gradient reductions finish)."""
+
+    def step(self, lr: float, loss: Tensor) -> StepResult:
+        """Reduce and clip the gradients, decide finiteness from them and the step's
+        reduced ``loss``, and update the weights at ``lr`` unless non-finite."""
+
+    def model_state(self) -> dict[str, Tensor]:
+        """The single-process model state on rank 0's CPU ({} elsewhere); collective."""
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The single-process optimizer state (rank 0); collective."""
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Load a single-process optimizer state (any layout, either engine saved it)."""
 
 
 def _sq_norm(grads: list[Tensor], device: torch.device) -> Tensor:
@@ -43,40 +82,33 @@ def _sq_norm(grads: list[Tensor], device: torch.device) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).square().sum()
 
 
+def finite(*values: Tensor) -> bool:
+    """Whether every scalar in ``values`` is finite (one host sync)."""
+    ok = torch.ones((), dtype=torch.bool, device=values[0].device)
+    for v in values:
+        ok = ok & torch.isfinite(v.to(ok.device))
+    return bool(ok)
+
+
 class TorchEngine:
-    """Plain PyTorch: AdamW on every rank; dense parameters replicated with DDP, or sharded
-    with FSDP2 (``parallel.fsdp``: weights, gradients and optimizer state split over all
-    processes, ZeRO-3 style); expert-parallel weights (sharded by ``AllToAllDispatcher``'s
-    layers) are left out, their gradients averaged by hand over the expert-data-parallel
-    group."""
+    """Plain PyTorch: an optimizer (AdamW) on every rank over a model that ``parallelize``
+    made ready (dense parameters replicated with DDP or sharded with FSDP2; expert-parallel
+    weights left out of both, their gradients averaged here over the expert-data-parallel
+    group)."""
 
     name = "torch"
 
-    def __init__(self, model: nn.Module, optimizer_fn: Callable[[nn.Module], torch.optim.Optimizer],
-                 layout: Layout, find_unused: bool = False):
-        self.model, self.layout = model, layout
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        experts = {id(p) for p in expert_parameters(model)}
-        self.expert_params = [p for p in trainable if id(p) in experts]
-        self.module: nn.Module = model
-        self.fsdp = layout.distributed and layout.fsdp
-        self.ddp = layout.distributed and not self.fsdp and any(id(p) not in experts for p in trainable)
-        if self.fsdp:
-            _fully_shard(model, layout.dp_mesh, set(expert_parameters(model)))
-        elif self.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ignore = [n for n, p in model.named_parameters() if id(p) in experts]
-            DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
-            # Buffers (router biases) are updated identically on every rank: no per-step sync.
-            no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
-                inspect.signature(DDP).parameters else {"broadcast_buffers": False}
-            self.module = DDP(model, device_ids=[layout.device] if layout.device.type == "cuda" else None,
-                              find_unused_parameters=find_unused, **no_sync)
-        # After sharding: FSDP replaces the dense parameters with DTensor shards.
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.dense_params = [p for p in self.trainable if id(p) not in experts]
-        self.optimizer = optimizer_fn(model)
+    def __init__(self, par: Parallelized, optimizer_fn: Callable[[nn.Module], torch.optim.Optimizer],
+                 layout: Layout, grad_clip: float):
+        self.model, self.module, self.layout = par.model, par.module, layout
+        self.fsdp, self.ddp = par.fsdp, par.ddp
+        self.max_norm = grad_clip if grad_clip > 0 else float("inf")
+        expert_ids = {id(p) for p in par.expert_params}
+        # After sharding: FSDP replaced the dense parameters with DTensor shards.
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.expert_params = [p for p in self.trainable if id(p) in expert_ids]
+        self.dense_params = [p for p in self.trainable if id(p) not in expert_ids]
+        self.optimizer = optimizer_fn(self.model)
 
     def forward_backward(self, inputs: dict[str, Any], last: bool, amp: AmpContext) -> Any:
         """Forward one micro-batch and backpropagate its share of the step loss (times the
@@ -92,13 +124,15 @@ class TorchEngine:
         return out
 
     @torch.no_grad()
-    def reduce_and_clip(self, max_norm: float) -> Tensor:
-        """Finish the gradient reduction (expert parameters) and clip to the global norm."""
+    def clip_gradients(self) -> Tensor:
+        """The first half of ``step``: finish the gradient reduction (expert parameters)
+        and clip to ``train.grad_clip`` by the global norm, which is returned (the same on
+        every rank). Afterwards every parameter's ``.grad`` is its full step gradient."""
         lay = self.layout
         if lay.distributed:
             reduce_expert_grads(self.expert_params, lay.edp_group, lay.world)
         if not (lay.distributed and (lay.ep > 1 or self.fsdp)):  # every rank holds every gradient
-            return torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+            return torch.nn.utils.clip_grad_norm_(self.trainable, self.max_norm)
         dense = [_local(p.grad) for p in self.dense_params if p.grad is not None]
         local = [p.grad for p in self.expert_params]
         dense_sq = _sq_norm(dense, lay.device)
@@ -108,23 +142,23 @@ class TorchEngine:
         if lay.ep > 1:  # distinct expert shards over the EP group
             dist.all_reduce(experts_sq, group=lay.ep_group)
         total = (dense_sq + experts_sq).sqrt()
-        if math.isfinite(max_norm) and dense + local:
-            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        if math.isfinite(self.max_norm) and dense + local:
+            coef = (self.max_norm / (total + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(dense + local, coef)
         return total
 
-    def step(self, lr: float) -> Optional[Tensor]:
+    def step(self, lr: float, loss: Tensor) -> StepResult:
+        norm = self.clip_gradients()
+        if not finite(loss, norm):  # host sync; the same on every rank
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(norm, skipped=True)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return None
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(norm, skipped=False)
 
     def model_state(self) -> dict[str, Tensor]:
-        """The single-process model state, on rank 0's CPU ({} elsewhere); collective."""
         return full_state_dict(self.model, 0 if self.layout.distributed else None)
 
     def optimizer_state(self) -> dict[str, Any]:
@@ -137,19 +171,3 @@ class TorchEngine:
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP), else ``t``."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _fully_shard(model: nn.Module, mesh: Any, ignored: set[nn.Parameter]) -> None:
-    """FSDP2 units: each repeated block (the items of every ``nn.ModuleList``), then the
-    root for what is left (embeddings, norms, head, projector). Expert-parallel weights
-    are ignored: they are sharded over experts already."""
-    import warnings
-
-    from torch.distributed.fsdp import fully_shard
-
-    # Blocks return views that nothing modifies in place; FSDP warns about them regardless.
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    blocks = [b for m in model.modules() if isinstance(m, nn.ModuleList) for b in m]
-    for block in blocks:
-        fully_shard(block, mesh=mesh, ignored_params=ignored or None)
-    fully_shard(model, mesh=mesh, ignored_params=ignored or None)

@@ -200,21 +200,6 @@ def reduce_expert_grads(params: list[nn.Parameter], expert_dp_group: Optional[di
         torch._foreach_div_([p.grad for p in params], world)
 
 
-@torch.no_grad()
-def sync_gradients(model: nn.Module, world_group: Optional[dist.ProcessGroup] = None,
-                   expert_dp_group: Optional[dist.ProcessGroup] = None) -> None:
-    """Average gradients as one global batch without DDP: dense parameters summed over all
-    ranks and divided by the world size, expert parameters as ``reduce_expert_grads``."""
-    world = dist.get_world_size(world_group)
-    experts = expert_parameters(model)
-    expert_ids = {id(p) for p in experts}
-    for p in model.parameters():
-        if p.grad is not None and id(p) not in expert_ids:
-            dist.all_reduce(p.grad, group=world_group)
-            p.grad.div_(world)
-    reduce_expert_grads([p for p in experts if p.requires_grad], expert_dp_group, world)
-
-
 def gather_shards(local: Tensor, mod: AllToAllDispatcher, dst: Optional[int]) -> Optional[Tensor]:
     """An expert tensor's ``[El, ...]`` shards over ``mod``'s EP group -> ``[E, ...]``.
     ``dst=None``: on every rank. ``dst=r``: on global rank r only, moved to CPU (None

@@ -1,18 +1,27 @@
-"""Per-layer routing metrics, returned as (detached) values.
+"""Per-layer routing metrics: of one router call (``routing_stats``, returned as detached
+values), and of a training step (``step_routing_metrics``: the calls of all its
+micro-batches and processes aggregated, load split by modality).
 
 Legend: T real tokens routed, E experts.
 
 Besides the per-call means, each call returns the *sums* behind them (``n_tokens``,
 ``entropy_sum``, ``n_requested``, ``n_kept``), so a training step can aggregate its
-micro-batches and processes exactly (``moe_vlm.train.step``): the step's entropy is the
-mean over all its real tokens, its drop fraction the fraction of all its requested
-assignments, whatever the micro-batching.
+micro-batches and processes exactly: the step's entropy is the mean over all its real
+tokens, its drop fraction the fraction of all its requested assignments, whatever the
+micro-batching.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from moe_vlm.routing.router import RouterOutput
+
+Modality = Optional[tuple[Tensor, Tensor]]  # (is_image, is_text) [T] of one micro-batch
 
 
 @torch.no_grad()
@@ -48,3 +57,60 @@ def routing_stats(counts: Tensor, n_requested: int, n_kept: int, scores: Tensor)
         "n_requested": torch.tensor(float(n_requested), device=dev),
         "n_kept": torch.tensor(float(n_kept), device=dev),
     }
+
+
+def modality_masks(input_ids: Tensor, token_mask: Optional[Tensor], image_id: int
+                   ) -> tuple[Tensor, Tensor]:
+    """(is_image, is_text) [T] over the real tokens of a batch ``input_ids`` [B, S], in the
+    order the MoE layers route them (row-major ``input_ids[token_mask]``), so
+    ``RouterOutput.token_idx`` indexes them."""
+    ids = input_ids.flatten() if token_mask is None else input_ids[token_mask]  # [T]
+    is_img = ids == image_id
+    return is_img, ~is_img
+
+
+_SUMS = ("entropy_sum", "n_tokens", "n_requested", "n_kept", "aux_loss", "z_loss")
+
+
+@torch.no_grad()
+def step_routing_metrics(layer_ids: Sequence[int], routing: Sequence[Sequence["RouterOutput"]],
+                         modality: Sequence[Modality],
+                         reduce: Callable[[Tensor], Tensor] = lambda t: t) -> dict[str, dict]:
+    """One step's per-layer metrics over its real tokens, from the router outputs
+    ``routing[micro-batch][j]`` of MoE layer ``layer_ids[j]``: loads summed, entropy the
+    mean over all routed tokens, drop fraction over all requested assignments, aux/z losses
+    the step's values (the sum of the micro-batches' shares). ``reduce`` sums a tensor over
+    the processes (one call per layer). So the metrics do not depend on micro-batching or
+    on the layout.
+
+    With ``modality`` masks (image-text data) each layer also reports its load split by
+    modality (``tokens_per_expert_image`` / ``_text``)."""
+    has_modality = modality[0] is not None
+    out = {}
+    for j, layer in enumerate(layer_ids):
+        rs = [micro[j] for micro in routing]
+        counts = torch.stack([r.counts for r in rs]).sum(0).float()  # [E]
+        n_exp = counts.numel()
+        stats = torch.stack([torch.stack([r.stats[k].detach().float() for r in rs]).sum()
+                             for k in _SUMS]).to(counts.device)  # [6]
+        parts = [counts, stats]
+        if has_modality:
+            img = torch.zeros(n_exp, device=counts.device)
+            txt = torch.zeros(n_exp, device=counts.device)
+            for r, (is_img, is_txt) in zip(rs, modality):
+                img += torch.bincount(r.expert_idx[is_img[r.token_idx]], minlength=n_exp)
+                txt += torch.bincount(r.expert_idx[is_txt[r.token_idx]], minlength=n_exp)
+            parts += [img, txt]
+        flat = reduce(torch.cat(parts).double())  # one reduction per layer
+        counts = flat[:n_exp]
+        ent, n_tok, n_req, n_kept, aux, z = flat[n_exp:n_exp + 6].tolist()  # host sync
+        mean = counts.mean().clamp_min(1e-9)
+        row = {"tokens_per_expert": counts.tolist(),
+               "max_violation": (counts.max() / mean - 1).item(),
+               "drop_frac": 1.0 - n_kept / n_req if n_req else 0.0,
+               "entropy": ent / max(1.0, n_tok), "aux_loss": aux, "z_loss": z}
+        if has_modality:
+            row["tokens_per_expert_image"] = flat[n_exp + 6:2 * n_exp + 6].tolist()
+            row["tokens_per_expert_text"] = flat[2 * n_exp + 6:].tolist()
+        out[f"layer_{layer}"] = row
+    return out

@@ -9,7 +9,6 @@ a decoding loop. Legend: B batch, S sequence, V vocabulary.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Optional
 
 import torch
@@ -18,23 +17,7 @@ from torch import Tensor
 
 from moe_vlm.data.sample import IGNORE_INDEX
 from moe_vlm.parallel.runtime import Layout
-
-
-def model_inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """The keyword arguments a model's forward takes from a batch (the token mask too, so
-    padding is not routed in evaluation either: with capacity dropping or expert choice
-    it would compete with real tokens for slots)."""
-    out = {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device)}
-    for key in ("pixel_values", "token_mask", "doc_ids"):
-        if key in batch:
-            out[key] = batch[key].to(device)
-    return out
-
-
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from moe_vlm.train.inputs import autocast, model_inputs
 
 
 def answer_correct(logits: Tensor, labels: Tensor, answer_ids: Tensor) -> tuple[int, int]:

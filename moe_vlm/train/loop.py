@@ -1,4 +1,5 @@
-"""One training run: build, (resume,) train with periodic eval and checkpoints, summarise.
+"""One training run: set up (``moe_vlm.train.setup``), then step, evaluate, checkpoint
+and summarise. ``train_step`` is one optimizer step; ``_loop`` the run around it.
 
 Batches are addressed by (step, micro-batch) and the model holds all other state, so
 a run resumed from its last checkpoint replays bit for bit the losses of an uninterrupted
@@ -14,32 +15,24 @@ import json
 import os
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from omegaconf import OmegaConf
 
 from moe_vlm.config.environment import check_runnable
 from moe_vlm.config.schema import Config, ConfigError
-from moe_vlm.data import build_data, build_tokenizer_for
-from moe_vlm.errors import CheckpointError, RunDirError
-from moe_vlm.model import build_model, count_params, flops_per_token
-from moe_vlm.parallel.expert_parallel import (apply_expert_parallel, load_full_state_dict,
-                                              set_count_reducers)
-from moe_vlm.parallel.runtime import (Layout, check_experts, launched_world, resolve_device,
-                                     setup, teardown)
-from moe_vlm.train.engine import build_engine
-from moe_vlm.train.checkpoint import (checkpoint_path, list_checkpoints, load_latest, load_weights,
-                                      quarantined, save_checkpoint)
+from moe_vlm.errors import RunDirError
+from moe_vlm.parallel.engines import StepResult
+from moe_vlm.parallel.runtime import Layout, launched_world, resolve_device, setup, teardown
+from moe_vlm.train.checkpoint import checkpoint_path, save_checkpoint
 from moe_vlm.train.evaluate import evaluate
-from moe_vlm.train.freeze import apply_trainable
 from moe_vlm.train.optim import lr_at
 from moe_vlm.train.resume import check_resume_config
-from moe_vlm.train.rundir import (MetricsLog, RunDirLock, atomic_write, clean_stale_temporaries,
-                                  write_json)
-from moe_vlm.train.step import forward_backward_step, layer_metrics
+from moe_vlm.train.rundir import RunDirLock, clean_stale_temporaries, write_json
+from moe_vlm.train.setup import Run, resume_state, setup_run
+from moe_vlm.train.step import StepForward, forward_backward_step, layer_metrics
 
 
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
@@ -47,17 +40,6 @@ _WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQ
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the loss or gradient norm is NaN/inf under ``train.nan_policy=stop``."""
-
-
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast where supported (``auto``: CUDA with bf16), else None (fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -80,26 +62,6 @@ def finished_summary(run_dir: Path, max_steps: int) -> Optional[dict[str, Any]]:
             checkpoint_path(Path(run_dir) / "checkpoints", steps).is_file():
         return s
     return None
-
-
-def routed_experts(model: torch.nn.Module) -> int:
-    """Routed experts per MoE layer (after granularity); 0 for a dense model."""
-    moes = model.moe_layers()
-    return moes[0].sizes.n_experts if moes else 0
-
-
-def local_batches(t_cfg: Any, layout: Layout) -> tuple[int, int, int]:
-    """(micro-batch size, micro-batches per step, index of this rank's first micro-batch)
-    for this rank. Batch sizes are global: rank r reads global samples
-    ``[r*B/dp, (r+1)*B/dp)`` of every step, in micro-batches of at most
-    ``train.micro_batch_size``, so the union over ranks is the single-process batch."""
-    per_rank = t_cfg.batch_size // layout.world
-    micro_bs = min(t_cfg.micro_batch_size or t_cfg.batch_size, per_rank)
-    if per_rank % micro_bs:
-        raise ConfigError(f"train.micro_batch_size={micro_bs} must divide the per-process batch "
-                          f"train.batch_size/dp = {per_rank}")
-    n_micro = per_rank // micro_bs
-    return micro_bs, n_micro, layout.rank * n_micro
 
 
 def train(cfg: Config, run_dir: str | Path, overrides: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -197,256 +159,175 @@ def _remove_unaccepted(run_dir: Path) -> None:
         pass
 
 
-def _resume_state(cfg: Config, run_dir: Path, layout: Layout) -> Optional[dict[str, Any]]:
-    """The newest good checkpoint's state (damaged ones moved aside with a warning), or
-    None for a fresh run; refuses a directory whose checkpoints all failed (starting over
-    would overwrite the run's records) and a config that changed since the checkpoint."""
-    ckpt_dir = run_dir / "checkpoints"
-    found = load_latest(ckpt_dir, map_location="cpu", trust=cfg.train.trust_checkpoint,
-                        quarantine=layout.is_main)
-    layout.barrier()  # rank 0's quarantine renames are done before anyone lists again
-    if found is None:
-        left = [p.name for _, p in list_checkpoints(ckpt_dir)] + [p.name for p in quarantined(ckpt_dir)]
-        if left:
-            raise RunDirError(
-                f"run.dir {run_dir} has checkpoints but none usable ({', '.join(left[:4])}; see "
-                "the warnings above). Starting over would overwrite this run's records: use "
-                "another run.dir, or move checkpoints/ and metrics.jsonl away to restart here")
-        return None
-    path, state = found
-    saved = state.get("summary", {}).get("config")
-    if saved is None and (run_dir / "config.yaml").is_file():
-        from moe_vlm.config.loader import config_from_file
-        saved = asdict(config_from_file(run_dir / "config.yaml"))
-    if saved is not None:
-        state["changed_on_resume"] = check_resume_config(
-            saved, asdict(cfg), list(cfg.train.allow_changes), str(run_dir), int(state["step"]))
-    return state
-
-
 def _train_locked(cfg: Config, run_dir: Path, layout: Layout,
                   overrides: Optional[Sequence[str]]) -> dict[str, Any]:
-    t_cfg = cfg.train
-    main = layout.is_main
-    ckpt_dir = run_dir / "checkpoints"
-    done = finished_summary(run_dir, t_cfg.max_steps)
+    done = finished_summary(run_dir, cfg.train.max_steps)
     if done is not None:  # a re-run sweep skips what already finished (with this config)
         if isinstance(done.get("config"), dict):
-            check_resume_config(done["config"], asdict(cfg), list(t_cfg.allow_changes),
+            check_resume_config(done["config"], asdict(cfg), list(cfg.train.allow_changes),
                                 str(run_dir), int(done["steps"]))
-        if main:
+        if layout.is_main:
             print(f"{run_dir}: already completed ({done['steps']} steps); skipping", flush=True)
         return done
-    if main:
+    if layout.is_main:
         clean_stale_temporaries(run_dir)
-    state = _resume_state(cfg, run_dir, layout)
+    run = setup_run(cfg, run_dir, layout, resume_state(cfg, run_dir, layout), overrides)
+    return _loop(run)
 
-    device = layout.device
-    amp = autocast_dtype(t_cfg.precision, device)
-    torch.manual_seed(cfg.seed)
-    if not main:  # rank 0 trains/saves the tokenizer first; the others read it
-        layout.barrier()
-    tokenizer = build_tokenizer_for(cfg.data, run_dir)
-    if main:
-        layout.barrier()
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
-                          f"tokenizer's {tokenizer.vocab_size} ids; raise it")
-    if cfg.vision.name == "none":
-        model = build_model(cfg.model, cfg.moe, cfg.routing, device=device, seed=cfg.seed)
-        data = build_data(cfg.data, tokenizer)
-    else:
-        from moe_vlm.model.vlm import build_vlm
-        model = build_vlm(cfg, tokenizer.image_id, device=device, seed=cfg.seed)
-        data = build_data(cfg.data, tokenizer, model.vision.cfg, model.n_image_tokens)
-    check_experts(cfg.parallel.ep, routed_experts(model))
-    if state is None and t_cfg.init_from:
-        load_weights(model, t_cfg.init_from, map_location=device, trust=t_cfg.trust_checkpoint)
-    upcycled = None
-    if state is None and cfg.upcycle.method != "none":
-        from moe_vlm.upcycling.upcycle import upcycle_from_config
-        upcycled = upcycle_from_config(model, cfg)
-    n_params = apply_trainable(model, list(t_cfg.trainable))
-    counts = count_params(model)
-    moes = model.moe_layers()
-    summary: dict[str, Any] = {
-        "status": "running", "params_total": counts.total, "params_active": counts.active,
-        "params_embedding": counts.embedding, "params_trainable": n_params["trainable"],
-        "flops_per_token": flops_per_token(model, cfg.data.seq_len, training=True),
-        "device": str(device), "precision": str(amp or torch.float32).replace("torch.", ""),
-        "expert_backend": moes[0].experts.backend_name(
-            torch.empty(0, cfg.model.d_model, device=device)) if moes else None,
-        "parallel": layout.describe(),
-        "config": asdict(cfg),
-    }
-    if layout.ep > 1:
-        apply_expert_parallel(model, layout.ep_group)
-    elif layout.distributed and moes:
-        set_count_reducers(model)
-    if state is not None:
-        try:  # this rank's slice at any layout
-            load_full_state_dict(model, state["model"])
-        except (RuntimeError, ValueError, KeyError) as e:  # an allowed shape change
-            raise CheckpointError(f"{ckpt_dir}: the checkpoint does not fit the model this "
-                                  f"config builds ({str(e).splitlines()[0]}); use a new run.dir "
-                                  "with train.init_from for a different model") from None
-    micro_bs, n_micro, first_micro = local_batches(t_cfg, layout)
-    engine = build_engine(cfg, model, layout, micro_bs, n_micro)
-    if state is not None:  # everything is built and fits: only now touch the run's records
-        engine.load_optimizer_state(state["optimizer"])
-    if main:
-        atomic_write(run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg))))
-        if overrides is not None:  # what Hydra would record in .hydra/, once the run is accepted
-            atomic_write(run_dir / ".hydra" / "overrides.yaml",
-                         lambda f: f.write(OmegaConf.to_yaml(OmegaConf.create(list(overrides)))))
-    image_id = getattr(tokenizer, "image_id", None) if cfg.vision.name != "none" else None
-    if data.chance_accuracy is not None:
-        summary["chance_accuracy"] = data.chance_accuracy
-    if t_cfg.init_from:
-        summary["init_from"] = t_cfg.init_from
-    if upcycled is not None:
-        summary["upcycle"] = upcycled
 
-    def run_eval() -> dict[str, float]:
-        res = evaluate(model, data, t_cfg.micro_batch_size or t_cfg.batch_size, device, amp, layout)
-        summary["final_eval_loss"] = res["eval_loss"]
-        for k in ("eval_accuracy", "caption_loss"):
-            if k in res:
-                summary[k] = res[k]
-        return res
+@dataclass
+class StepOutcome:
+    """One optimizer step: its learning rate, forward/backward and engine step."""
 
-    def write_summary() -> None:
-        if main:
-            write_json(run_dir / "summary.json", summary)
+    lr: float
+    fb: StepForward
+    result: StepResult
 
-    if state is not None:
-        torch.set_rng_state(state["rng"])
-        step, prior = state["step"], state["summary"]
-        summary.update({k: prior[k] for k in (
-            "initial_eval_loss", "initial_eval_accuracy", "tokens_seen", "wall_time_s",
-            "skipped_steps", "final_train_loss", "final_eval_loss", "eval_accuracy",
-            "caption_loss", "upcycle", "changed_on_resume") if k in prior})
-        changed = summary.get("changed_on_resume", []) + state["changed_on_resume"]
-        if changed:
-            summary["changed_on_resume"] = changed
-        summary["resumed_from"] = step
-        if "parallel" in prior and prior["parallel"] != summary["parallel"]:
-            summary["resumed_from_layout"] = prior["parallel"]
-        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step) if main else None
-    else:
-        step = 0
-        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=None) if main else None
-        summary.update(tokens_seen=0, wall_time_s=0.0, skipped_steps=0)
-        res = run_eval()
-        summary["initial_eval_loss"] = res["eval_loss"]
-        if "eval_accuracy" in res:
-            summary["initial_eval_accuracy"] = res["eval_accuracy"]
-        if log is not None:
-            log.log({"step": 0, **res})
-    summary["steps"] = step
-    write_summary()
 
-    def checkpoint(rotate: bool = True) -> Path:
-        """Save (collective). Saves made on the way out of a failure do not rotate: they
-        must never delete an earlier, good checkpoint."""
-        payload = {"step": step, "model": engine.model_state(),  # collectives: every rank
-                   "optimizer": engine.optimizer_state(), "rng": torch.get_rng_state(),
-                   "summary": summary, "layout": layout.describe()}
-        path = checkpoint_path(ckpt_dir, step)
-        if main:
-            save_checkpoint(ckpt_dir, step, payload, keep=t_cfg.keep_checkpoints if rotate else None)
-        layout.barrier()  # a checkpoint counts once it is on disk
-        return path
+def train_step(run: Run, step: int) -> StepOutcome:
+    """Optimizer step ``step`` (0-based): read this rank's micro-batches, forward and
+    backward them, let the engine reduce, clip and step (or skip a non-finite step), then
+    move the routers' balance biases (``routing.bias_update_rate``) by the step's loads."""
+    cfg, lay = run.cfg, run.layout
+    lr = lr_at(step, cfg.train)
+    # All micro-batches first, so the step's token totals are known before any forward:
+    # every loss is then a share of the global-batch mean.
+    batches = [run.data.train_batch(step, run.first_micro + m, run.micro_bs, cfg.train.batch_size)
+               for m in range(run.n_micro)]
+    fb = forward_backward_step(run.engine, batches, lay, run.amp, run.image_id)
+    result = run.engine.step(lr, fb.lm_loss + fb.routing_loss)
+    if not result.skipped and cfg.routing.bias_update_rate > 0:
+        for j, moe in enumerate(run.model.moe_layers()):
+            counts = torch.stack([r[j].counts for r in fb.routing]).sum(0)  # [E] this rank's
+            moe.update_bias(lay.all_sum(counts), cfg.routing.bias_update_rate)
+    return StepOutcome(lr, fb, result)
 
-    t_start, wall0 = time.time(), summary["wall_time_s"]
+
+def _loop(run: Run) -> dict[str, Any]:
+    """Train ``run`` from its step to ``train.max_steps`` (or ``train.stop_after_steps``
+    more), logging, evaluating and checkpointing on the configured cadence; returns the
+    summary (also ``summary.json``), with status failed and the error if anything raises."""
+    t_cfg, summary, main = run.cfg.train, run.summary, run.layout.is_main
+    step = run.step
+    if run.state is None:  # the initial evaluation is part of the run's record
+        res = _evaluate(run)
+        summary.record_eval(res, initial=True)
+        _log(run, {"step": 0, **res})
+    summary.steps = step
+    _write_summary(run)
+    t_start, wall0 = time.time(), summary.wall_time_s
     t_window, tok_window = time.time(), 0
     stop_at = t_cfg.max_steps if t_cfg.stop_after_steps is None else \
         min(t_cfg.max_steps, step + t_cfg.stop_after_steps)
     bar = _progress(t_cfg.max_steps, step, t_cfg.progress and main)
-    model.train()
+    run.model.train()
     try:
         while step < stop_at:
-            lr = lr_at(step, t_cfg)
-            # The step's micro-batches first, so its token totals are known before any
-            # forward: every loss is then a share of the global-batch mean.
-            batches = [data.train_batch(step, first_micro + m, micro_bs, t_cfg.batch_size)
-                       for m in range(n_micro)]
-            fb = forward_backward_step(engine, batches, layout, amp, image_id)
-            lm_sum, rt_sum, routing_steps = fb.lm_loss, fb.routing_loss, fb.routing
-            n_tok = int(fb.norm.n_tokens)  # real (non-padding) tokens of the global batch
-            clip = t_cfg.grad_clip if t_cfg.grad_clip > 0 else float("inf")
-            grad_norm = engine.reduce_and_clip(clip)
-            ok = torch.isfinite(lm_sum + rt_sum)
-            if grad_norm is not None:
-                ok = ok & torch.isfinite(grad_norm)
-            finite = bool(ok)  # host sync; the same on every rank (reduced loss and norm)
-            if not finite:
-                engine.zero_grad()
-                bad = f"loss={(lm_sum + rt_sum).item():.4g}" + \
-                    (f", grad_norm={grad_norm.item():.4g}" if grad_norm is not None else "")
-                if t_cfg.nan_policy == "stop":
-                    path = checkpoint(rotate=False)
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step} ({bad}). The state before this step "
-                        f"is saved at {path}. Lower train.lr, raise train.warmup_steps, check "
-                        f"the data, or set train.nan_policy=skip to skip such steps.")
-                summary["skipped_steps"] += 1
-                if main:
-                    warnings.warn(f"skipped step {step} with non-finite {bad}")
-                if summary["skipped_steps"] > t_cfg.max_skipped_steps:
-                    path = checkpoint(rotate=False)
-                    raise NonFiniteLossError(
-                        f"{summary['skipped_steps']} non-finite steps (limit "
-                        f"train.max_skipped_steps={t_cfg.max_skipped_steps}); state saved at {path}")
-            else:
-                norm_in_step = engine.step(lr)
-                grad_norm = grad_norm if norm_in_step is None else norm_in_step
-                if cfg.routing.bias_update_rate > 0:
-                    for j, moe in enumerate(moes):
-                        step_counts = torch.stack([r[j].counts for r in routing_steps]).sum(0)
-                        moe.update_bias(layout.all_sum(step_counts), cfg.routing.bias_update_rate)
+            out = train_step(run, step)
+            if out.result.skipped:
+                _non_finite(run, step, out)
+            n_tok = int(out.fb.norm.n_tokens)  # real (non-padding) tokens of the global batch
             step += 1
-            summary["tokens_seen"] += n_tok
+            summary.steps, summary.tokens_seen = step, summary.tokens_seen + n_tok
             tok_window += n_tok
-            summary["steps"] = step
             if bar is not None:
                 bar.update(1)
-
             row: dict[str, Any] = {}
-            if step % t_cfg.log_every == 0 or step == stop_at or not finite:
+            if step % t_cfg.log_every == 0 or step == stop_at or out.result.skipped:
                 now = time.time()
-                summary["final_train_loss"] = lm_sum.item()
-                row.update(loss=lm_sum.item(), routing_loss=rt_sum.item(), lr=lr,
-                           grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                           tokens_per_s=tok_window / max(1e-9, now - t_window),
-                           tokens_seen=summary["tokens_seen"], skipped=not finite,
-                           routing=layer_metrics(model, fb, layout))
-                stats = data.stats(step * t_cfg.batch_size)  # a mixture: per source, to this step
-                if stats:
-                    row["data"] = summary["data_stats"] = stats
+                row.update(_train_row(run, out, tok_window / max(1e-9, now - t_window)))
                 t_window, tok_window = now, 0
                 if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{out.lr:.2e}")
             if step % t_cfg.eval_every == 0 or step == t_cfg.max_steps:
-                row.update(run_eval())
-            if row and log is not None:
-                log.log({"step": step, **row})
+                res = _evaluate(run)
+                summary.record_eval(res)
+                row.update(res)
+            if row:
+                _log(run, {"step": step, **row})
             if step % t_cfg.ckpt_every == 0 or step == stop_at:
-                summary["wall_time_s"] = wall0 + time.time() - t_start
-                checkpoint()
-        summary["wall_time_s"] = wall0 + time.time() - t_start
-        summary["status"] = "completed" if step >= t_cfg.max_steps else "running"
-        write_summary()
-        return summary
+                summary.wall_time_s = wall0 + time.time() - t_start
+                _checkpoint(run, step)
+        summary.wall_time_s = wall0 + time.time() - t_start
+        summary.status = "completed" if step >= t_cfg.max_steps else "running"
+        _write_summary(run)
+        return summary.to_json()
     except BaseException as e:
-        summary["wall_time_s"] = wall0 + time.time() - t_start
-        summary["status"] = "failed"
-        summary["error"] = f"{type(e).__name__}: {e}"
+        summary.wall_time_s = wall0 + time.time() - t_start
+        summary.status, summary.error = "failed", f"{type(e).__name__}: {e}"
         try:
-            write_summary()
+            _write_summary(run)
         except OSError:  # a full or read-only disk: report the original error
             pass
         raise
     finally:
         if bar is not None:
             bar.close()
+
+
+def _train_row(run: Run, out: StepOutcome, tokens_per_s: float) -> dict[str, Any]:
+    """A logging step's metrics row: losses, lr, gradient norm, throughput, per-layer
+    routing metrics, and a mixture's data statistics."""
+    summary, fb = run.summary, out.fb
+    summary.final_train_loss = fb.lm_loss.item()
+    row = dict(loss=fb.lm_loss.item(), routing_loss=fb.routing_loss.item(), lr=out.lr,
+               grad_norm=float(out.result.grad_norm), tokens_per_s=tokens_per_s,
+               tokens_seen=summary.tokens_seen, skipped=out.result.skipped,
+               routing=layer_metrics(run.model, fb, run.layout))
+    stats = run.data.stats(summary.steps * run.cfg.train.batch_size)  # per source, to this step
+    if stats:
+        row["data"] = summary.data_stats = stats
+    return row
+
+
+def _non_finite(run: Run, step: int, out: StepOutcome) -> None:
+    """A skipped (non-finite) step under ``train.nan_policy``: ``stop`` saves the state
+    before the step and raises; ``skip`` counts it and raises past
+    ``train.max_skipped_steps``."""
+    t_cfg, summary = run.cfg.train, run.summary
+    bad = f"loss={(out.fb.lm_loss + out.fb.routing_loss).item():.4g}, " \
+        f"grad_norm={float(out.result.grad_norm):.4g}"
+    if t_cfg.nan_policy == "stop":
+        path = _checkpoint(run, step, rotate=False)
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} ({bad}). The state before this step is saved at "
+            f"{path}. Lower train.lr, raise train.warmup_steps, check the data, or set "
+            "train.nan_policy=skip to skip such steps.")
+    summary.skipped_steps += 1
+    if run.layout.is_main:
+        warnings.warn(f"skipped step {step} with non-finite {bad}")
+    if summary.skipped_steps > t_cfg.max_skipped_steps:
+        path = _checkpoint(run, step, rotate=False)
+        raise NonFiniteLossError(
+            f"{summary.skipped_steps} non-finite steps (limit "
+            f"train.max_skipped_steps={t_cfg.max_skipped_steps}); state saved at {path}")
+
+
+def _evaluate(run: Run) -> dict[str, float]:
+    t_cfg = run.cfg.train
+    return evaluate(run.model, run.data, t_cfg.micro_batch_size or t_cfg.batch_size,
+                    run.layout.device, run.amp, run.layout)
+
+
+def _log(run: Run, row: dict[str, Any]) -> None:
+    if run.log is not None:
+        run.log.log(row)
+
+
+def _write_summary(run: Run) -> None:
+    if run.layout.is_main:
+        write_json(run.run_dir / "summary.json", run.summary.to_json())
+
+
+def _checkpoint(run: Run, step: int, rotate: bool = True) -> Path:
+    """Save (collective) the state after ``step`` steps. Saves made on the way out of a
+    failure do not rotate: they must never delete an earlier, good checkpoint."""
+    payload = {"step": step, "model": run.engine.model_state(),  # collectives: every rank
+               "optimizer": run.engine.optimizer_state(), "rng": torch.get_rng_state(),
+               "summary": run.summary.to_json(), "layout": run.layout.describe()}
+    path = checkpoint_path(run.ckpt_dir, step)
+    if run.layout.is_main:
+        save_checkpoint(run.ckpt_dir, step, payload,
+                        keep=run.cfg.train.keep_checkpoints if rotate else None)
+    run.layout.barrier()  # a checkpoint counts once it is on disk
+    return path

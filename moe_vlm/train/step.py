@@ -1,4 +1,4 @@
-"""One optimiser step's forward/backward over its micro-batches, and the step's metrics.
+"""One optimiser step's forward/backward over its micro-batches, and its routing metrics.
 
 Legend: B micro-batch size, S sequence, T real tokens of a micro-batch, E experts.
 
@@ -13,18 +13,18 @@ losses aside, whose scope is the micro-batch by design).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from moe_vlm.data.sample import IGNORE_INDEX
 from moe_vlm.parallel.runtime import Layout
+from moe_vlm.parallel.engines import Engine
 from moe_vlm.routing.loss_norm import LossNorm
+from moe_vlm.routing.metrics import Modality, modality_masks, step_routing_metrics
 from moe_vlm.routing.router import RouterOutput
-from moe_vlm.train.evaluate import autocast, model_inputs
-
-Modality = Optional[tuple[Tensor, Tensor]]  # (is_image, is_text) [T] of one micro-batch
+from moe_vlm.train.inputs import autocast, model_inputs
 
 
 @dataclass
@@ -54,18 +54,7 @@ def step_loss_norm(batches: list[dict[str, Tensor]], layout: Layout) -> LossNorm
                     n_ranks=layout.world)
 
 
-def modality_masks(inputs: dict[str, Tensor], image_id: int) -> tuple[Tensor, Tensor]:
-    """(is_image, is_text) [T] over the real tokens of a batch, in the order the MoE layers
-    route them (row-major ``input_ids[token_mask]``), so ``RouterOutput.token_idx`` indexes
-    them."""
-    ids = inputs["input_ids"]
-    mask = inputs.get("token_mask")
-    ids = ids.flatten() if mask is None else ids[mask]  # [T]
-    is_img = ids == image_id
-    return is_img, ~is_img
-
-
-def forward_backward_step(engine: Any, batches: list[dict[str, Tensor]], layout: Layout,
+def forward_backward_step(engine: Engine, batches: list[dict[str, Tensor]], layout: Layout,
                           amp: Optional[torch.dtype], image_id: Optional[int] = None) -> StepForward:
     """Forward and backward every micro-batch of this rank's share of one step through
     ``engine`` (gradients accumulate; no optimiser step), and reduce the losses."""
@@ -78,7 +67,8 @@ def forward_backward_step(engine: Any, batches: list[dict[str, Tensor]], layout:
         inputs = model_inputs(batch, device)
         out = engine.forward_backward({**inputs, "loss_norm": norm}, m == len(batches) - 1,
                                       lambda: autocast(device, amp))
-        modality.append(None if image_id is None else modality_masks(inputs, image_id))
+        modality.append(None if image_id is None else
+                        modality_masks(inputs["input_ids"], inputs.get("token_mask"), image_id))
         lm += out.lm_loss.detach()  # shares: they add up to the step's means
         rt += out.routing_loss.detach()
         routing.append(out.routing)
@@ -88,42 +78,8 @@ def forward_backward_step(engine: Any, batches: list[dict[str, Tensor]], layout:
 
 
 def layer_metrics(model: torch.nn.Module, fb: StepForward, layout: Layout) -> dict[str, dict]:
-    """Aggregate one step's router outputs (per micro-batch, summed over ranks) into
-    per-layer metrics over the step's real tokens: loads summed, entropy the mean over all
-    routed tokens, drop fraction over all requested assignments, aux/z losses the step's
-    values (the sum of the shares). So the metrics do not depend on micro-batching.
-
-    With image-text data each layer also reports its load split by modality
-    (``tokens_per_expert_image`` / ``_text``)."""
+    """The step's per-layer routing metrics (``routing.metrics.step_routing_metrics``),
+    keyed by decoder layer, summed over the processes."""
     decoder = getattr(model, "decoder", model)
     moe_ids = [i for i, is_moe in enumerate(decoder.schedule) if is_moe]
-    sums = ("entropy_sum", "n_tokens", "n_requested", "n_kept", "aux_loss", "z_loss")
-    has_modality = fb.modality[0] is not None
-    out = {}
-    for j, layer in enumerate(moe_ids):
-        rs = [micro[j] for micro in fb.routing]
-        counts = torch.stack([r.counts for r in rs]).sum(0).float()  # [E]
-        n_exp = counts.numel()
-        stats = torch.stack([torch.stack([r.stats[k].detach().float() for r in rs]).sum()
-                             for k in sums]).to(counts.device)  # [6]
-        parts = [counts, stats]
-        if has_modality:
-            img = torch.zeros(n_exp, device=counts.device)
-            txt = torch.zeros(n_exp, device=counts.device)
-            for r, (is_img, is_txt) in zip(rs, fb.modality):
-                img += torch.bincount(r.expert_idx[is_img[r.token_idx]], minlength=n_exp)
-                txt += torch.bincount(r.expert_idx[is_txt[r.token_idx]], minlength=n_exp)
-            parts += [img, txt]
-        flat = layout.all_sum(torch.cat(parts).double())  # one reduction per layer
-        counts = flat[:n_exp]
-        ent, n_tok, n_req, n_kept, aux, z = flat[n_exp:n_exp + 6].tolist()  # host sync
-        mean = counts.mean().clamp_min(1e-9)
-        row = {"tokens_per_expert": counts.tolist(),
-               "max_violation": (counts.max() / mean - 1).item(),
-               "drop_frac": 1.0 - n_kept / n_req if n_req else 0.0,
-               "entropy": ent / max(1.0, n_tok), "aux_loss": aux, "z_loss": z}
-        if has_modality:
-            row["tokens_per_expert_image"] = flat[n_exp + 6:2 * n_exp + 6].tolist()
-            row["tokens_per_expert_text"] = flat[2 * n_exp + 6:].tolist()
-        out[f"layer_{layer}"] = row
-    return out
+    return step_routing_metrics(moe_ids, fb.routing, fb.modality, layout.all_sum)

@@ -62,7 +62,6 @@ def test_overrides_and_experiment_preset():
     (["parallel.dp=2", "parallel.ep=4"], "parallel.ep"),
     (["parallel.dp=3"], "train.batch_size"),
     (["parallel.engine=deepspeed", "parallel.zero_stage=3"], "parallel.zero_stage"),
-    (["parallel.engine=deepspeed", "train.nan_policy=skip"], "train.nan_policy"),
     (["parallel.engine=mpi"], "parallel.engine"),
     (["parallel.engine=deepspeed", "parallel.fsdp=true"], "parallel.fsdp"),
     (["vision=none"], "vision.name"),  # the default data needs images

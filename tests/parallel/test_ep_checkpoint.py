@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import torch
 
-from test_expert_parallel import Case, _free_port, _models, spawn_ranks  # noqa: E402
+from test_expert_parallel import Case, _free_port, _models, spawn_ranks, sync_gradients  # noqa: E402
 
 V, S = 40, 8
 
@@ -30,7 +30,7 @@ def _worker(rank: int, world: int, port: int, mode: str, path: str) -> None:
     import torch.distributed as dist
 
     from moe_vlm.parallel.expert_parallel import (apply_expert_parallel, full_state_dict,
-                                                  load_full_state_dict, sync_gradients)
+                                                  load_full_state_dict)
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -95,10 +95,29 @@ def _models(case: Case):
     return models
 
 
+@torch.no_grad()
+def sync_gradients(model: torch.nn.Module) -> None:
+    """Average gradients over all ranks as one global batch, without DDP: dense parameters
+    summed over all ranks, expert shards (each held by one rank here) as the engine does
+    (``reduce_expert_grads``), both divided by the world size."""
+    import torch.distributed as dist
+
+    from moe_vlm.parallel.expert_parallel import expert_parameters, reduce_expert_grads
+
+    world = dist.get_world_size()
+    experts = expert_parameters(model)
+    expert_ids = {id(p) for p in experts}
+    for p in model.parameters():
+        if p.grad is not None and id(p) not in expert_ids:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+    reduce_expert_grads([p for p in experts if p.requires_grad], None, world)
+
+
 def _worker(rank: int, case: Case, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from moe_vlm.parallel.expert_parallel import apply_expert_parallel, sync_gradients
+    from moe_vlm.parallel.expert_parallel import apply_expert_parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

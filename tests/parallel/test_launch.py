@@ -94,7 +94,9 @@ LAYOUTS = {
     "dp2_ddp": (2, [*TEXT, "parallel.ep=1", "train.micro_batch_size=2"]),
     "ep2_capacity": (2, [*TEXT, "parallel.ep=2", "train.micro_batch_size=2",
                          "routing.capacity_factor=1.0"]),
-    "vlm_ep2_fsdp": (2, ["parallel.ep=2", "parallel.fsdp=true", "train.micro_batch_size=2"]),
+    # parallelize's whole order: EP, activation checkpointing, then FSDP
+    "vlm_ep2_ac_fsdp": (2, ["parallel.ep=2", "parallel.activation_checkpointing=true",
+                            "parallel.fsdp=true", "train.micro_batch_size=2"]),
     # 4 processes: experts over 2, replicated over 2 (expert-data-parallel gradient
     # averaging), with the aux-loss-free router (bias updates from counts summed over ranks).
     "dp4_ep2_aux_free": (4, [*TEXT, "parallel.ep=2", "train.micro_batch_size=1",

@@ -1,7 +1,7 @@
 """One training step's losses, gradients and routing metrics do not depend on the process
 layout or on ``train.micro_batch_size`` (to float rounding): 1, 2 and 4 gloo processes,
 ep 1 and 2, micro-batches of 1, 2 and all samples, through the training code itself
-(``build_engine`` + ``forward_backward_step`` + ``reduce_and_clip``), on the image-text
+(``parallelize`` + ``build_engine`` + ``forward_backward_step`` + ``clip_gradients``), on the image-text
 job's data (samples of different lengths, so every micro-batch and rank pads differently
 and holds a different number of target tokens).
 
@@ -40,24 +40,21 @@ def one_step(cfg, layout) -> dict:
     forward/backward and gradient reduction; -> losses, metrics and full gradients."""
     from moe_vlm.data import build_data, build_tokenizer_for
     from moe_vlm.model.vlm import build_vlm
-    from moe_vlm.parallel.expert_parallel import (apply_expert_parallel, gather_shards,
-                                                  set_count_reducers, sharded_experts)
+    from moe_vlm.parallel.expert_parallel import gather_shards, sharded_experts
+    from moe_vlm.parallel.parallelize import parallelize
     from moe_vlm.train.engine import build_engine
-    from moe_vlm.train.loop import local_batches
+    from moe_vlm.train.setup import local_batches
     from moe_vlm.train.step import forward_backward_step, layer_metrics
 
     tok = build_tokenizer_for(cfg.data)
     model = build_vlm(cfg, tok.image_id, device=layout.device, seed=cfg.seed)
     data = build_data(cfg.data, tok, model.vision.cfg, model.n_image_tokens)
-    if layout.ep > 1:
-        apply_expert_parallel(model, layout.ep_group)
-    elif layout.distributed:
-        set_count_reducers(model)
     micro_bs, n_micro, first = local_batches(cfg.train, layout)
-    engine = build_engine(cfg, model, layout, micro_bs, n_micro)
+    engine = build_engine(cfg, parallelize(model, layout, cfg), layout, micro_bs, n_micro)
     batches = [data.train_batch(0, first + m, micro_bs, cfg.train.batch_size) for m in range(n_micro)]
     fb = forward_backward_step(engine, batches, layout, None, tok.image_id)
-    engine.reduce_and_clip(float("inf"))
+    engine.max_norm = float("inf")  # the full gradients, unclipped
+    engine.clip_gradients()
     shards = {f"{n}.{p}": disp for n, (_, disp) in sharded_experts(model).items()
               for p in ("w_in", "w_out")}
     grads = {}

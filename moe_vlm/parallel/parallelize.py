@@ -1,0 +1,162 @@
+"""Apply parallelism to a built model, in one place and in torchtitan's order:
+
+1. **expert parallelism** (``parallel.ep > 1``): each MoE layer keeps its slice of the
+   experts and swaps its ``LocalDispatcher`` for an ``AllToAllDispatcher``; with data
+   parallelism alone the routers still sum their expert counts over all ranks (the
+   global-batch balance loss);
+2. **activation checkpointing** (``parallel.activation_checkpointing``): every repeated
+   block (decoder layers, vision blocks) keeps only its input and recomputes its
+   activations in the backward (``torch.utils.checkpoint``, non-reentrant);
+3. **compilation** (``parallel.compile``): every repeated block is compiled in place with
+   ``torch.compile`` (per block, so one graph serves all layers of a kind);
+4. **data parallelism**: FSDP2 (``parallel.fsdp``: each block, then the root) or DDP,
+   expert-parallel weights left out of both (their gradients are reduced by the engine
+   over the expert-data-parallel group).
+
+DeepSpeed (``parallel.engine=deepspeed``) gets steps 1-3 here; its ZeRO partitioning is
+part of ``deepspeed.initialize``, which wraps model and optimizer together
+(``moe_vlm.parallel.deepspeed_engine``).
+
+None of this changes parameter names or the state dict, so checkpoints stay the
+single-process ones. Load checkpoint weights into the model *before* parallelizing: expert
+parallelism slices the loaded experts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from moe_vlm.config.schema import Config, ConfigError
+from moe_vlm.parallel.expert_parallel import (apply_expert_parallel, expert_parameters,
+                                              set_count_reducers)
+from moe_vlm.parallel.runtime import Layout
+
+
+@dataclass
+class Parallelized:
+    """A model made ready for its layout. ``model`` is the module whose parameters and
+    state dict are the run's (the same object that was passed in); ``module`` is what the
+    engine calls (a DDP wrapper, or ``model`` itself)."""
+
+    model: nn.Module
+    module: nn.Module
+    expert_params: list[nn.Parameter] = field(default_factory=list)  # EP-sharded, reduced by hand
+    ddp: bool = False
+    fsdp: bool = False
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The items of every ``nn.ModuleList`` (decoder layers, vision blocks): the units that
+    are checkpointed, compiled and sharded one at a time."""
+    return [b for m in model.modules() if isinstance(m, nn.ModuleList) for b in m]
+
+
+def parallelize(model: nn.Module, layout: Layout, cfg: Config,
+                amp: Optional[torch.dtype] = None) -> Parallelized:
+    """Expert parallelism, activation checkpointing, compilation, then FSDP/DDP (the steps
+    ``cfg.parallel`` asks for; see the module docstring). In place; returns what the engine
+    needs. ``amp``: the autocast dtype the run trains in (None: fp32), which decides
+    whether the experts' backend can be compiled."""
+    pcfg = cfg.parallel
+    moes = model.moe_layers() if hasattr(model, "moe_layers") else []
+    if layout.ep > 1:
+        apply_expert_parallel(model, layout.ep_group)
+    elif layout.distributed and moes:
+        set_count_reducers(model)
+    if pcfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if pcfg.compile:
+        apply_compile(model, amp)
+    experts = expert_parameters(model)
+    par = Parallelized(model=model, module=model, expert_params=experts)
+    if not layout.distributed or pcfg.engine == "deepspeed":
+        return par
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    expert_ids = {id(p) for p in experts}
+    if layout.fsdp:
+        _fully_shard(model, layout.dp_mesh, set(experts))
+        par.fsdp = True
+    elif any(id(p) not in expert_ids for p in trainable):
+        par.module = _ddp(model, layout, expert_ids, find_unused=cfg.vision.name != "none")
+        par.ddp = True
+    return par
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Checkpoint every repeated block: its forward runs under non-reentrant
+    ``torch.utils.checkpoint``, so only the block's inputs are kept and the rest is
+    recomputed in the backward. The block's own ``forward`` is wrapped (an instance
+    attribute), not the module, so parameter names and the state dict do not change.
+    Recomputation repeats the forward exactly (routing included: the recomputed router
+    makes the same choices from the same inputs), so losses and gradients are unchanged."""
+    for block in repeated_blocks(model):
+        if getattr(block, "_moe_vlm_checkpointed", False):
+            continue
+        inner = block.forward
+
+        def forward(*args: Any, _inner=inner, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():  # evaluation: nothing to save
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+        block._moe_vlm_checkpointed = True
+
+
+def apply_compile(model: nn.Module, amp: Optional[torch.dtype] = None) -> None:
+    """Compile every repeated block in place (``nn.Module.compile``: names unchanged).
+
+    Refused, naming what to change, where the experts' backend does not trace today:
+    ``grouped_mm`` outside bf16 autocast (``torch._grouped_mm``'s meta function takes bf16
+    only) and ``triton`` (our kernels are not registered as custom ops yet). The MoE
+    router's data-dependent counts still break the graph around each MoE layer, and token
+    counts that change every batch recompile until dynamo marks them dynamic: expect long
+    compiles for MoE models (minutes on a CPU); dense blocks compile once."""
+    moes = model.moe_layers() if hasattr(model, "moe_layers") else []
+    if moes:
+        w = moes[0].experts.w_in  # [E, D, 2F]
+        with torch.autocast(w.device.type, dtype=amp, enabled=amp is not None):
+            backend = moes[0].experts.backend_name(torch.empty(0, w.shape[1], device=w.device))
+        if backend == "triton" or (backend == "grouped_mm" and amp != torch.bfloat16):
+            raise ConfigError(
+                f"parallel.compile: the experts' {backend} backend does not compile "
+                f"{'yet' if backend == 'triton' else 'outside bf16 autocast'}; use "
+                "moe.backend=torch" + ("" if backend == "triton" else " or train.precision=bf16")
+                + ", or parallel.compile=false")
+    for block in repeated_blocks(model):
+        block.compile(dynamic=None)
+
+
+def _ddp(model: nn.Module, layout: Layout, expert_ids: set[int], find_unused: bool) -> nn.Module:
+    """DDP over all ranks for the dense parameters; expert-parallel weights are ignored
+    (the engine reduces them over the expert-data-parallel group). Router biases are
+    updated identically on every rank, so buffers are not synchronised per step.
+    ``find_unused``: a VLM batch may hold no image, leaving the vision path unused."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ignore = [n for n, p in model.named_parameters() if id(p) in expert_ids]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+        inspect.signature(DDP).parameters else {"broadcast_buffers": False}
+    return DDP(model, device_ids=[layout.device] if layout.device.type == "cuda" else None,
+               find_unused_parameters=find_unused, **no_sync)
+
+
+def _fully_shard(model: nn.Module, mesh: Any, ignored: set[nn.Parameter]) -> None:
+    """FSDP2 units: each repeated block, then the root for what is left (embeddings,
+    norms, head, projector). Expert-parallel weights are ignored: they are sharded over
+    experts already."""
+    from torch.distributed.fsdp import fully_shard
+
+    # Blocks return views that nothing modifies in place; FSDP warns about them regardless.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for block in repeated_blocks(model):
+        fully_shard(block, mesh=mesh, ignored_params=ignored or None)
+    fully_shard(model, mesh=mesh, ignored_params=ignored or None)

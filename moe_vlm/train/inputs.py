@@ -1,0 +1,39 @@
+"""What a model's forward gets in training and evaluation: the batch's tensors on the
+device, and the precision it runs in (``train.precision``: autocast or fp32)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Optional
+
+import torch
+from torch import Tensor
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """bf16 autocast where supported (``auto``: CUDA with bf16), else None (fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
+    """Autocast to ``dtype`` on ``device``'s type; nothing when ``dtype`` is None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def model_inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """The keyword arguments a model's forward takes from a batch (the token mask too, so
+    padding is not routed in evaluation either: with capacity dropping or expert choice
+    it would compete with real tokens for slots)."""
+    out = {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device)}
+    for key in ("pixel_values", "token_mask", "doc_ids"):
+        if key in batch:
+            out[key] = batch[key].to(device)
+    return out
