@@ -282,7 +282,7 @@ def save_rows(rows: Sequence[dict[str, Any]], name: str, out_dir: str | Path,
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple[str, str]]) -> None:
     """Markdown table; ``columns`` are row keys or ``(key, header)`` pairs. Numbers are
     right-aligned, missing values print as ``-``."""
-    from moe_vlm.parallel.cost_model import format_table
+    from moe_vlm.analysis.cost_model import format_table
 
     print(format_table(rows, columns), flush=True)
     print(flush=True)
