@@ -20,7 +20,7 @@ from moe_vlm.config.schema import ConfigError, DataConfig, VisionConfig
 from moe_vlm.data.sample import IGNORE_INDEX, collate
 from moe_vlm.data.synthetic_text import SyntheticText
 from moe_vlm.data.synthetic_vlm import SyntheticVLM, chance_accuracy
-from moe_vlm.data.tokenizer import ByteTokenizer
+from moe_vlm.data.byte_tokenizer import ByteTokenizer
 
 
 @dataclass
