@@ -16,7 +16,7 @@ One round trip is checked to return every row unchanged. Each op is timed per ra
 median of ``--reps`` (a barrier before each, CUDA synchronised around it); the table shows
 the slowest rank. ``MB out`` = bytes a rank sends to *other* ranks (mean over ranks);
 ``GB/s`` = that / the op's time (1e9 bytes/s, per rank, one direction). Beside it, the cost
-model's expected bytes and time (``moe_vlm.parallel.cost_model``: bandwidth + one
+model's expected bytes and time (``moe_vlm.analysis.cost_model``: bandwidth + one
 latency per peer, all ranks on one node): on CPU only with ``--link-gbps`` (and
 ``--latency-us``), on CUDA from the preset matching the GPU name (or those flags).
 
@@ -51,7 +51,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/bench_all_to_all.py`
 from benchmarks.common import (  # noqa: E402
     DTYPES, RESULTS_DIR, dtype_name, print_header, print_table, run_metadata, save_rows,
 )
-from moe_vlm.parallel.cost_model import (  # noqa: E402
+from moe_vlm.analysis.cost_model import (  # noqa: E402
     CLUSTERS, Cluster, MoEShape, a2a_time, a2a_volume,
 )
 

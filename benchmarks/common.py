@@ -10,8 +10,10 @@ Legend: T tokens, D model width, F expert width, E experts, K experts per token.
 - ``print_table``: a markdown table from dict rows and a column list.
 - ``base_parser``: the ``--configs/--dtype/--reps/--out-dir/--skew`` flags every script shares.
 
-From ``moe_vlm`` it takes only the atomic file writer and the table formatter (no Hydra,
-so the benchmarks run on a bare GPU image); importing this module runs nothing.
+From ``moe_vlm`` it imports two standard-library-only modules: ``moe_vlm.atomic`` (the
+atomic file writer) and, when a table is printed, ``moe_vlm.analysis.cost_model`` (its
+``format_table``); no Hydra and no model code, so these helpers run on a bare GPU image
+(``tests/test_benchmarks.py`` checks it). Importing this module runs nothing.
 """
 
 from __future__ import annotations
@@ -282,7 +284,7 @@ def save_rows(rows: Sequence[dict[str, Any]], name: str, out_dir: str | Path,
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple[str, str]]) -> None:
     """Markdown table; ``columns`` are row keys or ``(key, header)`` pairs. Numbers are
     right-aligned, missing values print as ``-``."""
-    from moe_vlm.parallel.cost_model import format_table
+    from moe_vlm.analysis.cost_model import format_table
 
     print(format_table(rows, columns), flush=True)
     print(flush=True)

@@ -5,11 +5,11 @@ in the EP group.
 
 For each config (the PERF.md shapes of ``benchmarks/common.py``; its T is the global batch
 in tokens) and each ep in 1, 2, 4, ... up to ``--nodes`` x GPUs per node (and dividing E),
-prints ``moe_vlm.parallel.cost_model``'s prediction for one MoE layer, per rank: tokens,
+prints ``moe_vlm.analysis.cost_model``'s prediction for one MoE layer, per rank: tokens,
 MB sent per all-to-all (to ranks on the same node / on other nodes), communication (4
 all-to-alls with the backward), expert compute, comm fraction, step time, speedup over
 ep=1 and efficiency, then the break-even line. Formulas and assumptions: the docstring
-of ``moe_vlm/parallel/cost_model.py``.
+of ``moe_vlm/analysis/cost_model.py``.
 
 Expert TFLOP/s: ``--expert-tflops``, else the newest matching row (config, ``--impl``,
 forward+backward, device name containing the cluster's GPU) of ``--bench-file``
@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/ep_cost_model.py`
 from benchmarks.common import (  # noqa: E402
     GPU_CONFIGS, MOE_CONFIGS, RESULTS_DIR, run_metadata, save_rows,
 )
-from moe_vlm.parallel.cost_model import (  # noqa: E402
+from moe_vlm.analysis.cost_model import (  # noqa: E402
     CLUSTERS, LINK_MODELS, SCALINGS, MoEShape, break_even, ep_sweep, expert_tflops_from_bench,
     format_table,
 )

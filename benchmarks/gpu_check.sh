@@ -81,7 +81,7 @@ stage() {
 RUNS=$(mktemp -d)
 for be in torch grouped_mm triton; do
     limit=60; [ $be = triton ] && limit=150   # triton: first compilation and autotuning
-    stage "train_$be" $limit "$PY" -m moe_vlm.cli train train.device=cuda train.precision=bf16 \
+    stage "train_$be" $limit "$PY" -m moe_vlm.commands train train.device=cuda train.precision=bf16 \
         moe.backend=$be train.max_steps=20 train.log_every=5 train.eval_every=10 \
         train.ckpt_every=20 train.progress=false run.dir="$RUNS/$be"
     [ -f "$RUNS/$be/summary.json" ] && cp "$RUNS/$be/summary.json" "$LOGS/train_${be}_summary.json"

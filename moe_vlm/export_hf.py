@@ -1,8 +1,6 @@
 """``python -m moe_vlm.export_hf`` = ``moe-vlm export-hf``."""
 
-import sys
-
-from moe_vlm.checkpoints_cli import export_hf_main
+from moe_vlm.commands import run_as_module
 
 if __name__ == "__main__":
-    export_hf_main(sys.argv[1:])
+    run_as_module("export-hf")

@@ -1,8 +1,6 @@
 """``python -m moe_vlm.fit`` = ``moe-vlm fit``."""
 
-import sys
-
-from moe_vlm.scaling.cli import fit_main
+from moe_vlm.commands import run_as_module
 
 if __name__ == "__main__":
-    fit_main(sys.argv[1:])
+    run_as_module("fit")

@@ -1,8 +1,6 @@
 """``python -m moe_vlm.plot`` = ``moe-vlm plot``."""
 
-import sys
-
-from moe_vlm.analysis.commands import plot_main
+from moe_vlm.commands import run_as_module
 
 if __name__ == "__main__":
-    plot_main(sys.argv[1:])
+    run_as_module("plot")

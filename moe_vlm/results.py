@@ -1,8 +1,6 @@
 """``python -m moe_vlm.results`` = ``moe-vlm results``."""
 
-import sys
-
-from moe_vlm.analysis.commands import results_main
+from moe_vlm.commands import run_as_module
 
 if __name__ == "__main__":
-    results_main(sys.argv[1:])
+    run_as_module("results")

@@ -1,8 +1,6 @@
 """``python -m moe_vlm.upcycle`` = ``moe-vlm upcycle``."""
 
-import sys
-
-from moe_vlm.checkpoints_cli import upcycle_main
+from moe_vlm.commands import run_as_module
 
 if __name__ == "__main__":
-    upcycle_main(sys.argv[1:])
+    run_as_module("upcycle")

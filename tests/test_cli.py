@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from moe_vlm.cli import main
+from moe_vlm.commands import main
 
 
 def _run(args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-m", "moe_vlm.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "moe_vlm.commands", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=540)
 
 
@@ -60,3 +60,30 @@ def test_console_script_installed():
         pytest.skip("package not installed with its console script")
     r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "train" in r.stdout
+
+
+SHIMS = {"train": "train", "upcycle": "upcycle", "import_hf": "import-hf", "export_hf": "export-hf",
+         "results": "results", "plot": "plot", "plot_routing": "plot-routing", "fit": "fit"}
+
+
+def test_one_table_every_command_a_module():
+    """Every subcommand has its ``python -m moe_vlm.<module>`` twin, each handler resolves,
+    and the old console-script module is the same entry point."""
+    import importlib
+
+    import moe_vlm.cli
+    from moe_vlm.commands import COMMANDS, main as commands_main
+
+    assert set(SHIMS.values()) == set(COMMANDS)
+    for name, c in COMMANDS.items():
+        module, func = c.handler.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), name
+    assert moe_vlm.cli.main is commands_main
+
+
+@pytest.mark.parametrize("module", sorted(m for m in SHIMS if m != "train"))
+def test_module_shim_runs_its_command(module):
+    r = subprocess.run([sys.executable, "-m", f"moe_vlm.{module}", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: moe-vlm {SHIMS[module]} "), r.stdout

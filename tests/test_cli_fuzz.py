@@ -1,7 +1,7 @@
 """Adversarial use of ``moe-vlm``: each bad command or shared file ends in one line on
 stderr naming what to change (exit 2), writes nothing, and runs no code from a file.
 
-In-process (``moe_vlm.cli.main``) to stay fast. The value-level config fuzz is
+In-process (``moe_vlm.commands.main``) to stay fast. The value-level config fuzz is
 ``tests/config/test_config_fuzz.py``, bad data files ``tests/data/test_bad_data.py``,
 bad run directories for the tables and HF files ``tests/analysis/test_bad_inputs.py``,
 checkpoint integrity ``tests/train/test_run_integrity.py``."""
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_vlm.cli import main
+from moe_vlm.commands import main
 from moe_vlm.config.environment import LAUNCHER_ENV
 from moe_vlm.train import train
 

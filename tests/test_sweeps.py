@@ -56,7 +56,7 @@ ONE_POINT = ["model.d_model=64", "train.max_steps=2", "train.eval_every=2", "dat
 
 
 def run_sweep(tmp_path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "moe_vlm.cli", "train", "-m", "sweep=granularity",
+    cmd = [sys.executable, "-m", "moe_vlm.commands", "train", "-m", "sweep=granularity",
            "moe.granularity=1,2", "routing.top_k=1,2", *ONE_POINT, f"hydra.sweep.dir={tmp_path / 'sweep'}",
            *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -74,7 +74,7 @@ def test_2x2_sweep_end_to_end_and_rerun_skips(tmp_path):
 
 def test_failed_point_is_recorded_and_retried(tmp_path):
     # top_k=8 x granularity 2 = 16 > 8 experts: a config error for that point only
-    cmd = [sys.executable, "-m", "moe_vlm.cli", "train", "-m", "sweep=granularity",
+    cmd = [sys.executable, "-m", "moe_vlm.commands", "train", "-m", "sweep=granularity",
            "moe.granularity=2", "routing.top_k=1,8", *ONE_POINT, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 1 and "1 sweep run(s) failed" in res.stderr

@@ -22,7 +22,7 @@ from moe_vlm.errors import ConfigError
 
 __all__ = ["MissingPathError", "check_runnable"]
 
-BYTE_VOCAB = 260  # moe_vlm.data.tokenizer.ByteTokenizer.vocab_size
+BYTE_VOCAB = 260  # moe_vlm.data.byte_tokenizer.ByteTokenizer.vocab_size
 # What ``deepspeed.init_distributed`` reads; without all of them it falls back to MPI.
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
 

@@ -25,7 +25,7 @@ matters little for training but means packed eval is not identical to unpacked e
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -99,4 +99,21 @@ def pack_samples(samples: Iterable[dict[str, torch.Tensor]], seq_len: int, max_i
     return Packer(seq_len, max_images, pad_id).pack(samples)
 
 
-__all__ = ["Packer", "pack_samples"]
+class PackedSource:
+    """Iterable training source that packs the samples of ``source`` (one pass, in order,
+    repeated per epoch by ``DataBundle``) into sequences of ``seq_len`` tokens holding at
+    most ``max_images`` images each."""
+
+    def __init__(self, source: Any, seq_len: int, max_images: int, pad_id: int):
+        self.source = source
+        self.packer = Packer(seq_len, max_images, pad_id)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {**getattr(self.source, "stats", {}), **self.packer.stats}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self.packer.pack(iter(self.source))
+
+
+__all__ = ["PackedSource", "Packer", "pack_samples"]

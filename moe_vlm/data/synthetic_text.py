@@ -13,7 +13,7 @@ import random
 
 import torch
 
-from moe_vlm.data.tokenizer import ByteTokenizer
+from moe_vlm.data.byte_tokenizer import ByteTokenizer
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 SHAPES = ["cube", "ball", "cone", "ring", "star", "box"]

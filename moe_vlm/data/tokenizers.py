@@ -5,7 +5,7 @@ Every tokenizer returned here looks like ``ByteTokenizer``: ``vocab_size``, ``pa
 ``decode(ids)``. The model and the chat template only ever see that interface, so the
 byte tokenizer (no files, no training) and a real subword tokenizer are interchangeable.
 
-- ``byte``: UTF-8 bytes, ids 0..255 plus 4 specials (see ``tokenizer.py``).
+- ``byte``: UTF-8 bytes, ids 0..255 plus 4 specials (see ``byte_tokenizer.py``).
 - ``bpe``: a byte-level BPE trained on the embedded synthetic corpus (or a given corpus)
   and saved as ``run_dir/tokenizer.json``, so a resumed run, eval and generation reuse
   the exact same ids instead of retraining.
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from moe_vlm.config.schema import ConfigError, DataConfig
+from moe_vlm.data.byte_tokenizer import ByteTokenizer
 from moe_vlm.data.synthetic_text import synthetic_document
-from moe_vlm.data.tokenizer import ByteTokenizer
 from moe_vlm.errors import DataError
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<image>")

@@ -19,7 +19,6 @@ output). The attention-pooling head of SigLIP and CLIP's projection are not load
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_vlm.config.schema import ConfigError, VisionConfig
+from moe_vlm.hf_io import read_json, weight_files
 from moe_vlm.model.layers import apply_rotary
 
 IN_CHANNELS = 3  # RGB; grayscale / RGBA images are converted before the tower
@@ -308,13 +308,6 @@ def build_vision(cfg: VisionConfig, device: Union[str, torch.device] = "cpu",
 # Hugging Face checkpoints (local files only; nothing is ever downloaded)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-
-
 def _check_dir(path: Union[str, Path]) -> Path:
     d = Path(path).expanduser()
     if not d.is_dir():
@@ -331,7 +324,7 @@ def hf_vision_config(path: Union[str, Path], select_layer: int = -1,
     """The ``VisionConfig`` of a local SigLIP / CLIP checkpoint, from its JSON files only
     (no weights read): use it to size the projector before loading."""
     d = _check_dir(path)
-    raw = _read_json(d / "config.json")
+    raw = read_json(d / "config.json")
     model_type = raw.get("model_type")
     if model_type not in HF_MODEL_TYPES:
         raise ValueError(f"{d / 'config.json'}: model_type {model_type!r} is not supported; "
@@ -352,7 +345,7 @@ def hf_vision_config(path: Union[str, Path], select_layer: int = -1,
                          f"(square images), got {hf['image_size']!r}, {hf['patch_size']!r}")
     mean, std = HF_IMAGE_STATS[family]
     if (d / "preprocessor_config.json").is_file():
-        pre = _read_json(d / "preprocessor_config.json")
+        pre = read_json(d / "preprocessor_config.json")
         mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
         for key, v in (("image_mean", mean), ("image_std", std)):
             if not (isinstance(v, list) and len(v) == IN_CHANNELS):
@@ -391,58 +384,6 @@ def _hf_names(cfg: VisionConfig) -> dict[str, str]:
     return m
 
 
-def _weight_files(d: Path) -> tuple[dict[str, Path], str, Path]:
-    """(key -> file, format, file or index to name in errors) for the weights in ``d``."""
-    if (d / "model.safetensors").is_file():
-        from safetensors import safe_open
-
-        f = d / "model.safetensors"
-        with safe_open(str(f), framework="pt") as h:
-            return {k: f for k in h.keys()}, "safetensors", f
-    for index_name, fmt in (("model.safetensors.index.json", "safetensors"),
-                            ("pytorch_model.bin.index.json", "bin")):
-        index = d / index_name
-        if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: has no 'weight_map' object")
-            return {k: d / v for k, v in weight_map.items()}, fmt, index
-    if (d / "pytorch_model.bin").is_file():
-        f = d / "pytorch_model.bin"
-        return {k: f for k in _load_bin(f)}, "bin", f
-    present = sorted(p.name for p in d.iterdir())
-    raise FileNotFoundError(f"no weights in {d}: expected model.safetensors, sharded "
-                            f"model-0000x-of-0000y.safetensors with model.safetensors.index.json, "
-                            f"or pytorch_model.bin; found {present}")
-
-
-def _load_bin(f: Path) -> dict[str, Tensor]:
-    sd = torch.load(f, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"{f}: expected a state dict, got {type(sd).__name__}")
-    return sd
-
-
-def _read_tensors(key_to_file: dict[str, Path], keys: list[str], fmt: str) -> dict[str, Tensor]:
-    """Read only ``keys`` (the vision tower), one pass per file."""
-    by_file: dict[Path, list[str]] = {}
-    for k in keys:
-        by_file.setdefault(key_to_file[k], []).append(k)
-    out: dict[str, Tensor] = {}
-    for f, ks in by_file.items():
-        if not f.is_file():
-            raise FileNotFoundError(f"weights shard {f} (listed in the index) does not exist")
-        if fmt == "safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(f), framework="pt") as h:
-                out.update({k: h.get_tensor(k) for k in ks})
-        else:
-            sd = _load_bin(f)
-            out.update({k: sd[k] for k in ks})
-    return out
-
-
 def _tower_prefix(keys: list[str], where: Path) -> str:
     """The prefix in front of ``embeddings.patch_embedding.weight``: '' (vision-only models
     saved by transformers 5), 'vision_model.' (older ones, two-tower models), or any
@@ -462,8 +403,8 @@ def load_hf_vision(path: Union[str, Path], select_layer: int = -1, drop_cls: boo
     """Load the vision tower of a local Hugging Face SigLIP / CLIP checkpoint directory.
 
     Reads ``config.json`` (+ ``preprocessor_config.json`` for image mean/std if present)
-    and ``model.safetensors``, sharded safetensors with their index, or
-    ``pytorch_model.bin``; only the vision tower's tensors are read. Every expected tensor
+    and the weights in any layout ``moe_vlm.hf_io`` reads (safetensors or ``.bin``, one
+    file or sharded); only the vision tower's tensors are read. Every expected tensor
     must be present with the shape config.json implies. Parameters are fp32 whatever the
     checkpoint's dtype. CLIP's patch embedding has no bias: ours is kept at 0.
     Returns the model (eval mode) and its config (also ``model.cfg``)."""
@@ -473,13 +414,14 @@ def load_hf_vision(path: Union[str, Path], select_layer: int = -1, drop_cls: boo
         model = VisionTransformer(cfg)
     model.to_empty(device=device)
     model.init_weights(0)  # fills anything the checkpoint does not hold (CLIP patch bias)
-    key_to_file, fmt, where = _weight_files(d)
+    weights = weight_files(d)
+    key_to_file, where = weights.files, weights.where
     prefix = _tower_prefix(list(key_to_file), where)
     names = _hf_names(cfg)
     ours = model.state_dict()
     if set(names) != set(ours):  # a module was added without its HF name
         raise RuntimeError(f"HF name map out of date: {sorted(set(names) ^ set(ours))}")
-    family = HF_MODEL_TYPES[_read_json(d / "config.json")["model_type"]]
+    family = HF_MODEL_TYPES[read_json(d / "config.json")["model_type"]]
     optional = {"patch_embed.bias"} if family == "clip" else set()  # CLIP: Conv2d(bias=False)
     wanted = {}
     for our_name, hf_name in names.items():
@@ -493,7 +435,7 @@ def load_hf_vision(path: Union[str, Path], select_layer: int = -1, drop_cls: boo
     if extra in key_to_file:
         raise ValueError(f"{where}: has a tensor '{extra}' beyond num_hidden_layers="
                          f"{cfg.n_layers} in {d / 'config.json'}; the two disagree")
-    tensors = _read_tensors(key_to_file, list(wanted.values()), fmt)
+    tensors = weights.read(wanted.values())
     with torch.no_grad():
         for our_name, key in wanted.items():
             t, p = tensors[key], ours[our_name]

@@ -1,1 +1,1 @@
-"""Parallelism applied to built models: expert parallelism (all-to-all dispatch), process layout, cost model."""
+"""Parallelism applied to built models: expert parallelism (all-to-all dispatch), process layout."""

@@ -1,8 +1,6 @@
 """``python -m moe_vlm.train [hydra overrides]`` == ``moe-vlm train [hydra overrides]``."""
 
-import sys
-
-from moe_vlm.cli import train_main
+from moe_vlm.commands import run_as_module
 
 if __name__ == "__main__":
-    train_main(sys.argv[1:])
+    run_as_module("train")

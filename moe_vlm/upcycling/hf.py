@@ -44,7 +44,7 @@ moe_intermediate_size, rms_norm_eps, rope (``rope_parameters`` or legacy ``rope_
 (-> model.max_seq_len), num_experts_per_tok, norm_topk_prob (-> routing.renormalize),
 routed_scaling_factor, n_shared_experts, router_aux_loss_coef (= routing.aux_loss_coef x
 n_moe_layers / top_k: transformers pools its balance loss over the layers and counts
-tokens, not top-k assignments; ``hf_io.aux_coef_to_hf`` derives it). Sigmoid routing
+tokens, not top-k assignments; ``hf_format.aux_coef_to_hf`` derives it). Sigmoid routing
 imports with ``routing.bias_update_rate = 1e-3`` (DeepSeek-V3's) so the correction bias
 keeps steering selection. Our experts at granularity m export as m*E experts of width
 F/m; import gives granularity 1 with those sizes (the same layer).
@@ -52,9 +52,9 @@ F/m; import gives granularity 1 with those sizes (the same layer).
 
 from __future__ import annotations
 
+from moe_vlm.hf_io import read_hf_checkpoint
 from moe_vlm.upcycling.hf_export import export_hf, hf_class_for, hf_config
 from moe_vlm.upcycling.hf_import import HFImport, configs_from_hf, import_hf
-from moe_vlm.upcycling.hf_io import read_hf_checkpoint
 
 __all__ = ["HFImport", "configs_from_hf", "export_hf", "hf_class_for", "hf_config",
            "import_hf", "read_hf_checkpoint"]

@@ -17,17 +17,16 @@ from moe_vlm.config.schema import ModelConfig, MoEConfig, RoutingConfig
 from moe_vlm.model.decoder import ffn_schedule
 from moe_vlm.model.granularity import MoESizes, resolve_moe_sizes
 from moe_vlm.routing.router import normalizes_weights
-from moe_vlm.upcycling.hf_import import expected_shapes
-from moe_vlm.upcycling.hf_io import (
+from moe_vlm.hf_io import PathLike, write_hf_checkpoint
+from moe_vlm.upcycling.hf_format import (
     ARCHITECTURES,
     EXPERT_NAMES,
     MLP_NAMES,
-    PathLike,
     aux_coef_to_hf,
     layer_prefix,
     plain_names,
-    write_hf_checkpoint,
 )
+from moe_vlm.upcycling.hf_import import expected_shapes
 
 _NO_CLASS = "no supported Hugging Face class (llama, qwen2, qwen3, mixtral, qwen3_moe, dots1) "
 

@@ -21,17 +21,16 @@ from torch import Tensor
 from moe_vlm.config.schema import ModelConfig, MoEConfig, RoutingConfig
 from moe_vlm.errors import CheckpointError, ConfigError
 from moe_vlm.model.decoder import DecoderLM, ffn_schedule
-from moe_vlm.upcycling.hf_io import (
+from moe_vlm.hf_io import PathLike, read_hf_checkpoint
+from moe_vlm.upcycling.hf_format import (
     DENSE_TYPES,
     EXPERT_NAMES,
     IGNORED_SUFFIXES,
     MLP_NAMES,
     MOE_TYPES,
-    PathLike,
     aux_coef_from_hf,
     layer_prefix,
     plain_names,
-    read_hf_checkpoint,
 )
 
 DOTS1_BIAS_UPDATE_RATE = 1e-3  # DeepSeek-V3's bias update speed: keeps the bias in use

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from moe_vlm.analysis.modality import modality_load
 from moe_vlm.analysis.results import collect_results
-from moe_vlm.cli import main
+from moe_vlm.commands import main
 from moe_vlm.errors import CheckpointError, ConfigError, DataError, RunDirError, UserError
 from test_results import make_run  # tiny run directories (this folder)
 
@@ -405,7 +405,7 @@ def test_out_that_cannot_be_a_directory(cmd, out, match, tiny_hf, tmp_path, caps
     (CheckpointError("x.pt: damaged"), "p: x.pt: damaged"),
 ])
 def test_user_errors_are_one_line(error, line, capsys):
-    from moe_vlm.checkpoints_cli import _user_errors
+    from moe_vlm.commands.checkpoints import _user_errors
 
     with pytest.raises(SystemExit) as info:
         with _user_errors("p"):
@@ -414,7 +414,7 @@ def test_user_errors_are_one_line(error, line, capsys):
 
 
 def test_user_errors_keep_bugs(capsys):
-    from moe_vlm.checkpoints_cli import _user_errors
+    from moe_vlm.commands.checkpoints import _user_errors
 
     with pytest.raises(KeyError):
         with _user_errors("p"):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from moe_vlm.analysis import plots
-from moe_vlm.analysis.commands import plot_main
+from moe_vlm.commands.analysis import plot_main
 from moe_vlm.analysis.results import collect_results
 
 from test_results import make_run  # noqa: E402  (tests/analysis is on sys.path via rootdir)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from moe_vlm.analysis.commands import results_main
+from moe_vlm.commands.analysis import results_main
 from moe_vlm.analysis.results import collect_results, flatten, varying_keys, write_table
 
 

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from moe_vlm.config import DataConfig
+from moe_vlm.data.byte_tokenizer import ByteTokenizer
 from moe_vlm.data.llava import BadRowWarning, build_llava_sources
-from moe_vlm.data.tokenizer import ByteTokenizer
 from moe_vlm.data.tokenizers import build_tokenizer
 from moe_vlm.errors import DataError, UserError
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from moe_vlm.data.byte_tokenizer import ByteTokenizer
 from moe_vlm.data.chat import MalformedRow, render_conversation
-from moe_vlm.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 K = 3  # image tokens per image

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from moe_vlm.config import ConfigError, DataConfig
+from moe_vlm.data.byte_tokenizer import ByteTokenizer
 from moe_vlm.data.images import ImageError, load_image
 from moe_vlm.data.llava import BadRowWarning, LlavaDataset, NoUsableRows, build_llava_sources
-from moe_vlm.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 K, SIZE, SEQ = 4, 16, 128

@@ -15,7 +15,7 @@ import torch
 import moe_vlm.data.text_corpus as tc
 from moe_vlm.config import load_config
 from moe_vlm.data import build_data
-from moe_vlm.data.tokenizer import ByteTokenizer
+from moe_vlm.data.byte_tokenizer import ByteTokenizer
 from moe_vlm.errors import DataError
 
 TOK = ByteTokenizer()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moe_vlm.config import ConfigError, DataConfig
-from moe_vlm.data.tokenizer import ByteTokenizer
+from moe_vlm.data.byte_tokenizer import ByteTokenizer
 from moe_vlm.data.tokenizers import build_tokenizer
 
 TEXTS = ["", "the red cube is small and at the left.", "héllo wörld", "日本語のテキスト",

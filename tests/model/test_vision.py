@@ -248,6 +248,36 @@ def test_not_a_vision_checkpoint(saved, tmp_path):
         load_hf_vision(d)
 
 
+def _shard_out(d: Path) -> None:
+    keys = list(load_file(d / "model.safetensors"))
+    (d / "model.safetensors").rename(d.parent / "outside.safetensors")
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: "../outside.safetensors" for k in keys}}))
+
+
+def _shard_missing(d: Path) -> None:
+    keys = list(load_file(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: "model-00001-of-00001.safetensors" for k in keys}}))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: (d / "model.safetensors").write_bytes(b"\x07garbage"),
+     r"model\.safetensors: cannot read the weights"),
+    (_shard_out, r"weights shard '\.\./outside\.safetensors' is outside the model directory"),
+    (_shard_missing, r"model-00001-of-00001\.safetensors \(listed in model\.safetensors\.index\.json\) "
+                     r"does not exist"),
+])
+def test_unreadable_or_escaping_weights(saved, tmp_path, edit, match):
+    """The vision loader reads through ``moe_vlm.hf_io``, with the decoder import's checks:
+    a damaged file is named, a shard outside the directory is never read."""
+    d = copy_dir(saved("siglip_vision")[1], tmp_path / "c")
+    edit(d)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        load_hf_vision(d)
+
+
 # ---- built from config --------------------------------------------------------------
 
 

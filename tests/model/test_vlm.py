@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_vlm.config import load_config
-from moe_vlm.data.tokenizer import ByteTokenizer
+from moe_vlm.data.byte_tokenizer import ByteTokenizer
 from moe_vlm.model.vlm import Projector, build_vlm
 
 IMG = ByteTokenizer.image_id

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from moe_vlm.scaling import BESIROGLU_2024, chinchilla_loss, clark_loss, krajewski_loss
-from moe_vlm.scaling.cli import fit_main
+from moe_vlm.commands.scaling import fit_main
 
 
 def _table(path, law="chinchilla", failed=True, seed=0):

@@ -8,7 +8,7 @@ import sys
 
 
 def test_scaling_imports_no_torch_and_no_model_code():
-    code = ("import sys, moe_vlm.scaling, moe_vlm.scaling.cli, moe_vlm.scaling.plots\n"
+    code = ("import sys, moe_vlm.scaling, moe_vlm.commands, moe_vlm.commands.scaling, moe_vlm.scaling.plots\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton', 'triton_kernels')\n"
             "             or m.startswith(('moe_vlm.model', 'moe_vlm.routing', 'moe_vlm.train')))\n"
             "assert not bad, bad\n")

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from moe_vlm.scaling import LI_2025, fit_step_law, near_optimal
-from moe_vlm.scaling.cli import fit_main
+from moe_vlm.commands.scaling import fit_main
 
 TRUE = {"lr_scale": 3.0, "lr_N": -0.6, "lr_D": 0.25, "bs_scale": 0.8, "bs_D": 0.55}
 

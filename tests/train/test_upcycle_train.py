@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from moe_vlm.checkpoints_cli import upcycle_main, write_checkpoint_dir
+from moe_vlm.commands.checkpoints import upcycle_main, write_checkpoint_dir
 from moe_vlm.config import ConfigError
 from moe_vlm.config.loader import config_from_file
 from moe_vlm.train.loop import train
@@ -63,7 +63,7 @@ def test_upcycle_command_writes_a_trainable_checkpoint_dir(dense_run, tmp_path, 
     assert (out / "checkpoints" / "step_00000000.pt").is_file()
     # train from it with Hydra reading the directory's config
     run = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "moe_vlm.cli", "train", "--config-path", str(out),
+    subprocess.run([sys.executable, "-m", "moe_vlm.commands", "train", "--config-path", str(out),
                     "--config-name", "config", "train.max_steps=2", "train.eval_every=2",
                     "train.progress=false", f"run.dir={run}"], check=True, timeout=300,
                    capture_output=True)

@@ -23,7 +23,7 @@ from moe_vlm.model.granularity import resolve_moe_sizes
 from moe_vlm.routing.balancing import switch_aux_loss
 from moe_vlm.upcycling.hf import export_hf, hf_class_for, import_hf, read_hf_checkpoint
 from moe_vlm.upcycling.hf_import import DEFAULT_ROPE_THETA, HF_DEFAULTS
-from moe_vlm.upcycling.hf_io import aux_coef_from_hf, aux_coef_to_hf
+from moe_vlm.upcycling.hf_format import aux_coef_from_hf, aux_coef_to_hf
 
 hf.logging.set_verbosity_error()
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers as hf
 
-from moe_vlm.checkpoints_cli import export_hf_main, import_hf_main, upcycle_main
+from moe_vlm.commands.checkpoints import export_hf_main, import_hf_main, upcycle_main
 from moe_vlm.config import ConfigError
 from moe_vlm.config.loader import config_from_file
 from moe_vlm.train.loop import train

@@ -197,7 +197,3 @@ def fit_main(args: Sequence[str]) -> None:
     except (FitCliError, ValueError, OSError) as e:
         print(f"moe-vlm fit: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    fit_main(sys.argv[1:])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_vlm.parallel.cost_model import (
+from moe_vlm.analysis.cost_model import (
     A100_NVLINK_IB, CLUSTERS, H100_NVLINK_IB, PCIE_ETH, Cluster, MoEShape, a2a_time, a2a_volume,
     break_even, ep_step_time, ep_sweep, expert_tflops_from_bench, format_table, nodes_spanned,
 )

@@ -1,4 +1,5 @@
-"""``moe-vlm results ROOT --out TABLE.csv`` and ``moe-vlm plot ROOT --kind ...``."""
+"""Reading run directories back: ``moe-vlm results ROOT --out TABLE.csv``, ``moe-vlm plot
+ROOT --kind ...`` and ``moe-vlm plot-routing RUN_DIR``."""
 
 from __future__ import annotations
 
@@ -97,3 +98,20 @@ def plot_main(args: Sequence[str]) -> None:
         print(f"moe-vlm plot: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(path)
+
+
+def plot_routing_main(args: Sequence[str]) -> None:
+    """``moe-vlm plot-routing RUN_DIR [--out PNG] [--last N]``."""
+    from moe_vlm.analysis.modality import plot_modality_heatmap
+
+    ap = argparse.ArgumentParser(prog="moe-vlm plot-routing",
+                                 description="expert x modality load heatmap of a VLM run")
+    ap.add_argument("run_dir")
+    ap.add_argument("--out", default=None, help="PNG path (default RUN_DIR/modality_routing.png)")
+    ap.add_argument("--last", type=int, default=None, help="only the last N logged steps")
+    a = ap.parse_args(list(args))
+    try:
+        print(plot_modality_heatmap(a.run_dir, a.out, a.last))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"moe-vlm plot-routing: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
