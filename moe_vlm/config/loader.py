@@ -48,13 +48,16 @@ def searchpath_override() -> str:
 
 
 def register_schema() -> None:
-    """Register the structured schema (so YAML presets are type-checked on merge) and the
-    ``first_set`` resolver that lets ``run.dir`` double as Hydra's job directory."""
+    """Register the structured schema (so YAML presets are type-checked on merge), the
+    ``first_set`` resolver that lets ``run.dir`` double as Hydra's job directory, and the
+    integer ``mul``/``div`` resolvers that tie sizes together in presets and sweeps."""
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
     if not OmegaConf.has_resolver("first_set"):
         OmegaConf.register_new_resolver("first_set", lambda *xs: next((x for x in xs if x), None))
     if not OmegaConf.has_resolver("mul"):  # sweeps tie widths together: ${mul:4,${model.d_model}}
         OmegaConf.register_new_resolver("mul", lambda *xs: _product(xs))
+    if not OmegaConf.has_resolver("div"):  # moe presets size experts by the model: ${div:${model.d_ff},2}
+        OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
 
 
 def to_config(cfg: DictConfig) -> Config:
