@@ -95,8 +95,9 @@ def _precheck_run(cdir: Optional[str], cname: Optional[str], overrides: list[str
     except UserError:
         raise
     except Exception as e:  # Hydra's and OmegaConf's errors name the key and the file
+        from moe_vlm.config.validation import choice_error
         cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
-        raise ConfigError(" ".join(f"{e}{cause}".split())) from None
+        raise choice_error(e) or ConfigError(" ".join(f"{e}{cause}".split())) from None
     check_runnable(cfg, run_dir)
 
 

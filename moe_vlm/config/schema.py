@@ -8,24 +8,71 @@ change. Model code receives these dataclasses, never a ``DictConfig``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Optional
 
 from moe_vlm.errors import ConfigError  # noqa: F401 - re-exported: the schema's error
 
-GATES = ("softmax_topk", "sigmoid_topk", "expert_choice")
-AUX_SCOPES = ("micro_batch", "sequence", "global_batch")
-BACKENDS = ("auto", "torch", "grouped_mm", "triton")
-ROPE_SCALINGS = ("none", "linear", "llama3")
-UPCYCLE_METHODS = ("none", "copy", "split", "drop", "noise")
-SCHEDULES = ("cosine", "wsd", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
-NAN_POLICIES = ("stop", "skip")
-ENGINES = ("torch", "deepspeed")
+
+class Choice(str, Enum):
+    """A config value from a fixed set. The field's type is what OmegaConf checks a YAML or
+    command-line value against (by member *name*, so every member is named as its value),
+    and where ``validation`` and ``moe-vlm train --help`` read the choices from.
+
+    A member is a ``str``: it equals its value (``cfg.routing.gate == "expert_choice"``)
+    and prints as it. The config dataclasses store the plain string (``_Section``), so
+    ``asdict(cfg)``, summary.json and checkpoints (``torch.load(weights_only=True)``
+    refuses any class it does not know) hold builtins only."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(str(m.value) for m in cls)
+
+
+def _choices(name: str, values: str) -> type[Choice]:
+    """A ``Choice`` enum whose members are the space-separated ``values``, each named as itself."""
+    return Choice(name, [(v, v) for v in values.split()], module=__name__, qualname=name)  # type: ignore[return-value]
+
+
+RopeScaling = _choices("RopeScaling", "none linear llama3")
+VisionName = _choices("VisionName", "none vit hf")
+Activation = _choices("Activation", "gelu gelu_tanh quick_gelu")
+PosEmb = _choices("PosEmb", "learned rope2d")
+ProjectorType = _choices("ProjectorType", "mlp2x_gelu")
+Backend = _choices("Backend", "auto torch grouped_mm triton")
+Gate = _choices("Gate", "softmax_topk sigmoid_topk expert_choice")
+AuxScope = _choices("AuxScope", "micro_batch sequence global_batch")
+DataName = _choices("DataName", "synthetic_text synthetic_vlm llava text stdlib mixture")
+Tokenizer = _choices("Tokenizer", "byte bpe hf")
+Schedule = _choices("Schedule", "cosine wsd constant")
+Precision = _choices("Precision", "auto fp32 bf16")
+NanPolicy = _choices("NanPolicy", "stop skip")
+Engine = _choices("Engine", "torch deepspeed")
+UpcycleMethod = _choices("UpcycleMethod", "none copy split drop noise")
+UpcycleBase = _choices("UpcycleBase", "auto copy split")
+SharedInit = _choices("SharedInit", "slice whole random")
+
+
+class _Section:
+    """Base of the config dataclasses: a ``Choice`` member passed in (OmegaConf passes
+    members, code may pass either) is stored as its plain string; see ``Choice``."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type] - subclasses are dataclasses
+            value = getattr(self, f.name)
+            if isinstance(value, Choice):
+                setattr(self, f.name, str(value.value))
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """Decoder shape. ``moe_every=0`` gives a dense model."""
 
     name: str = "tiny"
@@ -43,8 +90,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3 style)
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2 style)
-    # RoPE frequency scaling as in transformers' rope_scaling: none | linear | llama3
-    rope_scaling: str = "none"
+    # RoPE frequency scaling as in transformers' rope_scaling
+    rope_scaling: RopeScaling = RopeScaling.none
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
@@ -54,12 +101,12 @@ class ModelConfig:
 
 
 @dataclass
-class VisionConfig:
+class VisionConfig(_Section):
     """Vision tower. ``name``: ``none`` (text-only model), ``vit`` (built from this
     config), ``hf`` (a local Hugging Face SigLIP/CLIP vision checkpoint at ``hf_path``;
     its own config then overrides the sizes here)."""
 
-    name: str = "none"
+    name: VisionName = VisionName.none
     hf_path: Optional[str] = None
     image_size: int = 32
     patch_size: int = 8
@@ -67,12 +114,12 @@ class VisionConfig:
     n_layers: int = 2
     n_heads: int = 4
     d_ff: int = 256
-    act: str = "gelu_tanh"  # gelu | gelu_tanh | quick_gelu
+    act: Activation = Activation.gelu_tanh
     norm_eps: float = 1e-6
     cls_token: bool = False  # CLIP: a class token in front of the patches
     pre_norm: bool = False  # CLIP: LayerNorm on the embeddings before the blocks
     post_norm: bool = True  # SigLIP: LayerNorm on the last layer's output
-    pos_emb: str = "learned"  # learned | rope2d
+    pos_emb: PosEmb = PosEmb.learned
     select_layer: int = -1  # which block's output feeds the projector (LLaVA uses -2)
     drop_cls: bool = True  # drop the class token from the features (if any)
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -80,16 +127,16 @@ class VisionConfig:
 
 
 @dataclass
-class ProjectorConfig:
+class ProjectorConfig(_Section):
     """Vision features -> decoder embeddings. ``merge=2`` concatenates each 2x2 patch
     neighbourhood first (pixel shuffle), giving 4x fewer image tokens."""
 
-    type: str = "mlp2x_gelu"
+    type: ProjectorType = ProjectorType.mlp2x_gelu
     merge: int = 1
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(_Section):
     """Expert sizes at granularity 1; ``granularity=m`` splits each expert m ways.
 
     The resolved layer has ``m * n_experts`` routed experts of width ``d_expert / m``
@@ -101,15 +148,15 @@ class MoEConfig:
     n_shared: int = 0
     d_expert: int = 128
     granularity: int = 1
-    backend: str = "auto"
+    backend: Backend = Backend.auto
 
 
 @dataclass
-class RoutingConfig:
+class RoutingConfig(_Section):
     """Gate, balancing losses and capacity. ``capacity_factor=None`` is dropless."""
 
     name: str = "mixtral_top2"
-    gate: str = "softmax_topk"
+    gate: Gate = Gate.softmax_topk
     top_k: int = 2
     renormalize: bool = True  # softmax_topk: renormalise the k kept weights to sum 1
     # At k=1 a normalised weight is always 1, so the LM loss gives the router no gradient;
@@ -120,21 +167,21 @@ class RoutingConfig:
     renormalize_after_drop: bool = False
     routed_scaling: float = 1.0  # multiplies routed weights (DeepSeek-V3 uses 2.5)
     aux_loss_coef: float = 0.01
-    aux_loss_scope: str = "micro_batch"
+    aux_loss_scope: AuxScope = AuxScope.micro_batch
     z_loss_coef: float = 0.0
     bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3); 0 = off
     capacity_factor: Optional[float] = None  # None = dropless
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Which dataset and how long each sample is."""
 
-    name: str = "synthetic_text"  # synthetic_text | synthetic_vlm | llava | text | stdlib
+    name: DataName = DataName.synthetic_text
     seq_len: int = 128
     n_eval_samples: int = 64
     seed: int = 1234  # data seed, independent of the model seed
-    tokenizer: str = "byte"  # byte | bpe (trained on the embedded corpus) | hf (local dir)
+    tokenizer: Tokenizer = Tokenizer.byte  # bpe: trained on the embedded corpus; hf: a local dir
     tokenizer_path: Optional[str] = None  # tokenizer=hf: a local Hugging Face tokenizer dir
     bpe_vocab_size: int = 512
     path: Optional[str] = None  # llava: conversation JSON/JSONL file; text: a file, folder or glob
@@ -162,7 +209,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """Optimiser, schedule, batch sizes (global, in samples) and run cadence."""
 
     max_steps: int = 300
@@ -171,20 +218,20 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
-    schedule: str = "cosine"
+    schedule: Schedule = Schedule.cosine
     wsd_decay_frac: float = 0.2  # WSD: fraction of steps spent decaying
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
-    precision: str = "auto"  # auto: bf16 autocast on CUDA with bf16, else fp32
+    precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA with bf16, else fp32
     device: str = "auto"
     eval_every: int = 50
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
-    nan_policy: str = "stop"
+    nan_policy: NanPolicy = NanPolicy.stop
     max_skipped_steps: int = 10  # nan_policy=skip: give up after this many
     stop_after_steps: Optional[int] = None  # exit (resumable) after N steps this call
     # CUDA: deterministic kernels (torch.use_deterministic_algorithms + the cuBLAS
@@ -204,12 +251,12 @@ class TrainConfig:
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(_Section):
     """Process layout (``moe_vlm.parallel``). The launcher (``torchrun`` or ``deepspeed``)
     decides how many processes run; every process is a data-parallel replica reading its
     slice of the (global) batch, and experts are sharded over groups of ``ep`` of them."""
 
-    engine: str = "torch"  # torch (DDP + our EP) | deepspeed (ZeRO-1/2 + our EP)
+    engine: Engine = Engine.torch  # torch (DDP + our EP) | deepspeed (ZeRO-1/2 + our EP)
     dp: Optional[int] = None  # data-parallel size; None = all launched processes (a check)
     ep: int = 1  # expert-parallel size: divides the process count and the routed experts
     zero_stage: int = 2  # engine=deepspeed: 1 (optimizer state) or 2 (+ gradients) partitioned
@@ -217,14 +264,14 @@ class ParallelConfig:
 
 
 @dataclass
-class UpcycleConfig:
+class UpcycleConfig(_Section):
     """Start the MoE model from a dense checkpoint (``moe_vlm.upcycling``). Applied when
     a run starts fresh (not on resume); ``none`` trains from scratch."""
 
-    method: str = "none"  # none | copy | split | drop | noise
+    method: UpcycleMethod = UpcycleMethod.none
     source: Optional[str] = None  # our run dir / checkpoint .pt, or a local HF directory
-    base: str = "auto"  # drop/noise start from copy or split (auto: copy when widths allow)
-    shared: str = "slice"  # shared experts from the dense FFN: slice | whole | random
+    base: UpcycleBase = UpcycleBase.auto  # drop/noise start from copy or split (auto: copy when widths allow)
+    shared: SharedInit = SharedInit.slice  # shared experts from the dense FFN
     permute: bool = False  # shuffle the dense hidden units before slicing (Qwen1.5-MoE)
     drop_ratio: float = 0.5  # drop: fraction of each expert's units re-initialised
     noise_std: float = 0.01  # noise: std relative to each weight matrix's std
@@ -233,7 +280,7 @@ class UpcycleConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(_Section):
     """Where the run writes. ``dir=None`` uses Hydra's output directory of the job."""
 
     dir: Optional[str] = None
@@ -241,7 +288,7 @@ class RunConfig:
 
 
 @dataclass
-class Config:
+class Config(_Section):
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
