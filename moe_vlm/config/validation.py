@@ -11,6 +11,7 @@ from functools import lru_cache
 from typing import Any, Optional, get_type_hints
 
 from moe_vlm.config.schema import Choice, Config, DataName, ModelConfig
+from moe_vlm.config.sizes import MoESizes, resolve_moe_sizes
 from moe_vlm.errors import ConfigError
 
 # Sanity limits for sizes: beyond them a run only ends in an allocation failure (or an
@@ -180,11 +181,12 @@ def n_moe_layers(m: ModelConfig) -> int:
     return 0 if m.moe_every <= 0 else len(range(m.n_dense_layers, m.n_layers, m.moe_every))
 
 
-def _validate_sizes(cfg: Config, head_dim: int) -> None:
+def _validate_sizes(cfg: Config, head_dim: int, sizes: MoESizes) -> None:
     """Refuse absurd sizes with a plain estimate of the biggest tensors (fp32 bytes) and of
     the whole model, instead of a ``RuntimeError``/``MemoryError`` from the allocator once
-    the run directory exists. The limits are far above any real run (``MAX_*``)."""
-    m, moe, v, t = cfg.model, cfg.moe, cfg.vision, cfg.train
+    the run directory exists. The limits are far above any real run (``MAX_*``). ``sizes``:
+    the MoE layer as the model resolves it (``moe_vlm.config.sizes``)."""
+    m, v, t = cfg.model, cfg.vision, cfg.train
     _need(m.vocab_size <= MAX_VOCAB_SIZE, "model.vocab_size",
           f"{m.vocab_size} exceeds {MAX_VOCAB_SIZE} (2**31 - 1), the largest id int32 indexing allows")
     _need(m.max_seq_len <= MAX_SEQ_LEN, "model.max_seq_len",
@@ -198,9 +200,9 @@ def _validate_sizes(cfg: Config, head_dim: int) -> None:
          m.d_model * m.n_heads * head_dim),
         ("model.d_ff", "a dense MLP weight (d_model x 2 * d_ff)", m.d_model * 2 * m.d_ff),
         ("moe.n_experts", "the stacked expert weights (n_experts x d_model x 2 * d_expert)",
-         moe.n_experts * m.d_model * 2 * moe.d_expert),
+         sizes.n_experts * m.d_model * 2 * sizes.d_expert),
         ("moe.n_shared", "the shared experts (d_model x 2 * n_shared * d_expert)",
-         m.d_model * 2 * moe.n_shared * moe.d_expert),
+         m.d_model * 2 * sizes.d_shared),
         (micro_key, f"a micro-batch's logits ({micro_key} x data.seq_len x model.vocab_size = "
                     f"{micro} x {cfg.data.seq_len} x {m.vocab_size})",
          micro * cfg.data.seq_len * m.vocab_size),
@@ -219,7 +221,7 @@ def _validate_sizes(cfg: Config, head_dim: int) -> None:
               "sanity limit; lower the sizes it names")
     n_moe = n_moe_layers(m)
     attn = m.d_model * head_dim * 2 * (m.n_heads + m.n_kv_heads)
-    moe_ffn = 3 * m.d_model * moe.d_expert * (moe.n_experts + moe.n_shared)
+    moe_ffn = 3 * m.d_model * (sizes.n_experts * sizes.d_expert + sizes.d_shared)
     params = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.n_layers * attn \
         + n_moe * moe_ffn + (m.n_layers - n_moe) * 3 * m.d_model * m.d_ff + vision
     _need(4 * params <= MAX_TENSOR_BYTES, "model.n_layers",
@@ -282,10 +284,11 @@ def validate(cfg: Config) -> Config:
               "must exceed model.rope_low_freq_factor")
     _need(moe.d_expert % moe.granularity == 0, "moe.granularity",
           f"moe.d_expert={moe.d_expert} must be divisible by the granularity {moe.granularity}")
-    n_exp, k = moe.n_experts * moe.granularity, r.top_k * moe.granularity
-    _need(k <= n_exp, "routing.top_k",
+    sizes = resolve_moe_sizes(moe, r)  # what the model builds: m*E experts, m*K per token
+    k = sizes.top_k
+    _need(k <= sizes.n_experts, "routing.top_k",
           f"top_k={r.top_k} (x granularity {moe.granularity} = {k}) exceeds the "
-          f"{n_exp} routed experts (moe.n_experts x moe.granularity)")
+          f"{sizes.n_experts} routed experts (moe.n_experts x moe.granularity)")
     _need(r.routed_scaling > 0, "routing.routed_scaling", f"must be > 0, got {r.routed_scaling}")
     if r.capacity_factor is not None:
         _need(r.capacity_factor > 0, "routing.capacity_factor",
@@ -346,5 +349,5 @@ def validate(cfg: Config) -> Config:
         _need(t.nan_policy == "stop", "train.nan_policy",
               "engine=deepspeed steps inside DeepSpeed and cannot skip a step; use stop "
               "(or parallel.engine=torch)")
-    _validate_sizes(cfg, hd)
+    _validate_sizes(cfg, hd, sizes)
     return cfg
