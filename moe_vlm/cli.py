@@ -14,7 +14,8 @@ USAGE = """usage: moe-vlm <command> [args]
 commands:
   train [hydra overrides]   train a model (default: tiny MoE on embedded data, CPU)
                             e.g. moe-vlm train model=small routing=deepseek_v3 train.max_steps=50
-                            add --cfg job to print the resolved config, -m for a multirun sweep
+                            add --cfg job to print the resolved config, -m for a multirun sweep,
+                            --help to list every config key and preset
   plot-routing RUN_DIR [--out PNG] [--last N]
                             per-layer expert x modality (image/text) load heatmap of a VLM run
   upcycle --from SRC --method {copy,split,drop,noise} --out DIR [--trust-checkpoint] [key=value ...]
@@ -118,6 +119,10 @@ def train_main(args: Sequence[str]) -> None:
     # The deepspeed launcher appends --local_rank=N (also in LOCAL_RANK); Hydra would reject it.
     args = [a for a in args if not a.startswith(("--local_rank", "--local-rank"))]
     flags, overrides, ns = _split_hydra_args(args)
+    if ns.help:  # every config key with its doc (Hydra's own help: --hydra-help)
+        from moe_vlm.config.help import render_help
+        print(render_help(overrides))
+        return
     multirun = ns.multirun or any(o.replace(" ", "") == "hydra.mode=MULTIRUN" for o in overrides)
     just_print = bool(ns.cfg or ns.info or ns.help or ns.hydra_help or ns.shell_completion)
     try:
