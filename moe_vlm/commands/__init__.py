@@ -40,7 +40,8 @@ COMMANDS: dict[str, Command] = {
         "moe_vlm.commands.train:train_main", "[hydra overrides]",
         "train a model (default: tiny MoE on embedded data, CPU)\n"
         "e.g. moe-vlm train model=small routing=deepseek_v3 train.max_steps=50\n"
-        "add --cfg job to print the resolved config, -m for a multirun sweep"),
+        "add --cfg job to print the resolved config, -m for a multirun sweep,\n"
+        "--help to list every config key and preset"),
     "plot-routing": Command(
         "moe_vlm.commands.analysis:plot_routing_main", "RUN_DIR [--out PNG] [--last N]",
         "per-layer expert x modality (image/text) load heatmap of a VLM run"),

@@ -72,8 +72,9 @@ def _precheck_run(cdir: Optional[str], cname: Optional[str], overrides: list[str
     except UserError:
         raise
     except Exception as e:  # Hydra's and OmegaConf's errors name the key and the file
+        from moe_vlm.config.validation import choice_error
         cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
-        raise ConfigError(" ".join(f"{e}{cause}".split())) from None
+        raise choice_error(e) or ConfigError(" ".join(f"{e}{cause}".split())) from None
     check_runnable(cfg, run_dir)
 
 
@@ -94,6 +95,10 @@ def train_main(args: Sequence[str]) -> None:
     # The deepspeed launcher appends --local_rank=N (also in LOCAL_RANK); Hydra would reject it.
     args = [a for a in args if not a.startswith(("--local_rank", "--local-rank"))]
     flags, overrides, ns = _split_hydra_args(args)
+    if ns.help:  # every config key with its doc (Hydra's own help: --hydra-help)
+        from moe_vlm.config.help import render_help
+        print(render_help(overrides))
+        return
     multirun = ns.multirun or any(o.replace(" ", "") == "hydra.mode=MULTIRUN" for o in overrides)
     just_print = bool(ns.cfg or ns.info or ns.help or ns.hydra_help or ns.shell_completion)
     try:

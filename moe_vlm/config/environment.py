@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from moe_vlm.config.schema import Config
+from moe_vlm.config.sizes import resolve_moe_sizes
 from moe_vlm.config.validation import DEVICES, device_ok, n_moe_layers
 from moe_vlm.errors import ConfigError
 
@@ -122,7 +123,7 @@ def _check_backend(cfg: Config, device) -> None:
         from moe_vlm.model.experts import grouped_mm_supported
 
         why = grouped_mm_supported(device, dtype, cfg.model.d_model,
-                                   cfg.moe.d_expert // cfg.moe.granularity)
+                                   resolve_moe_sizes(cfg.moe, cfg.routing).d_expert)
     if why:
         other = "auto, torch or grouped_mm" if backend == "triton" else "auto or torch"
         raise ConfigError(f"moe.backend: {backend} cannot run here: {why}; use moe.backend={other}")

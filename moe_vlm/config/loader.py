@@ -12,7 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from moe_vlm.config.schema import Config, ConfigError
-from moe_vlm.config.validation import validate
+from moe_vlm.config.validation import choice_error, validate
 
 SCHEMA_NAME = "moe_vlm_schema"
 
@@ -48,13 +48,16 @@ def searchpath_override() -> str:
 
 
 def register_schema() -> None:
-    """Register the structured schema (so YAML presets are type-checked on merge) and the
-    ``first_set`` resolver that lets ``run.dir`` double as Hydra's job directory."""
+    """Register the structured schema (so YAML presets are type-checked on merge), the
+    ``first_set`` resolver that lets ``run.dir`` double as Hydra's job directory, and the
+    integer ``mul``/``div`` resolvers that tie sizes together in presets and sweeps."""
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
     if not OmegaConf.has_resolver("first_set"):
         OmegaConf.register_new_resolver("first_set", lambda *xs: next((x for x in xs if x), None))
     if not OmegaConf.has_resolver("mul"):  # sweeps tie widths together: ${mul:4,${model.d_model}}
         OmegaConf.register_new_resolver("mul", lambda *xs: _product(xs))
+    if not OmegaConf.has_resolver("div"):  # moe presets size experts by the model: ${div:${model.d_ff},2}
+        OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
 
 
 def to_config(cfg: DictConfig) -> Config:
@@ -64,7 +67,7 @@ def to_config(cfg: DictConfig) -> Config:
     try:  # a --config-path file with an unknown key or a wrong type: name it, no traceback
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
     except Exception as e:  # noqa: BLE001 - OmegaConf's errors name the key and the type
-        raise ConfigError(" ".join(str(e).split())) from None
+        raise choice_error(e) or ConfigError(" ".join(str(e).split())) from None
     assert isinstance(obj, Config)
     return validate(obj)
 
@@ -85,7 +88,7 @@ def load_config(overrides: Sequence[str] = ()) -> Config:
         raise
     except Exception as e:  # Hydra's errors already name the offending key
         cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
-        raise ConfigError(f"{e}{cause}") from e
+        raise choice_error(e) or ConfigError(f"{e}{cause}") from e
     return to_config(cfg)
 
 
@@ -106,7 +109,7 @@ def apply_overrides(cfg: Config | str | Path, overrides: Sequence[str] = ()) -> 
                                  OmegaConf.from_dotlist(list(overrides)))
         obj = OmegaConf.to_object(merged)
     except Exception as e:  # OmegaConf names the key and the expected type
-        raise ConfigError(f"{e}") from e
+        raise choice_error(e) or ConfigError(f"{e}") from e
     assert isinstance(obj, Config)
     return validate(obj)
 

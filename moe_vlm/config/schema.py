@@ -8,109 +8,160 @@ change. Model code receives these dataclasses, never a ``DictConfig``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Optional
 
 from moe_vlm.errors import ConfigError  # noqa: F401 - re-exported: the schema's error
 
-GATES = ("softmax_topk", "sigmoid_topk", "expert_choice")
-AUX_SCOPES = ("micro_batch", "sequence", "global_batch")
-BACKENDS = ("auto", "torch", "grouped_mm", "triton")
-ROPE_SCALINGS = ("none", "linear", "llama3")
-UPCYCLE_METHODS = ("none", "copy", "split", "drop", "noise")
-SCHEDULES = ("cosine", "wsd", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
-NAN_POLICIES = ("stop", "skip")
-ENGINES = ("torch", "deepspeed")
+
+class Choice(str, Enum):
+    """A config value from a fixed set. The field's type is what OmegaConf checks a YAML or
+    command-line value against (by member *name*, so every member is named as its value),
+    and where ``validation`` and ``moe-vlm train --help`` read the choices from.
+
+    A member is a ``str``: it equals its value (``cfg.routing.gate == "expert_choice"``)
+    and prints as it. The config dataclasses store the plain string (``_Section``), so
+    ``asdict(cfg)``, summary.json and checkpoints (``torch.load(weights_only=True)``
+    refuses any class it does not know) hold builtins only."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(str(m.value) for m in cls)
+
+
+def _choices(name: str, values: str) -> type[Choice]:
+    """A ``Choice`` enum whose members are the space-separated ``values``, each named as itself."""
+    members = [(v, v) for v in values.split()]
+    return Choice(name, members, module=__name__, qualname=name)  # type: ignore[return-value]
+
+
+RopeScaling = _choices("RopeScaling", "none linear llama3")
+VisionName = _choices("VisionName", "none vit hf")
+Activation = _choices("Activation", "gelu gelu_tanh quick_gelu")
+PosEmb = _choices("PosEmb", "learned rope2d")
+ProjectorType = _choices("ProjectorType", "mlp2x_gelu")
+Backend = _choices("Backend", "auto torch grouped_mm triton")
+Gate = _choices("Gate", "softmax_topk sigmoid_topk expert_choice")
+AuxScope = _choices("AuxScope", "micro_batch sequence global_batch")
+DataName = _choices("DataName", "synthetic_text synthetic_vlm llava text stdlib mixture")
+Tokenizer = _choices("Tokenizer", "byte bpe hf")
+Schedule = _choices("Schedule", "cosine wsd constant")
+Precision = _choices("Precision", "auto fp32 bf16")
+NanPolicy = _choices("NanPolicy", "stop skip")
+Engine = _choices("Engine", "torch deepspeed")
+UpcycleMethod = _choices("UpcycleMethod", "none copy split drop noise")
+UpcycleBase = _choices("UpcycleBase", "auto copy split")
+SharedInit = _choices("SharedInit", "slice whole random")
+
+
+class _Section:
+    """Base of the config dataclasses: a ``Choice`` member passed in (OmegaConf passes
+    members, code may pass either) is stored as its plain string; see ``Choice``."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type] - subclasses are dataclasses
+            value = getattr(self, f.name)
+            if isinstance(value, Choice):
+                setattr(self, f.name, str(value.value))
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """Decoder shape. ``moe_every=0`` gives a dense model."""
 
-    name: str = "tiny"
-    vocab_size: int = 320
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    head_dim: Optional[int] = None  # None -> d_model // n_heads
+    name: str = "tiny"  # a label for result tables (the model preset's name)
+    vocab_size: int = 320  # token ids; must cover the tokenizer's
+    d_model: int = 64  # residual stream width
+    n_layers: int = 2  # decoder blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 2  # key/value heads (grouped-query attention); divides n_heads
+    head_dim: Optional[int] = None  # per-head width (null: d_model // n_heads)
     d_ff: int = 256  # width of the dense SwiGLU MLP
     n_dense_layers: int = 0  # the first n layers are dense
     moe_every: int = 1  # after those, every n-th layer is MoE (0 = none)
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    max_seq_len: int = 256  # longest sequence (the rotary cache's length)
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-5  # RMSNorm epsilon
     qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3 style)
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2 style)
-    # RoPE frequency scaling as in transformers' rope_scaling: none | linear | llama3
-    rope_scaling: str = "none"
-    rope_factor: float = 1.0
+    # RoPE frequency scaling as in transformers' rope_scaling
+    rope_scaling: RopeScaling = RopeScaling.none
+    rope_factor: float = 1.0  # linear / llama3: how much longer the context gets
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_max_len: int = 8192  # llama3 only: original_max_position_embeddings
-    tie_embeddings: bool = True
-    init_std: float = 0.02
+    tie_embeddings: bool = True  # the output head reuses the token embedding
+    init_std: float = 0.02  # std of the normal init of every weight (output projections scaled down)
 
 
 @dataclass
-class VisionConfig:
+class VisionConfig(_Section):
     """Vision tower. ``name``: ``none`` (text-only model), ``vit`` (built from this
     config), ``hf`` (a local Hugging Face SigLIP/CLIP vision checkpoint at ``hf_path``;
     its own config then overrides the sizes here)."""
 
-    name: str = "none"
-    hf_path: Optional[str] = None
-    image_size: int = 32
-    patch_size: int = 8
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    d_ff: int = 256
-    act: str = "gelu_tanh"  # gelu | gelu_tanh | quick_gelu
-    norm_eps: float = 1e-6
+    name: VisionName = VisionName.none  # none: text-only; vit: built from this config; hf: hf_path
+    hf_path: Optional[str] = None  # name=hf: a local SigLIP/CLIP checkpoint directory
+    image_size: int = 32  # images are resized to image_size x image_size
+    patch_size: int = 8  # square patches; divides image_size
+    d_model: int = 64  # ViT width
+    n_layers: int = 2  # ViT blocks
+    n_heads: int = 4  # ViT attention heads
+    d_ff: int = 256  # ViT MLP width
+    act: Activation = Activation.gelu_tanh  # ViT MLP activation
+    norm_eps: float = 1e-6  # LayerNorm epsilon
     cls_token: bool = False  # CLIP: a class token in front of the patches
     pre_norm: bool = False  # CLIP: LayerNorm on the embeddings before the blocks
     post_norm: bool = True  # SigLIP: LayerNorm on the last layer's output
-    pos_emb: str = "learned"  # learned | rope2d
+    pos_emb: PosEmb = PosEmb.learned  # patch positions: learned table or 2-D rotary
     select_layer: int = -1  # which block's output feeds the projector (LLaVA uses -2)
     drop_cls: bool = True  # drop the class token from the features (if any)
-    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # RGB, subtracted
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # RGB, divided by
 
 
 @dataclass
-class ProjectorConfig:
+class ProjectorConfig(_Section):
     """Vision features -> decoder embeddings. ``merge=2`` concatenates each 2x2 patch
     neighbourhood first (pixel shuffle), giving 4x fewer image tokens."""
 
-    type: str = "mlp2x_gelu"
-    merge: int = 1
+    type: ProjectorType = ProjectorType.mlp2x_gelu  # LLaVA-1.5's two-layer GELU MLP
+    merge: int = 1  # concatenate merge x merge patches first (1 = off)
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(_Section):
     """Expert sizes at granularity 1; ``granularity=m`` splits each expert m ways.
 
     The resolved layer has ``m * n_experts`` routed experts of width ``d_expert / m``
-    with ``m * routing.top_k`` active (same active FLOPs), see ``model.granularity``.
-    Shared experts keep total width ``n_shared * d_expert``.
+    with ``m * routing.top_k`` active (same active FLOPs), see ``config.sizes``.
+    Shared experts keep total width ``n_shared * d_expert``. The ``moe/`` presets set
+    ``d_expert`` to half the model's ``d_ff``.
     """
 
-    n_experts: int = 8
-    n_shared: int = 0
-    d_expert: int = 128
-    granularity: int = 1
-    backend: str = "auto"
+    n_experts: int = 8  # routed experts at granularity 1
+    n_shared: int = 0  # shared experts (each d_expert wide) that see every token
+    d_expert: int = 128  # width of a routed expert at granularity 1 (presets: model.d_ff / 2)
+    granularity: int = 1  # m: each expert split m ways (m*n_experts of width d_expert/m)
+    # expert compute: torch (per-expert loop, the reference), grouped_mm, triton (CUDA),
+    # auto (the fastest that runs here)
+    backend: Backend = Backend.auto
 
 
 @dataclass
-class RoutingConfig:
+class RoutingConfig(_Section):
     """Gate, balancing losses and capacity. ``capacity_factor=None`` is dropless."""
 
-    name: str = "mixtral_top2"
-    gate: str = "softmax_topk"
-    top_k: int = 2
+    name: str = "mixtral_top2"  # a label for result tables (the routing preset's name)
+    gate: Gate = Gate.softmax_topk  # softmax / sigmoid (DeepSeek-V3) top-k, or expert choice
+    top_k: int = 2  # experts per token at granularity 1 (the layer routes m * top_k)
     renormalize: bool = True  # softmax_topk: renormalise the k kept weights to sum 1
     # At k=1 a normalised weight is always 1, so the LM loss gives the router no gradient;
     # false skips the normalisation at k=1 (Megatron-Core does), true keeps it (and warns).
@@ -119,24 +170,24 @@ class RoutingConfig:
     # (a dropped expert's share is lost), true over the kept ones after it (DeepSpeed, GShard).
     renormalize_after_drop: bool = False
     routed_scaling: float = 1.0  # multiplies routed weights (DeepSeek-V3 uses 2.5)
-    aux_loss_coef: float = 0.01
-    aux_loss_scope: str = "micro_batch"
-    z_loss_coef: float = 0.0
+    aux_loss_coef: float = 0.01  # weight of the Switch balance loss (1.0 when balanced)
+    aux_loss_scope: AuxScope = AuxScope.micro_batch  # over which tokens the loads are counted
+    z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE)
     bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3); 0 = off
-    capacity_factor: Optional[float] = None  # None = dropless
+    capacity_factor: Optional[float] = None  # slots per expert: ceil(cf * T * k / E); null = dropless
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Which dataset and how long each sample is."""
 
-    name: str = "synthetic_text"  # synthetic_text | synthetic_vlm | llava | text | stdlib
-    seq_len: int = 128
-    n_eval_samples: int = 64
+    name: DataName = DataName.synthetic_text  # the data source (a data=NAME preset sets it)
+    seq_len: int = 128  # tokens per sample (<= model.max_seq_len)
+    n_eval_samples: int = 64  # held-out samples per evaluation
     seed: int = 1234  # data seed, independent of the model seed
-    tokenizer: str = "byte"  # byte | bpe (trained on the embedded corpus) | hf (local dir)
+    tokenizer: Tokenizer = Tokenizer.byte  # bpe: trained on the embedded corpus; hf: a local dir
     tokenizer_path: Optional[str] = None  # tokenizer=hf: a local Hugging Face tokenizer dir
-    bpe_vocab_size: int = 512
+    bpe_vocab_size: int = 512  # tokenizer=bpe: vocabulary size to train
     path: Optional[str] = None  # llava: conversation JSON/JSONL file; text: a file, folder or glob
     image_dir: Optional[str] = None  # llava: folder the rows' "image" paths are relative to
     eval_path: Optional[str] = None  # llava: held-out JSON/JSONL (default: last n_eval_samples rows)
@@ -145,13 +196,10 @@ class DataConfig:
     # refused unless this is true (a shared dataset file must not read arbitrary files)
     allow_outside_image_dir: bool = False
     pack: bool = False  # pack several samples into each sequence
-    # text / stdlib (moe_vlm.data.text_corpus): the row field holding a document's text,
-    # where token caches live (null: $MOE_VLM_CACHE or ~/.cache/moe_vlm), the fraction of
-    # documents held out (stdlib: a fixed list of files instead), tokenizer processes (0: all cores)
-    text_key: str = "text"
-    cache_dir: Optional[str] = None
-    eval_fraction: float = 0.02
-    tokenize_workers: int = 0
+    text_key: str = "text"  # text: the row field holding a document's text (.jsonl, .parquet)
+    cache_dir: Optional[str] = None  # text/stdlib token caches (null: $MOE_VLM_CACHE or ~/.cache/moe_vlm)
+    eval_fraction: float = 0.02  # text: documents held out (stdlib holds out a fixed list of files)
+    tokenize_workers: int = 0  # tokenizer processes (0: all cores)
     # text / stdlib: attention stays inside each document and positions restart at every
     # document start (documents packed into one window do not see each other)
     doc_mask: bool = False
@@ -162,36 +210,38 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """Optimiser, schedule, batch sizes (global, in samples) and run cadence."""
 
-    max_steps: int = 300
+    max_steps: int = 300  # optimiser steps of the whole run (the schedule's length)
     batch_size: int = 16  # global batch, samples per optimiser step
     micro_batch_size: Optional[int] = None  # None = batch_size (no accumulation)
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    schedule: str = "cosine"
+    lr: float = 3e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # the schedule decays to min_lr_ratio * lr
+    warmup_steps: int = 20  # linear warmup to lr
+    schedule: Schedule = Schedule.cosine  # after warmup: cosine decay, warmup-stable-decay, constant
     wsd_decay_frac: float = 0.2  # WSD: fraction of steps spent decaying
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 = off
-    precision: str = "auto"  # auto: bf16 autocast on CUDA with bf16, else fp32
-    device: str = "auto"
-    eval_every: int = 50
-    ckpt_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    nan_policy: str = "stop"
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA with bf16, else fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (auto: cuda when present)
+    eval_every: int = 50  # steps between held-out evaluations
+    ckpt_every: int = 100  # steps between checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    log_every: int = 10  # steps between metrics.jsonl rows
+    nan_policy: NanPolicy = NanPolicy.stop  # a non-finite loss: stop the run, or skip the step
     max_skipped_steps: int = 10  # nan_policy=skip: give up after this many
     stop_after_steps: Optional[int] = None  # exit (resumable) after N steps this call
     # CUDA: deterministic kernels (torch.use_deterministic_algorithms + the cuBLAS
     # workspace setting), bit-identical reruns at some speed cost. CPU runs are always
     # deterministic and ignore it.
     deterministic: bool = False
-    trainable: list[str] = field(default_factory=lambda: ["all"])  # groups: moe_vlm.train.freeze
+    # what trains: [all] or parameter groups such as projector, decoder, moe, router,
+    # experts (moe_vlm.train.freeze); the rest is frozen
+    trainable: list[str] = field(default_factory=lambda: ["all"])
     init_from: Optional[str] = None  # start from this run dir's (or file's) checkpoint weights
     # Resume refuses a config that differs from the run's saved one in anything but run
     # cadence and layout; list keys (or groups: "train", "routing.gate") to change them
@@ -200,16 +250,16 @@ class TrainConfig:
     # Read checkpoints written before checksums (pickled, weights_only=False): only for
     # files you trust, since unpickling a file can run code.
     trust_checkpoint: bool = False
-    progress: bool = True
+    progress: bool = True  # a progress bar on the terminal
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(_Section):
     """Process layout (``moe_vlm.parallel``). The launcher (``torchrun`` or ``deepspeed``)
     decides how many processes run; every process is a data-parallel replica reading its
     slice of the (global) batch, and experts are sharded over groups of ``ep`` of them."""
 
-    engine: str = "torch"  # torch (DDP + our EP) | deepspeed (ZeRO-1/2 + our EP)
+    engine: Engine = Engine.torch  # torch (DDP + our EP) | deepspeed (ZeRO-1/2 + our EP)
     dp: Optional[int] = None  # data-parallel size; None = all launched processes (a check)
     ep: int = 1  # expert-parallel size: divides the process count and the routed experts
     zero_stage: int = 2  # engine=deepspeed: 1 (optimizer state) or 2 (+ gradients) partitioned
@@ -217,18 +267,22 @@ class ParallelConfig:
     # Recompute each block's activations in the backward instead of keeping them (less
     # memory, ~1/3 more compute; losses and gradients unchanged)
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each block (moe_vlm.parallel.parallelize)
+    # torch.compile each block in place; MoE blocks need moe.backend=torch, or grouped_mm
+    # under bf16 autocast (moe_vlm.parallel.parallelize.apply_compile)
+    compile: bool = False
 
 
 @dataclass
-class UpcycleConfig:
+class UpcycleConfig(_Section):
     """Start the MoE model from a dense checkpoint (``moe_vlm.upcycling``). Applied when
     a run starts fresh (not on resume); ``none`` trains from scratch."""
 
-    method: str = "none"  # none | copy | split | drop | noise
+    # none: train from scratch; else how the experts start from the dense FFN (see README)
+    method: UpcycleMethod = UpcycleMethod.none
     source: Optional[str] = None  # our run dir / checkpoint .pt, or a local HF directory
-    base: str = "auto"  # drop/noise start from copy or split (auto: copy when widths allow)
-    shared: str = "slice"  # shared experts from the dense FFN: slice | whole | random
+    # drop/noise start from copy or split (auto: copy when the widths allow)
+    base: UpcycleBase = UpcycleBase.auto
+    shared: SharedInit = SharedInit.slice  # shared experts from the dense FFN
     permute: bool = False  # shuffle the dense hidden units before slicing (Qwen1.5-MoE)
     drop_ratio: float = 0.5  # drop: fraction of each expert's units re-initialised
     noise_std: float = 0.01  # noise: std relative to each weight matrix's std
@@ -237,16 +291,18 @@ class UpcycleConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(_Section):
     """Where the run writes. ``dir=None`` uses Hydra's output directory of the job."""
 
-    dir: Optional[str] = None
-    name: str = "run"
+    dir: Optional[str] = None  # the run directory (again: resume); null: Hydra's job directory
+    name: str = "run"  # a label for result tables and a sweep's directory
 
 
 @dataclass
-class Config:
-    seed: int = 0
+class Config(_Section):
+    """The whole job: one section per config group, plus the seed."""
+
+    seed: int = 0  # model init and everything random in training (data: data.seed)
     model: ModelConfig = field(default_factory=ModelConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)

@@ -7,10 +7,11 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import fields, is_dataclass
-from typing import Any, Optional
+from functools import lru_cache
+from typing import Any, Optional, get_type_hints
 
-from moe_vlm.config.schema import (AUX_SCOPES, BACKENDS, ENGINES, GATES, NAN_POLICIES, PRECISIONS,
-                                   ROPE_SCALINGS, SCHEDULES, UPCYCLE_METHODS, Config, ModelConfig)
+from moe_vlm.config.schema import Choice, Config, DataName, ModelConfig
+from moe_vlm.config.sizes import MoESizes, resolve_moe_sizes
 from moe_vlm.errors import ConfigError
 
 # Sanity limits for sizes: beyond them a run only ends in an allocation failure (or an
@@ -32,6 +33,21 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
     _need(value in choices, key, f"unknown value {value!r}; choose one of {list(choices)}")
 
 
+def choice_error(err: Optional[BaseException]) -> Optional[ConfigError]:
+    """OmegaConf's refusal of a value for a ``Choice`` field (``err`` or any error in its
+    cause chain, as Hydra wraps it) in this module's words, one line naming the key and
+    the choices; None for any other error."""
+    while err is not None:
+        key, owner = getattr(err, "full_key", None), getattr(err, "object_type", None)
+        kind = choice_fields(owner).get(str(key).rsplit(".", 1)[-1]) \
+            if key and isinstance(owner, type) and is_dataclass(owner) else None
+        if kind is not None and "expected one of" in str(err):
+            value = getattr(err, "value", None)
+            return ConfigError(f"{key}: unknown value {value!r}; choose one of {list(kind.values())}")
+        err = err.__cause__
+    return None
+
+
 def _at_least(low: int | float, pairs: list[tuple[str, Any]]) -> None:
     for key, v in pairs:
         _need(v >= low, key, f"must be >= {low}, got {v}")
@@ -40,6 +56,25 @@ def _at_least(low: int | float, pairs: list[tuple[str, Any]]) -> None:
 def _positive(pairs: list[tuple[str, Any]]) -> None:
     for key, v in pairs:
         _need(v > 0, key, f"must be > 0, got {v}")
+
+
+@lru_cache(maxsize=None)
+def choice_fields(cls: type) -> dict[str, type[Choice]]:
+    """The fields of config dataclass ``cls`` whose type is a ``Choice`` enum, with it."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)
+            if isinstance(hints[f.name], type) and issubclass(hints[f.name], Choice)}
+
+
+def _check_choices(node: Any, prefix: str = "") -> None:
+    """Every ``Choice`` field holds one of its type's values. OmegaConf refuses the others
+    when it composes; this catches a config built in Python (``RoutingConfig(gate=...)``)."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+    for name, kind in choice_fields(type(node)).items():
+        _one_of(getattr(node, name), f"{prefix}{name}", kind.values())
 
 
 def _check_finite(node: Any, prefix: str = "") -> None:
@@ -73,11 +108,8 @@ def _check_seed(key: str, seed: Optional[int]) -> None:
 
 def _validate_vision(cfg: Config) -> None:
     v, d = cfg.vision, cfg.data
-    _one_of(v.name, "vision.name", ("none", "vit", "hf"))
-    _one_of(d.name, "data.name", ("synthetic_text", "synthetic_vlm", "llava", "text", "stdlib",
-                                  "mixture"))
     if d.name == "mixture":
-        sources = ("synthetic_text", "synthetic_vlm", "llava", "text", "stdlib")
+        sources = tuple(n for n in DataName.values() if n != "mixture")
         for name, w in d.mixture.items():
             _need(name in sources, "data.mixture", f"unknown source {name!r}; choose from {list(sources)}")
             _need(w >= 0, "data.mixture", f"the weight of {name} must be >= 0 (0 = off), got {w}")
@@ -99,7 +131,6 @@ def _validate_vision(cfg: Config) -> None:
         _need(d.name in ("text", "stdlib") and v.name == "none", "data.doc_mask",
               "masks attention at document boundaries of text corpora: use it with data=text or "
               "data=stdlib and vision=none")
-    _one_of(d.tokenizer, "data.tokenizer", ("byte", "bpe", "hf"))
     if d.tokenizer == "hf":
         _need(bool(d.tokenizer_path), "data.tokenizer_path", "data.tokenizer=hf needs a local tokenizer directory")
     # Checked whatever the tokenizer: BPETokenizer.train refuses it only after the run
@@ -111,7 +142,6 @@ def _validate_vision(cfg: Config) -> None:
     if d.name in ("synthetic_vlm", "llava"):
         _need(v.name != "none", "vision.name",
               f"data.name={d.name} needs a vision tower; pick e.g. vision=vit_tiny or vision=hf")
-    _one_of(cfg.projector.type, "projector.type", ("mlp2x_gelu",))
     _need(cfg.projector.merge >= 1, "projector.merge", f"must be >= 1, got {cfg.projector.merge}")
     _need(d.max_images_per_seq >= 1, "data.max_images_per_seq", "must be >= 1")
     if v.name == "hf":  # sizes, statistics and layer count come from the checkpoint
@@ -123,8 +153,6 @@ def _validate_vision(cfg: Config) -> None:
     # only after the run directory was written); sizes first, they are divisors below.
     _at_least(1, [(f"vision.{k}", getattr(v, k))
                   for k in ("image_size", "patch_size", "d_model", "n_layers", "n_heads", "d_ff")])
-    _one_of(v.act, "vision.act", ("gelu", "gelu_tanh", "quick_gelu"))
-    _one_of(v.pos_emb, "vision.pos_emb", ("learned", "rope2d"))
     _need(v.image_size % v.patch_size == 0, "vision.image_size",
           f"{v.image_size} is not a multiple of vision.patch_size={v.patch_size}")
     _need(v.d_model % v.n_heads == 0, "vision.d_model",
@@ -153,11 +181,12 @@ def n_moe_layers(m: ModelConfig) -> int:
     return 0 if m.moe_every <= 0 else len(range(m.n_dense_layers, m.n_layers, m.moe_every))
 
 
-def _validate_sizes(cfg: Config, head_dim: int) -> None:
+def _validate_sizes(cfg: Config, head_dim: int, sizes: MoESizes) -> None:
     """Refuse absurd sizes with a plain estimate of the biggest tensors (fp32 bytes) and of
     the whole model, instead of a ``RuntimeError``/``MemoryError`` from the allocator once
-    the run directory exists. The limits are far above any real run (``MAX_*``)."""
-    m, moe, v, t = cfg.model, cfg.moe, cfg.vision, cfg.train
+    the run directory exists. The limits are far above any real run (``MAX_*``). ``sizes``:
+    the MoE layer as the model resolves it (``moe_vlm.config.sizes``)."""
+    m, v, t = cfg.model, cfg.vision, cfg.train
     _need(m.vocab_size <= MAX_VOCAB_SIZE, "model.vocab_size",
           f"{m.vocab_size} exceeds {MAX_VOCAB_SIZE} (2**31 - 1), the largest id int32 indexing allows")
     _need(m.max_seq_len <= MAX_SEQ_LEN, "model.max_seq_len",
@@ -171,9 +200,9 @@ def _validate_sizes(cfg: Config, head_dim: int) -> None:
          m.d_model * m.n_heads * head_dim),
         ("model.d_ff", "a dense MLP weight (d_model x 2 * d_ff)", m.d_model * 2 * m.d_ff),
         ("moe.n_experts", "the stacked expert weights (n_experts x d_model x 2 * d_expert)",
-         moe.n_experts * m.d_model * 2 * moe.d_expert),
+         sizes.n_experts * m.d_model * 2 * sizes.d_expert),
         ("moe.n_shared", "the shared experts (d_model x 2 * n_shared * d_expert)",
-         m.d_model * 2 * moe.n_shared * moe.d_expert),
+         m.d_model * 2 * sizes.d_shared),
         (micro_key, f"a micro-batch's logits ({micro_key} x data.seq_len x model.vocab_size = "
                     f"{micro} x {cfg.data.seq_len} x {m.vocab_size})",
          micro * cfg.data.seq_len * m.vocab_size),
@@ -192,7 +221,7 @@ def _validate_sizes(cfg: Config, head_dim: int) -> None:
               "sanity limit; lower the sizes it names")
     n_moe = n_moe_layers(m)
     attn = m.d_model * head_dim * 2 * (m.n_heads + m.n_kv_heads)
-    moe_ffn = 3 * m.d_model * moe.d_expert * (moe.n_experts + moe.n_shared)
+    moe_ffn = 3 * m.d_model * (sizes.n_experts * sizes.d_expert + sizes.d_shared)
     params = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.n_layers * attn \
         + n_moe * moe_ffn + (m.n_layers - n_moe) * 3 * m.d_model * m.d_ff + vision
     _need(4 * params <= MAX_TENSOR_BYTES, "model.n_layers",
@@ -209,6 +238,7 @@ def validate(cfg: Config) -> Config:
     validates on any machine. Every value a run would crash on, or silently misuse, is
     refused here, before anything is written."""
     _check_finite(cfg)
+    _check_choices(cfg)
     m, moe, r, t = cfg.model, cfg.moe, cfg.routing, cfg.train
     _at_least(1, [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
                   ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
@@ -249,19 +279,16 @@ def validate(cfg: Config) -> Config:
     _need(hd % 2 == 0, "model.head_dim", f"rotary embeddings need an even head dim, got {hd}")
     _need(cfg.data.seq_len <= m.max_seq_len, "data.seq_len",
           f"{cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    _one_of(m.rope_scaling, "model.rope_scaling", ROPE_SCALINGS)
     if m.rope_scaling == "llama3":
         _need(m.rope_high_freq_factor > m.rope_low_freq_factor, "model.rope_high_freq_factor",
               "must exceed model.rope_low_freq_factor")
-    _one_of(moe.backend, "moe.backend", BACKENDS)
     _need(moe.d_expert % moe.granularity == 0, "moe.granularity",
           f"moe.d_expert={moe.d_expert} must be divisible by the granularity {moe.granularity}")
-    _one_of(r.gate, "routing.gate", GATES)
-    _one_of(r.aux_loss_scope, "routing.aux_loss_scope", AUX_SCOPES)
-    n_exp, k = moe.n_experts * moe.granularity, r.top_k * moe.granularity
-    _need(k <= n_exp, "routing.top_k",
+    sizes = resolve_moe_sizes(moe, r)  # what the model builds: m*E experts, m*K per token
+    k = sizes.top_k
+    _need(k <= sizes.n_experts, "routing.top_k",
           f"top_k={r.top_k} (x granularity {moe.granularity} = {k}) exceeds the "
-          f"{n_exp} routed experts (moe.n_experts x moe.granularity)")
+          f"{sizes.n_experts} routed experts (moe.n_experts x moe.granularity)")
     _need(r.routed_scaling > 0, "routing.routed_scaling", f"must be > 0, got {r.routed_scaling}")
     if r.capacity_factor is not None:
         _need(r.capacity_factor > 0, "routing.capacity_factor",
@@ -277,9 +304,6 @@ def validate(cfg: Config) -> Config:
         _need(r.bias_update_rate == 0, "routing.bias_update_rate",
               "expert_choice is balanced by construction; set routing.bias_update_rate=0")
     u = cfg.upcycle
-    _one_of(u.method, "upcycle.method", UPCYCLE_METHODS)
-    _one_of(u.base, "upcycle.base", ("auto", "copy", "split"))
-    _one_of(u.shared, "upcycle.shared", ("slice", "whole", "random"))
     if u.method != "none":
         _need(u.source is not None, "upcycle.source",
               f"upcycle.method={u.method} needs the dense checkpoint: set upcycle.source=PATH")
@@ -295,9 +319,6 @@ def validate(cfg: Config) -> Config:
         _need(u.router_std >= 0, "upcycle.router_std", f"must be >= 0 (or null), got {u.router_std}")
     for key, seed in (("seed", cfg.seed), ("data.seed", cfg.data.seed), ("upcycle.seed", u.seed)):
         _check_seed(key, seed)
-    _one_of(t.schedule, "train.schedule", SCHEDULES)
-    _one_of(t.precision, "train.precision", PRECISIONS)
-    _one_of(t.nan_policy, "train.nan_policy", NAN_POLICIES)
     _need(device_ok(t.device), "train.device",
           f"unknown device {t.device!r}; choose one of {list(DEVICES)} (N = GPU index)")
     _need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
@@ -314,7 +335,6 @@ def validate(cfg: Config) -> Config:
     _need(len(t.trainable) >= 1, "train.trainable",
           "names no group, so nothing would train; use [all] or e.g. [projector]")
     _validate_vision(cfg)
-    _one_of(cfg.parallel.engine, "parallel.engine", ENGINES)
     par = cfg.parallel
     if par.dp is not None:
         _need(par.dp % par.ep == 0, "parallel.ep", f"{par.ep} must divide parallel.dp={par.dp}")
@@ -326,5 +346,5 @@ def validate(cfg: Config) -> Config:
               "(stage 0 is plain data parallelism: use parallel.engine=torch)")
         _need(not par.fsdp, "parallel.fsdp",
               "FSDP is the torch engine's sharding; with engine=deepspeed use parallel.zero_stage")
-    _validate_sizes(cfg, hd)
+    _validate_sizes(cfg, hd, sizes)
     return cfg

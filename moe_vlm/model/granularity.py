@@ -1,34 +1,9 @@
-"""Fine-grained expert sizes (DeepSeekMoE; Krajewski et al. 2024's granularity G).
-
-Splitting each of E experts of width F into m narrower ones gives m*E experts of
-width F/m, of which m*K are active: the active FLOPs and parameter counts stay equal.
-"""
+"""Fine-grained expert sizes, as the model builds them. The arithmetic lives in
+``moe_vlm.config.sizes`` so that config validation checks the very sizes the model uses
+without importing model code; it is re-exported here, beside the layers that use it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from moe_vlm.config.sizes import MoESizes, fine_grained, resolve_moe_sizes
 
-from moe_vlm.config.schema import MoEConfig, RoutingConfig
-
-
-@dataclass(frozen=True)
-class MoESizes:
-    n_experts: int  # routed experts
-    d_expert: int  # width of one routed expert
-    top_k: int  # routed experts per token
-    d_shared: int  # total width of the shared experts (0 = none)
-    granularity: int
-
-
-def fine_grained(n_experts: int, d_expert: int, top_k: int, m: int) -> tuple[int, int, int]:
-    """(E, F, K) at granularity 1 -> (m*E, F/m, m*K)."""
-    if m < 1 or d_expert % m:
-        raise ValueError(f"granularity {m} must be >= 1 and divide the expert width {d_expert}")
-    return n_experts * m, d_expert // m, top_k * m
-
-
-def resolve_moe_sizes(moe: MoEConfig, routing: RoutingConfig) -> MoESizes:
-    """Sizes of the MoE layer a config builds. Shared experts keep their total width
-    ``n_shared * d_expert`` (equivalently m*n_shared experts of width d_expert/m)."""
-    e, f, k = fine_grained(moe.n_experts, moe.d_expert, routing.top_k, moe.granularity)
-    return MoESizes(e, f, k, moe.n_shared * moe.d_expert, moe.granularity)
+__all__ = ["MoESizes", "fine_grained", "resolve_moe_sizes"]

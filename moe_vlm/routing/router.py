@@ -9,7 +9,7 @@ backends. Losses and metrics are returned in a frozen ``RouterOutput``, never st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -53,6 +53,11 @@ def normalizes_weights(cfg: RoutingConfig, k: int) -> bool:
 class Router(nn.Module):
     """Linear router ``[E, D]`` plus a selection bias buffer for aux-loss-free balancing.
 
+    ``n_experts`` and ``top_k`` are the layer's resolved sizes (``moe_vlm.config.sizes``:
+    at granularity m, m*E experts and m*K per token). The router keeps one top-k: ``cfg``
+    is stored with ``top_k`` replaced by the resolved one, so ``self.cfg.top_k`` and
+    ``self.top_k`` cannot disagree (``routing.top_k`` counts experts at granularity 1).
+
     ``count_reducer`` (set by ``moe_vlm.parallel`` when distributed) sums assignment
     counts over data-parallel ranks for the global-batch balance loss; the model math
     itself never touches ``torch.distributed``.
@@ -60,10 +65,15 @@ class Router(nn.Module):
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, cfg: RoutingConfig):
         super().__init__()
-        self.n_experts, self.top_k, self.cfg = n_experts, top_k, cfg
+        self.n_experts, self.cfg = n_experts, replace(cfg, top_k=top_k)
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))  # [E, D]
         self.register_buffer("bias", torch.zeros(n_experts))  # [E], selection only
         self.count_reducer: Optional[CountReducer] = None
+
+    @property
+    def top_k(self) -> int:
+        """Experts per token, resolved for granularity (the only top-k the router has)."""
+        return self.cfg.top_k
 
     @torch.no_grad()
     def init_weights(self, std: float, generator: Optional[torch.Generator] = None) -> None:

@@ -83,3 +83,23 @@ def test_validate_catches_direct_dataclass_errors():
     with pytest.raises(ConfigError, match="routing.top_k"):
         validate(bad)
     validate(cfg)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_validation_and_the_model_share_one_size_rule(routing):
+    """The resolved sizes come from one function (``moe_vlm.config.sizes``) for both the
+    validation limits and the layers; the router holds the one resolved top-k."""
+    from moe_vlm.config import sizes
+    from moe_vlm.model import build_model, granularity
+
+    assert granularity.resolve_moe_sizes is sizes.resolve_moe_sizes
+    cfg = load_config([f"routing={routing}", "vision=none", "data=synthetic_text"])
+    want = sizes.resolve_moe_sizes(cfg.moe, cfg.routing)
+    assert want.top_k == cfg.routing.top_k * cfg.moe.granularity
+    for layer in build_model(cfg.model, cfg.moe, cfg.routing, device="cpu").moe_layers():
+        assert layer.sizes == want
+        assert layer.router.top_k == layer.router.cfg.top_k == want.top_k
+        assert layer.router.n_experts == want.n_experts
+        assert dataclasses.replace(layer.router.cfg, top_k=cfg.routing.top_k) == cfg.routing
+    with pytest.raises(ConfigError, match="^routing.top_k"):
+        load_config([f"routing={routing}", f"routing.top_k={want.n_experts // cfg.moe.granularity + 1}"])
