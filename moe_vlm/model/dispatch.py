@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_vlm.model.experts import BACKENDS, GroupedExperts, accum_dtype, compute_dtype
+from moe_vlm.routing.counts import count_ids
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,9 @@ class Routed:
 
 def sort_by_expert(expert_idx: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
     """(order [N]: assignment of each row, stable within an expert; offsets [E] int32
-    cumulative group ends). On CUDA ``bincount`` syncs with the host to size its output."""
+    cumulative group ends). No host sync (``routing.counts.count_ids``)."""
     order = torch.argsort(expert_idx, stable=True)  # [N]
-    offsets = torch.cumsum(torch.bincount(expert_idx, minlength=n_experts), 0).to(torch.int32)
+    offsets = torch.cumsum(count_ids(expert_idx, n_experts), 0).to(torch.int32)
     return order, offsets
 
 

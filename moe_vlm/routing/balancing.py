@@ -10,6 +10,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from moe_vlm.routing.counts import count_ids
+
 CountReducer = Callable[[Tensor], Tensor]  # sums a tensor over data-parallel ranks
 
 
@@ -40,9 +42,9 @@ def switch_aux_loss(scores: Tensor, experts: Tensor, n_experts: int, n_groups: i
             raise ValueError(f"{t} tokens do not split into {n_groups} equal sequences")
         group_ids = torch.arange(t, device=dev) // max(1, t // n_groups)  # [T]
     key = group_ids[:, None] * n_experts + experts  # [T, K]
-    counts = torch.bincount(key.reshape(-1), minlength=n_groups * n_experts)
+    counts = count_ids(key, n_groups * n_experts)
     counts = counts.reshape(n_groups, n_experts).to(scores.dtype)  # [G, E]
-    n_tok = torch.bincount(group_ids, minlength=n_groups).to(scores.dtype)  # [G]
+    n_tok = count_ids(group_ids, n_groups).to(scores.dtype)  # [G]
     if n_groups == 1:
         prob_sum = scores.sum(0, keepdim=True)  # [1, E]
     else:  # index_add_: serial over the index on CPU, deterministic on CUDA in deterministic mode

@@ -11,6 +11,8 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
+from moe_vlm.routing.counts import count_ids
+
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
     """Slots per expert: ``ceil(capacity_factor * T * K / E)`` (GShard/Switch), in exact
@@ -33,7 +35,7 @@ def capacity_keep_mask(experts: Tensor, n_experts: int, capacity: int) -> Tensor
     t, k = experts.shape
     flat = experts.t().reshape(-1)  # [K*T], choice-rank major
     order = torch.argsort(flat, stable=True)  # [K*T]
-    counts = torch.bincount(flat, minlength=n_experts)  # [E]
+    counts = count_ids(flat, n_experts)  # [E]
     starts = torch.cumsum(counts, 0) - counts  # [E]
     rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
     rank = torch.empty_like(rank_sorted)

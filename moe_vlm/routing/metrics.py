@@ -50,13 +50,19 @@ def routing_stats(counts: Tensor, n_requested: int, n_kept: int, scores: Tensor)
         "tokens_per_expert": counts.detach(),
         "max_violation": (counts.max() / mean - 1.0).detach() if counts.numel() else
         torch.zeros((), device=dev),
-        "drop_frac": torch.tensor(drop, device=dev),
+        "drop_frac": _scalar(drop, dev),
         "entropy": (ent_sum / max(1, n_tok)).detach(),
         "entropy_sum": ent_sum.detach(),
-        "n_tokens": torch.tensor(float(n_tok), device=dev),
-        "n_requested": torch.tensor(float(n_requested), device=dev),
-        "n_kept": torch.tensor(float(n_kept), device=dev),
+        "n_tokens": _scalar(n_tok, dev),
+        "n_requested": _scalar(n_requested, dev),
+        "n_kept": _scalar(n_kept, dev),
     }
+
+
+def _scalar(value: float, device: torch.device) -> Tensor:
+    """A float32 scalar made on ``device`` by a fill (``torch.tensor(v, device=cuda)``
+    copies from the host, which waits)."""
+    return torch.full((), float(value), dtype=torch.float32, device=device)
 
 
 def modality_masks(input_ids: Tensor, token_mask: Optional[Tensor], image_id: int

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from moe_vlm.config.schema import RoutingConfig
 from moe_vlm.routing.balancing import CountReducer, router_z_loss, switch_aux_loss
 from moe_vlm.routing.capacity import capacity_keep_mask, expert_capacity
+from moe_vlm.routing.counts import count_ids
 from moe_vlm.routing.loss_norm import LossNorm
 from moe_vlm.routing.gates import (
     expert_choice,
@@ -93,7 +94,8 @@ class Router(nn.Module):
         cfg, n_exp, k = self.cfg, self.n_experts, self.top_k
         t = x.shape[0]
         dt = torch.promote_types(x.dtype, torch.float32)  # fp32 routing (fp64 stays fp64)
-        logits = F.linear(x.to(dt), self.weight.to(dt))  # [T, E]
+        with torch.autocast(x.device.type, enabled=False):  # bf16 autocast would cast F.linear
+            logits = F.linear(x.to(dt), self.weight.to(dt))  # [T, E] (DeepSeek-V3, Megatron)
         use_bias = self.bias if cfg.bias_update_rate > 0 else None
         dev = x.device
         zero = torch.zeros((), device=dev, dtype=dt)
@@ -140,7 +142,7 @@ class Router(nn.Module):
         if cfg.z_loss_coef > 0:
             z_den = loss_norm.n_tokens if loss_norm is not None else t
             z = router_z_loss(logits, reduction="sum") / max(1.0, z_den)
-        counts = torch.bincount(expert_idx, minlength=n_exp).float()  # [E]
+        counts = count_ids(expert_idx, n_exp).float()  # [E], no host sync
         loss = cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
         stats = routing_stats(counts, n_req, expert_idx.numel(), scores)
         stats["aux_loss"], stats["z_loss"] = aux.detach(), z.detach()
