@@ -32,8 +32,9 @@ def model_inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, Te
     """The keyword arguments a model's forward takes from a batch (the token mask too, so
     padding is not routed in evaluation either: with capacity dropping or expert choice
     it would compete with real tokens for slots)."""
-    out = {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device)}
-    for key in ("pixel_values", "token_mask", "doc_ids"):
-        if key in batch:
-            out[key] = batch[key].to(device)
-    return out
+    keys = [k for k in ("input_ids", "labels", "pixel_values", "token_mask", "doc_ids") if k in batch]
+    if device.type != "cuda":
+        return {k: batch[k].to(device) for k in keys}
+    # Pinned host memory lets the copies run asynchronously, queued on the stream before
+    # the forward that reads them, instead of each waiting for the host.
+    return {k: batch[k].pin_memory().to(device, non_blocking=True) for k in keys}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from moe_vlm.config import TrainConfig
 from moe_vlm.config import load_config
@@ -51,3 +52,23 @@ def test_param_groups_no_decay_on_norms_and_router_bias_not_optimised():
     assert len(d) + len(nd) == len(list(model.parameters()))
     opt = build_optimizer(model, cfg.train)
     assert all(p is not model.layers[0].ffn.router.bias for g in opt.param_groups for p in g["params"])
+
+
+def test_adamw_is_fused_only_on_cuda(tiny_config):
+    """CPU runs keep the default AdamW (the one their checkpoints were made with)."""
+    cfg = tiny_config()
+    model = build_model(cfg.model, cfg.moe, cfg.routing, device=torch.device("cpu"), seed=0)
+    assert not build_optimizer(model, cfg.train).defaults.get("fused")
+
+
+@pytest.mark.gpu
+def test_adamw_is_fused_and_inputs_arrive_intact_on_cuda(tiny_config):
+    from moe_vlm.train.inputs import model_inputs
+
+    cfg = tiny_config()
+    model = build_model(cfg.model, cfg.moe, cfg.routing, device=torch.device("cuda"), seed=0)
+    assert build_optimizer(model, cfg.train).defaults["fused"]
+    batch = {"input_ids": torch.arange(12).reshape(2, 6), "labels": torch.ones(2, 6, dtype=torch.long),
+             "token_mask": torch.ones(2, 6, dtype=torch.bool)}
+    got = model_inputs(batch, torch.device("cuda"))  # pinned, non-blocking copies
+    assert all(torch.equal(got[k].cpu(), v) for k, v in batch.items())
