@@ -113,12 +113,18 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 def apply_compile(model: nn.Module, amp: Optional[torch.dtype] = None) -> None:
     """Compile every repeated block in place (``nn.Module.compile``: names unchanged).
 
+    An MoE block selects its real (non-padding) tokens with ``nonzero``, whose output size
+    depends on the data; dynamo is told to trace such operators
+    (``capture_dynamic_output_shape_ops``) instead of breaking the graph there, so each
+    block is one graph (tested: no graph break with ``grouped_mm`` in bf16, activation
+    checkpointing on). Expert parallelism's all-to-all reads its split sizes on the host
+    and still breaks the graph.
+
     Refused, naming what to change, where the experts' backend does not trace today:
     ``grouped_mm`` outside bf16 autocast (``torch._grouped_mm``'s meta function takes bf16
-    only) and ``triton`` (our kernels are not registered as custom ops yet). The MoE
-    router's data-dependent counts still break the graph around each MoE layer, and token
-    counts that change every batch recompile until dynamo marks them dynamic: expect long
-    compiles for MoE models (minutes on a CPU); dense blocks compile once."""
+    only) and ``triton`` (our kernels are not registered as custom ops yet). The ``torch``
+    backend traces, but its per-expert loop reads the offsets on the host: a graph break
+    and a recompile per new set of sizes (minutes on a CPU)."""
     moes = model.moe_layers() if hasattr(model, "moe_layers") else []
     if moes:
         w = moes[0].experts.w_in  # [E, D, 2F]
@@ -130,6 +136,7 @@ def apply_compile(model: nn.Module, amp: Optional[torch.dtype] = None) -> None:
                 f"{'yet' if backend == 'triton' else 'outside bf16 autocast'}; use "
                 "moe.backend=torch" + ("" if backend == "triton" else " or train.precision=bf16")
                 + ", or parallel.compile=false")
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
     for block in repeated_blocks(model):
         block.compile(dynamic=None)
 

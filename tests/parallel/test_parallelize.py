@@ -1,7 +1,6 @@
 """``moe_vlm.parallel.parallelize`` and the engine interface on one process: activation
 checkpointing changes no loss or gradient and no parameter name, compilation matches eager
-(a dense model: MoE compiles take minutes on a CPU) and refuses the backends that do not
-trace, and DeepSpeed skips a non-finite step as the torch engine does. Expert parallelism,
+with no graph break (dense and MoE blocks) and refuses the backends that do not trace, and DeepSpeed skips a non-finite step as the torch engine does. Expert parallelism,
 FSDP and DDP through ``parallelize`` are covered by ``test_launch`` and ``test_loss_layouts``.
 """
 
@@ -60,22 +59,30 @@ def test_activation_checkpointing_changes_nothing_but_memory():
         assert torch.equal(ckpt(input_ids=ids).logits, plain(input_ids=ids).logits)
 
 
-def test_compile_matches_eager_on_a_dense_model(tmp_path):
-    """``parallel.compile`` through the training loop: the loss curve of eager to float
-    rounding (a dense model compiles once in ~20 s on 2 cores)."""
-    common = [*TEXT, "model.moe_every=0", "train.max_steps=2", "train.batch_size=4",
-              "train.progress=false", "data.n_eval_samples=8", "train.log_every=1",
-              "train.eval_every=2"]
+def test_compile_matches_eager_without_a_graph_break(tmp_path):
+    """``parallel.compile`` with activation checkpointing through the training loop, on a
+    dense block and an MoE block (``grouped_mm`` in bf16, padded batches): no graph break
+    anywhere, and the loss curve of eager to bf16 rounding (~20 s on 2 cores)."""
+    from torch._dynamo.utils import counters
+
+    common = ["vision=none", "data=synthetic_text", "data.seq_len=32", "model.n_dense_layers=1",
+              "moe.backend=grouped_mm", "train.precision=bf16", "train.max_steps=2",
+              "train.batch_size=4", "train.progress=false", "data.n_eval_samples=8",
+              "train.log_every=1", "train.eval_every=2", "parallel.activation_checkpointing=true"]
     curves = {}
     for name, extra in (("eager", []), ("compiled", ["parallel.compile=true"])):
+        torch._dynamo.reset()
+        counters.clear()
         cfg = load_config([*common, *extra, f"run.dir={tmp_path / name}"])
         train(cfg, cfg.run.dir)
         curves[name] = [(r["step"], r.get("loss"), r.get("eval_loss"))
                         for r in read_jsonl(tmp_path / name / "metrics.jsonl")]
+    assert counters["stats"]["unique_graphs"] > 0  # it did compile
+    assert not counters["graph_break"], dict(counters["graph_break"])
     assert [c[0] for c in curves["compiled"]] == [c[0] for c in curves["eager"]]
     for got, want in zip(curves["compiled"], curves["eager"]):
         for a, b in zip(got[1:], want[1:]):
-            assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, rel=1e-5))
+            assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, rel=1e-4))
 
 
 @pytest.mark.parametrize("backend,amp,says", [
