@@ -139,48 +139,91 @@ def _token_order(token_idx: Tensor, expert_idx: Tensor, weight: Tensor, n_tokens
 
 # ----------------------------------------------------------------------------- autograd
 
-class _MoEExperts(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, weight_s: Tensor, tok_s: Tensor,
-                exp_s: Tensor, tok_ptr: Optional[Tensor], k: int) -> Tensor:
-        """Assignments already token-sorted (``*_s [N]``); tokens either fixed-K or CSR."""
-        t, n_exp = x.shape[0], w_in.shape[0]
-        idx = TokenIndex(t, k=k, tok_ptr=tok_ptr)
-        order, row_of, offsets = expert_plan(exp_s, n_exp, "moe_experts")  # [N], [N], [E]
-        src_row = tok_s[order.long()].to(torch.int32)  # [N] token of each row
-        w_row = weight_s[order.long()].contiguous()  # [N] routing weight of each row
-        act, h = gg_forward(x, w_in, offsets, a_idx=src_row, swiglu=True)  # [N, F], [N, 2F]
-        out, _ = gg_forward(act, w_out, offsets)  # [N, D]
-        y = combine_rows(out, row_of, idx, weight_s)  # [T, D]
-        ctx.save_for_backward(x, w_in, w_out, h, src_row, w_row, row_of, offsets, tok_ptr)
-        ctx.k = k
-        return y
+# The fused pipeline is a pair of ``torch.library`` custom ops (forward, backward) with
+# fake implementations, so ``torch.compile`` keeps a layer that calls it in one graph (the
+# op is opaque to it) instead of tracing into kernel launches.
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        x, w_in, w_out, h, src_row, w_row, row_of, offsets, tok_ptr = ctx.saved_tensors
-        dy = dy.contiguous()
-        n_exp = w_in.shape[0]
-        idx = TokenIndex(x.shape[0], k=ctx.k, tok_ptr=tok_ptr)
-        need_x, need_in, need_out, need_w = ctx.needs_input_grad[:4]
-        g, _ = gg_forward(dy, w_out, offsets, a_idx=src_row, transpose_w=True)  # [N, F]
-        dh, actw, dw_row = swiglu_backward(g, h, w_row)  # [N, 2F], [N, F], [N]
-        dx = dw_in = dw_out = dweight_s = None
-        if need_out:
-            dw_out = gg_weight_grad(actw, dy, offsets, n_exp, b_idx=src_row)  # [E, F, D]
-        if need_in:
-            dw_in = gg_weight_grad(x, dh, offsets, n_exp, a_idx=src_row)  # [E, D, 2F]
-        if need_x:
-            drows, _ = gg_forward(dh, w_in, offsets, transpose_w=True)  # [N, D]
-            dx = combine_rows(drows, row_of, idx, None)  # [T, D]
-        if need_w:
-            dweight_s = dw_row[row_of.long()]  # [N] back to token-sorted assignment order
-        return dx, dw_in, dw_out, dweight_s, None, None, None, None
+@torch.library.custom_op("triton_kernels::moe_experts_fwd", mutates_args=())
+def _moe_fwd(x: Tensor, w_in: Tensor, w_out: Tensor, weight_s: Tensor, tok_s: Tensor,
+             exp_s: Tensor, tok_ptr: Optional[Tensor], k: int
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Assignments already token-sorted (``*_s [N]``); tokens either fixed-K or CSR ->
+    (y [T, D], and for the backward: h [N, 2F], src_row [N], w_row [N], row_of [N],
+    offsets [E])."""
+    t, n_exp = x.shape[0], w_in.shape[0]
+    idx = TokenIndex(t, k=k, tok_ptr=tok_ptr)
+    order, row_of, offsets = expert_plan(exp_s, n_exp, "moe_experts")  # [N], [N], [E]
+    src_row = tok_s[order.long()].to(torch.int32)  # [N] token of each row
+    w_row = weight_s[order.long()].contiguous()  # [N] routing weight of each row
+    act, h = gg_forward(x, w_in, offsets, a_idx=src_row, swiglu=True)  # [N, F], [N, 2F]
+    out, _ = gg_forward(act, w_out, offsets)  # [N, D]
+    y = combine_rows(out, row_of, idx, weight_s)  # [T, D]
+    return y, h, src_row, w_row, row_of, offsets
+
+
+@_moe_fwd.register_fake
+def _(x, w_in, w_out, weight_s, tok_s, exp_s, tok_ptr, k):
+    n, (e, _, f2) = tok_s.shape[0], w_in.shape
+    i32 = dict(dtype=torch.int32, device=x.device)
+    return (x.new_empty(x.shape), x.new_empty(n, f2), torch.empty(n, **i32),
+            weight_s.new_empty(n), torch.empty(n, **i32), torch.empty(e, **i32))
+
+
+@torch.library.custom_op("triton_kernels::moe_experts_bwd", mutates_args=())
+def _moe_bwd(dy: Tensor, x: Tensor, w_in: Tensor, w_out: Tensor, h: Tensor, src_row: Tensor,
+             w_row: Tensor, row_of: Tensor, offsets: Tensor, tok_ptr: Optional[Tensor], k: int,
+             need: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx [T, D], dw_in [E, D, 2F], dw_out [E, F, D], dweight_s [N] fp32); a gradient
+    not in ``need`` (x, w_in, w_out, weight) is not computed and comes back empty."""
+    dy = dy.contiguous()
+    n_exp = w_in.shape[0]
+    idx = TokenIndex(x.shape[0], k=k, tok_ptr=tok_ptr)
+    g, _ = gg_forward(dy, w_out, offsets, a_idx=src_row, transpose_w=True)  # [N, F]
+    dh, actw, dw_row = swiglu_backward(g, h, w_row)  # [N, 2F], [N, F], [N]
+    dx, dw_in, dw_out, dweight_s = (x.new_empty(0) for _ in range(4))  # distinct: no aliasing
+    if need[2]:
+        dw_out = gg_weight_grad(actw, dy, offsets, n_exp, b_idx=src_row)  # [E, F, D]
+    if need[1]:
+        dw_in = gg_weight_grad(x, dh, offsets, n_exp, a_idx=src_row)  # [E, D, 2F]
+    if need[0]:
+        drows, _ = gg_forward(dh, w_in, offsets, transpose_w=True)  # [N, D]
+        dx = combine_rows(drows, row_of, idx, None)  # [T, D]
+    if need[3]:
+        dweight_s = dw_row[row_of.long()]  # [N] back to token-sorted assignment order
+    return dx, dw_in, dw_out, dweight_s
+
+
+@_moe_bwd.register_fake
+def _(dy, x, w_in, w_out, h, src_row, w_row, row_of, offsets, tok_ptr, k, need):
+    def made(i: int, like: Tensor, dtype: torch.dtype) -> Tensor:
+        return like.new_empty(like.shape if need[i] else (0,), dtype=dtype)
+
+    n = src_row.shape[0]
+    return (made(0, x, x.dtype), made(1, w_in, x.dtype), made(2, w_out, x.dtype),
+            made(3, src_row.new_empty(n), torch.float32))
+
+
+def _moe_setup(ctx, inputs, output) -> None:
+    x, w_in, w_out, _, _, _, tok_ptr, k = inputs
+    _, h, src_row, w_row, row_of, offsets = output
+    ctx.save_for_backward(x, w_in, w_out, h, src_row, w_row, row_of, offsets, tok_ptr)
+    ctx.k = k
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _moe_backward(ctx, dy: Tensor, *_unused: Tensor):
+    x, w_in, w_out, h, src_row, w_row, row_of, offsets, tok_ptr = ctx.saved_tensors
+    need = [bool(b) for b in ctx.needs_input_grad[:4]]
+    grads = _moe_bwd(dy, x, w_in, w_out, h, src_row, w_row, row_of, offsets, tok_ptr, ctx.k, need)
+    return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None)
+
+
+_moe_fwd.register_autograd(_moe_backward, setup_context=_moe_setup)
 
 
 class _SortedExperts(torch.autograd.Function):
     """SwiGLU experts on rows already sorted by expert: GEMM 1 with SwiGLU in its
-    epilogue, GEMM 2; backward as ``_MoEExperts`` without gathers or combines."""
+    epilogue, GEMM 2; backward as ``_moe_bwd`` without gathers or combines."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
@@ -251,9 +294,8 @@ def moe_experts(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor
                          f"{tuple(token_idx.shape)}, {tuple(expert_idx.shape)}, {tuple(weight.shape)}")
     check_device(x, token_idx, expert_idx, weight, w_in, w_out, op=op)
     ts, tok_s, exp_s, w_s, idx = _token_order(token_idx, expert_idx, weight, x.shape[0])
-    y = _MoEExperts.apply(x.contiguous(), w_in.contiguous(), w_out.contiguous(), w_s,
-                          tok_s, exp_s, idx.tok_ptr, 0)
-    return y
+    return _moe_fwd(x.contiguous(), w_in.contiguous(), w_out.contiguous(), w_s, tok_s, exp_s,
+                    idx.tok_ptr, 0)[0]
 
 
 def moe_experts_topk(x: Tensor, experts: Tensor, weights: Tensor, w_in: Tensor,
@@ -272,5 +314,5 @@ def moe_experts_topk(x: Tensor, experts: Tensor, weights: Tensor, w_in: Tensor,
     check_device(x, experts, weights, w_in, w_out, op=op)
     t, k = experts.shape
     tok = torch.arange(t, device=x.device, dtype=torch.int32).repeat_interleave(k)  # [N]
-    return _MoEExperts.apply(x.contiguous(), w_in.contiguous(), w_out.contiguous(),
-                             weights.reshape(-1), tok, experts.reshape(-1), None, k)
+    return _moe_fwd(x.contiguous(), w_in.contiguous(), w_out.contiguous(),
+                    weights.reshape(-1), tok, experts.reshape(-1), None, k)[0]

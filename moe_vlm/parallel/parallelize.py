@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_vlm.config.schema import Config, ConfigError
+from moe_vlm.model.dispatch import LocalDispatcher
 from moe_vlm.parallel.expert_parallel import (apply_expert_parallel, expert_parameters,
                                               set_count_reducers)
 from moe_vlm.parallel.runtime import Layout
@@ -120,22 +121,28 @@ def apply_compile(model: nn.Module, amp: Optional[torch.dtype] = None) -> None:
     checkpointing on). Expert parallelism's all-to-all reads its split sizes on the host
     and still breaks the graph.
 
-    Refused, naming what to change, where the experts' backend does not trace today:
-    ``grouped_mm`` outside bf16 autocast (``torch._grouped_mm``'s meta function takes bf16
-    only) and ``triton`` (our kernels are not registered as custom ops yet). The ``torch``
-    backend traces, but its per-expert loop reads the offsets on the host: a graph break
-    and a recompile per new set of sizes (minutes on a CPU)."""
+    The Triton experts (the fused dispatcher + experts pair) are ``torch.library`` custom
+    ops with fake implementations, opaque to the compiler: no graph break either.
+
+    Refused, naming what to change, where the experts do not trace today: ``grouped_mm``
+    outside bf16 autocast (``torch._grouped_mm``'s meta function takes bf16 only) and
+    ``triton`` under expert parallelism (its sorted-rows op is not a custom op yet). The
+    ``torch`` backend traces, but its per-expert loop reads the offsets on the host: a
+    graph break and a recompile per new set of sizes (minutes on a CPU)."""
     moes = model.moe_layers() if hasattr(model, "moe_layers") else []
     if moes:
         w = moes[0].experts.w_in  # [E, D, 2F]
         with torch.autocast(w.device.type, dtype=amp, enabled=amp is not None):
             backend = moes[0].experts.backend_name(torch.empty(0, w.shape[1], device=w.device))
-        if backend == "triton" or (backend == "grouped_mm" and amp != torch.bfloat16):
-            raise ConfigError(
-                f"parallel.compile: the experts' {backend} backend does not compile "
-                f"{'yet' if backend == 'triton' else 'outside bf16 autocast'}; use "
-                "moe.backend=torch" + ("" if backend == "triton" else " or train.precision=bf16")
-                + ", or parallel.compile=false")
+        fused = isinstance(moes[0].dispatcher, LocalDispatcher)
+        if backend == "grouped_mm" and amp != torch.bfloat16:
+            raise ConfigError("parallel.compile: the experts' grouped_mm backend does not compile "
+                              "outside bf16 autocast; use train.precision=bf16, moe.backend=triton "
+                              "or torch, or parallel.compile=false")
+        if backend == "triton" and not fused:
+            raise ConfigError("parallel.compile: the triton backend does not compile under expert "
+                              "parallelism yet; use moe.backend=grouped_mm (bf16) or torch, or "
+                              "parallel.compile=false")
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     for block in repeated_blocks(model):
         block.compile(dynamic=None)

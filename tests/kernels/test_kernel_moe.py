@@ -159,3 +159,17 @@ def test_sorted_experts_refuses_offsets_of_another_expert_count():
     p = make_moe(8, 16, 16, 4, 1, device=DEV)
     with pytest.raises(ValueError, match="offsets has 3 entries but w has 4 experts"):
         sorted_experts(p["x"], torch.tensor([2, 5, 8], dtype=torch.int32), p["w_in"], p["w_out"])
+
+
+@pytest.mark.parametrize("case", ["uniform_k2", "empty_experts"])
+def test_fused_pipeline_passes_torch_library_opcheck(case):
+    """The fused forward is a ``torch.library`` custom op (so ``torch.compile`` keeps it in
+    one graph): ``opcheck`` checks its schema, its fake implementation against the real
+    outputs, and its autograd registration (gradients through the backward op)."""
+    from triton_kernels.moe import _token_order
+
+    p = make_moe(*CASES[case], device=DEV, requires_grad=True)
+    tok, exp, wgt = flat_assignments(p["experts"], p["weights"])
+    _, tok_s, exp_s, w_s, idx = _token_order(tok, exp, wgt.detach().requires_grad_(), p["x"].shape[0])
+    args = (p["x"], p["w_in"], p["w_out"], w_s, tok_s, exp_s, idx.tok_ptr, 0)
+    torch.library.opcheck(torch.ops.triton_kernels.moe_experts_fwd.default, args)
