@@ -220,7 +220,10 @@ def _kernel(name: str, swiglu: bool = False):
         return base, {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     key = (name, swiglu)
     if key not in _tuned:
-        tune_key = ["N", "K"] if name == "gg" else ["K", "N"]
+        # Each variant tunes apart: gathered rows, a row scale or a transposed weight
+        # (stride_wn != 1) change the memory access, so one tile choice need not fit all.
+        tune_key = ["N", "K", "stride_wn", "HAS_A_IDX", "HAS_SCALE"] if name == "gg" else \
+            ["K", "N", "HAS_A_IDX", "HAS_B_IDX"]
         _tuned[key] = triton.autotune(configs=_gpu_configs(swiglu), key=tune_key)(base)
     return _tuned[key], {}
 
