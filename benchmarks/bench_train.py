@@ -16,7 +16,8 @@ steps on random token ids:
 - ``ours/<backend>/bf16``: bf16 weights and AdamW, like the HF anchor (same bytes per weight);
 - ``hf/<impl>``: transformers' Qwen3-MoE, bf16 weights, each ``experts_implementation`` that
   version offers (``eager``: the per-expert loop; ``grouped_mm``; ``batched_mm``);
-- ``ours/<backend>/compiled`` (``--compile``): each decoder block ``torch.compile``d (regional).
+- ``ours/<backend>/compiled`` (``--compile``): each decoder block ``torch.compile``d (regional),
+  by ``moe_vlm.parallel.parallelize.apply_compile`` as ``parallel.compile=true`` does.
 
 On CPU everything runs in fp32 (bf16 rows are skipped) at a small shape.
 
@@ -250,9 +251,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                 m = build_model(*cfgs, device=device, seed=0)
                 m.load_state_dict(state)
                 m.to(dtype)
-                if compiled:
-                    for blk in m.layers:
-                        blk.compile()
+                if compiled:  # as parallel.compile does (refuses what does not trace)
+                    from moe_vlm.parallel.parallelize import apply_compile
+                    apply_compile(m, amp)
                 return ours_step(m.train(), ids, amp, device)
             return make
 

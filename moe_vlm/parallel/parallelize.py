@@ -63,8 +63,8 @@ def parallelize(model: nn.Module, layout: Layout, cfg: Config,
                 amp: Optional[torch.dtype] = None) -> Parallelized:
     """Expert parallelism, activation checkpointing, compilation, then FSDP/DDP (the steps
     ``cfg.parallel`` asks for; see the module docstring). In place; returns what the engine
-    needs. ``amp``: the autocast dtype the run trains in (None: fp32), which decides
-    whether the experts' backend can be compiled."""
+    needs. ``amp``: the autocast dtype the run trains in (None: the weights' dtype), which
+    decides whether the experts' backend can be compiled."""
     pcfg = cfg.parallel
     moes = model.moe_layers() if hasattr(model, "moe_layers") else []
     if layout.ep > 1:
@@ -125,20 +125,21 @@ def apply_compile(model: nn.Module, amp: Optional[torch.dtype] = None) -> None:
     ops with fake implementations, opaque to the compiler: no graph break either.
 
     Refused, naming what to change, where the experts do not trace today: ``grouped_mm``
-    outside bf16 autocast (``torch._grouped_mm``'s meta function takes bf16 only) and
+    outside bf16 (``torch._grouped_mm``'s meta function takes bf16 only) and
     ``triton`` under expert parallelism (its sorted-rows op is not a custom op yet). The
     ``torch`` backend traces, but its per-expert loop reads the offsets on the host: a
     graph break and a recompile per new set of sizes (minutes on a CPU)."""
     moes = model.moe_layers() if hasattr(model, "moe_layers") else []
     if moes:
         w = moes[0].experts.w_in  # [E, D, 2F]
+        probe = torch.empty(0, w.shape[1], device=w.device, dtype=w.dtype)  # an input like the layer's
         with torch.autocast(w.device.type, dtype=amp, enabled=amp is not None):
-            backend = moes[0].experts.backend_name(torch.empty(0, w.shape[1], device=w.device))
+            backend = moes[0].experts.backend_name(probe)
         fused = isinstance(moes[0].dispatcher, LocalDispatcher)
-        if backend == "grouped_mm" and amp != torch.bfloat16:
+        if backend == "grouped_mm" and (amp or w.dtype) != torch.bfloat16:
             raise ConfigError("parallel.compile: the experts' grouped_mm backend does not compile "
-                              "outside bf16 autocast; use train.precision=bf16, moe.backend=triton "
-                              "or torch, or parallel.compile=false")
+                              "outside bf16 (autocast or bf16 weights); use train.precision=bf16, "
+                              "moe.backend=triton or torch, or parallel.compile=false")
         if backend == "triton" and not fused:
             raise ConfigError("parallel.compile: the triton backend does not compile under expert "
                               "parallelism yet; use moe.backend=grouped_mm (bf16) or torch, or "
