@@ -139,9 +139,10 @@ def _token_order(token_idx: Tensor, expert_idx: Tensor, weight: Tensor, n_tokens
 
 # ----------------------------------------------------------------------------- autograd
 
-# The fused pipeline is a pair of ``torch.library`` custom ops (forward, backward) with
-# fake implementations, so ``torch.compile`` keeps a layer that calls it in one graph (the
-# op is opaque to it) instead of tracing into kernel launches.
+# The fused pipeline and the sorted-rows experts are each a pair of ``torch.library``
+# custom ops (forward, backward) with fake implementations, so ``torch.compile`` keeps a
+# layer that calls them in one graph (the ops are opaque to it) instead of tracing into
+# kernel launches.
 
 @torch.library.custom_op("triton_kernels::moe_experts_fwd", mutates_args=())
 def _moe_fwd(x: Tensor, w_in: Tensor, w_out: Tensor, weight_s: Tensor, tok_s: Tensor,
@@ -221,34 +222,61 @@ def _moe_backward(ctx, dy: Tensor, *_unused: Tensor):
 _moe_fwd.register_autograd(_moe_backward, setup_context=_moe_setup)
 
 
-class _SortedExperts(torch.autograd.Function):
+@torch.library.custom_op("triton_kernels::sorted_experts_fwd", mutates_args=())
+def _sorted_fwd(rows: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor
+                ) -> tuple[Tensor, Tensor]:
     """SwiGLU experts on rows already sorted by expert: GEMM 1 with SwiGLU in its
-    epilogue, GEMM 2; backward as ``_moe_bwd`` without gathers or combines."""
+    epilogue, GEMM 2 -> (out [N, D], h [N, 2F] for the backward)."""
+    act, h = gg_forward(rows, w_in, offsets, swiglu=True)  # [N, F], [N, 2F]
+    out, _ = gg_forward(act, w_out, offsets)  # [N, D]
+    return out, h
 
-    @staticmethod
-    def forward(ctx, rows: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
-        act, h = gg_forward(rows, w_in, offsets, swiglu=True)  # [N, F], [N, 2F]
-        out, _ = gg_forward(act, w_out, offsets)  # [N, D]
-        ctx.save_for_backward(rows, w_in, w_out, h, offsets)
-        return out
 
-    @staticmethod
-    def backward(ctx, dout: Tensor):
-        rows, w_in, w_out, h, offsets = ctx.saved_tensors
-        dout = dout.contiguous()
-        n_exp = w_in.shape[0]
-        need_rows, _, need_in, need_out = ctx.needs_input_grad
-        g, _ = gg_forward(dout, w_out, offsets, transpose_w=True)  # [N, F]
-        ones = torch.ones(rows.shape[0], device=rows.device, dtype=torch.float32)
-        dh, act, _ = swiglu_backward(g, h, ones)  # [N, 2F], [N, F]
-        drows = dw_in = dw_out = None
-        if need_out:
-            dw_out = gg_weight_grad(act, dout, offsets, n_exp)  # [E, F, D]
-        if need_in:
-            dw_in = gg_weight_grad(rows, dh, offsets, n_exp)  # [E, D, 2F]
-        if need_rows:
-            drows, _ = gg_forward(dh, w_in, offsets, transpose_w=True)  # [N, D]
-        return drows, None, dw_in, dw_out
+@_sorted_fwd.register_fake
+def _(rows, offsets, w_in, w_out):
+    return rows.new_empty(rows.shape[0], w_out.shape[2]), rows.new_empty(rows.shape[0], w_in.shape[2])
+
+
+@torch.library.custom_op("triton_kernels::sorted_experts_bwd", mutates_args=())
+def _sorted_bwd(dout: Tensor, rows: Tensor, w_in: Tensor, w_out: Tensor, h: Tensor,
+                offsets: Tensor, need: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """(drows [N, D], dw_in [E, D, 2F], dw_out [E, F, D]) as ``_moe_bwd`` without gathers
+    or combines; a gradient not in ``need`` (rows, w_in, w_out) comes back empty."""
+    dout = dout.contiguous()
+    n_exp = w_in.shape[0]
+    g, _ = gg_forward(dout, w_out, offsets, transpose_w=True)  # [N, F]
+    ones = torch.ones(rows.shape[0], device=rows.device, dtype=torch.float32)
+    dh, act, _ = swiglu_backward(g, h, ones)  # [N, 2F], [N, F]
+    drows, dw_in, dw_out = (rows.new_empty(0) for _ in range(3))  # distinct: no aliasing
+    if need[2]:
+        dw_out = gg_weight_grad(act, dout, offsets, n_exp)  # [E, F, D]
+    if need[1]:
+        dw_in = gg_weight_grad(rows, dh, offsets, n_exp)  # [E, D, 2F]
+    if need[0]:
+        drows, _ = gg_forward(dh, w_in, offsets, transpose_w=True)  # [N, D]
+    return drows, dw_in, dw_out
+
+
+@_sorted_bwd.register_fake
+def _(dout, rows, w_in, w_out, h, offsets, need):
+    return tuple(t.new_empty(t.shape if n else (0,)) for t, n in zip((rows, w_in, w_out), need))
+
+
+def _sorted_setup(ctx, inputs, output) -> None:
+    rows, offsets, w_in, w_out = inputs
+    ctx.save_for_backward(rows, w_in, w_out, output[1], offsets)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _sorted_backward(ctx, dout: Tensor, _dh: Tensor):
+    rows, w_in, w_out, h, offsets = ctx.saved_tensors
+    need = [bool(ctx.needs_input_grad[i]) for i in (0, 2, 3)]
+    drows, dw_in, dw_out = _sorted_bwd(dout, rows, w_in, w_out, h, offsets, need)
+    return (drows if need[0] else None, None, dw_in if need[1] else None,
+            dw_out if need[2] else None)
+
+
+_sorted_fwd.register_autograd(_sorted_backward, setup_context=_sorted_setup)
 
 
 # ----------------------------------------------------------------------------- public
@@ -262,7 +290,7 @@ def sorted_experts(rows: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor) -
     _validate(rows, w_in, w_out, op)
     check_device(rows, offsets, w_in, w_out, op=op)
     offsets = check_offsets(offsets, w_in.shape[0], op)
-    return _SortedExperts.apply(rows.contiguous(), offsets, w_in.contiguous(), w_out.contiguous())
+    return _sorted_fwd(rows.contiguous(), offsets, w_in.contiguous(), w_out.contiguous())[0]
 
 
 def _validate(x: Tensor, w_in: Tensor, w_out: Tensor, op: str) -> None:

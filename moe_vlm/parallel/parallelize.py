@@ -126,7 +126,8 @@ def apply_compile(model: nn.Module, amp: Optional[torch.dtype] = None) -> None:
 
     Refused, naming what to change, where the experts do not trace today: ``grouped_mm``
     outside bf16 (``torch._grouped_mm``'s meta function takes bf16 only) and
-    ``triton`` under expert parallelism (its sorted-rows op is not a custom op yet). The
+    ``triton`` under expert parallelism (its sorted-rows experts are custom ops too, but
+    compiling around the all-to-all is not tested yet). The
     ``torch`` backend traces, but its per-expert loop reads the offsets on the host: a
     graph break and a recompile per new set of sizes (minutes on a CPU)."""
     moes = model.moe_layers() if hasattr(model, "moe_layers") else []
@@ -141,9 +142,9 @@ def apply_compile(model: nn.Module, amp: Optional[torch.dtype] = None) -> None:
                               "outside bf16 (autocast or bf16 weights); use train.precision=bf16, "
                               "moe.backend=triton or torch, or parallel.compile=false")
         if backend == "triton" and not fused:
-            raise ConfigError("parallel.compile: the triton backend does not compile under expert "
-                              "parallelism yet; use moe.backend=grouped_mm (bf16) or torch, or "
-                              "parallel.compile=false")
+            raise ConfigError("parallel.compile: the triton backend is not tested compiled under "
+                              "expert parallelism yet; use moe.backend=grouped_mm (bf16) or torch, "
+                              "or parallel.compile=false")
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     for block in repeated_blocks(model):
         block.compile(dynamic=None)

@@ -173,3 +173,14 @@ def test_fused_pipeline_passes_torch_library_opcheck(case):
     _, tok_s, exp_s, w_s, idx = _token_order(tok, exp, wgt.detach().requires_grad_(), p["x"].shape[0])
     args = (p["x"], p["w_in"], p["w_out"], w_s, tok_s, exp_s, idx.tok_ptr, 0)
     torch.library.opcheck(torch.ops.triton_kernels.moe_experts_fwd.default, args)
+
+
+def test_sorted_experts_pass_torch_library_opcheck():
+    """The sorted-rows experts (what the all-to-all dispatcher feeds) are custom ops too."""
+    p = make_moe(*CASES["empty_experts"], device=DEV, requires_grad=True)
+    tok, exp, _ = flat_assignments(p["experts"], p["weights"])
+    order = torch.argsort(exp, stable=True)
+    offsets = torch.cumsum(torch.bincount(exp, minlength=p["w_in"].shape[0]), 0).to(torch.int32)
+    rows = p["x"].detach()[tok[order]].clone().requires_grad_()  # [N, D]
+    torch.library.opcheck(torch.ops.triton_kernels.sorted_experts_fwd.default,
+                          (rows, offsets, p["w_in"], p["w_out"]))
