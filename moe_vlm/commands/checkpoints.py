@@ -140,12 +140,8 @@ def upcycle_main(args: Sequence[str]) -> None:
         "routing.top_k=1 model.n_dense_layers=1 upcycle.permute=true upcycle.shared=slice. "
         "Without moe.d_expert, the width the dense FFN fixes is used: copy's only one (the "
         "dense d_ff less any shared slice), split's cut into moe.granularity shards."))
-    ap.add_argument("--from", dest="source", required=True)
+    _source_and_out(ap, trust=True)
     ap.add_argument("--method", required=True, choices=list(METHODS))
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--trust-checkpoint", action="store_true",
-                    help="read a checkpoint that needs full unpickling (an older moe-vlm's); "
-                         "only for files you trust: unpickling can run code")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     a = ap.parse_args(list(args))
     out = Path(a.out)
@@ -186,6 +182,17 @@ def upcycle_main(args: Sequence[str]) -> None:
           f"  train: moe-vlm train --config-path {out.resolve()} --config-name config")
 
 
+def _source_and_out(ap: argparse.ArgumentParser, trust: bool = False) -> None:
+    """The ``--from SRC --out DIR`` pair every checkpoint command takes, and optionally
+    ``--trust-checkpoint``."""
+    ap.add_argument("--from", dest="source", required=True)
+    ap.add_argument("--out", required=True)
+    if trust:
+        ap.add_argument("--trust-checkpoint", action="store_true",
+                        help="read a checkpoint that needs full unpickling (an older moe-vlm's); "
+                             "only for files you trust: unpickling can run code")
+
+
 def import_hf_main(args: Sequence[str]) -> None:
     """``moe-vlm import-hf --from HF_DIR --out DIR``."""
     from moe_vlm.upcycling.source import load_checkpoint
@@ -193,8 +200,7 @@ def import_hf_main(args: Sequence[str]) -> None:
     ap = argparse.ArgumentParser(prog="moe-vlm import-hf", description=(
         "Convert a local Hugging Face checkpoint (Llama, Qwen2, Qwen3, Qwen3-MoE, Mixtral, "
         "dots1) into our checkpoint directory."))
-    ap.add_argument("--from", dest="source", required=True)
-    ap.add_argument("--out", required=True)
+    _source_and_out(ap)
     a = ap.parse_args(list(args))
     out = Path(a.out)
     with _user_errors("moe-vlm import-hf"):
@@ -221,11 +227,7 @@ def export_hf_main(args: Sequence[str]) -> None:
     ap = argparse.ArgumentParser(prog="moe-vlm export-hf", description=(
         "Write our checkpoint (a run or checkpoint directory, or a .pt inside one) as a "
         "Hugging Face model directory that transformers loads with its own classes."))
-    ap.add_argument("--from", dest="source", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--trust-checkpoint", action="store_true",
-                    help="read a checkpoint that needs full unpickling (an older moe-vlm's); "
-                         "only for files you trust: unpickling can run code")
+    _source_and_out(ap, trust=True)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--decoder-only", action="store_true",
                     help="export the language model of a vision-language checkpoint")

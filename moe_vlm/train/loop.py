@@ -209,7 +209,7 @@ def _loop(run: Run) -> dict[str, Any]:
     summary (also ``summary.json``), with status failed and the error if anything raises."""
     t_cfg, summary, main = run.cfg.train, run.summary, run.layout.is_main
     step = run.step
-    if run.state is None:  # the initial evaluation is part of the run's record
+    if not run.resumed:  # the initial evaluation is part of the run's record
         res = _evaluate(run)
         summary.record_eval(res, initial=True)
         _log(run, {"step": 0, **res})
@@ -269,8 +269,8 @@ def _train_row(run: Run, out: StepOutcome, tokens_per_s: float) -> dict[str, Any
     """A logging step's metrics row: losses, lr, gradient norm, throughput, per-layer
     routing metrics, and a mixture's data statistics."""
     summary, fb = run.summary, out.fb
-    summary.final_train_loss = fb.lm_loss.item()
-    row = dict(loss=fb.lm_loss.item(), routing_loss=fb.routing_loss.item(), lr=out.lr,
+    summary.final_train_loss = loss = fb.lm_loss.item()
+    row = dict(loss=loss, routing_loss=fb.routing_loss.item(), lr=out.lr,
                grad_norm=float(out.result.grad_norm), tokens_per_s=tokens_per_s,
                tokens_seen=summary.tokens_seen, skipped=out.result.skipped,
                routing=layer_metrics(run.model, fb, run.layout))

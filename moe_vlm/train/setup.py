@@ -52,7 +52,7 @@ class Run:
     summary: RunSummary
     log: Optional[MetricsLog]  # rank 0 only
     step: int  # optimizer steps done (the checkpoint's when resumed)
-    state: Optional[dict[str, Any]]  # the resumed checkpoint, None for a fresh run
+    resumed: bool  # from a checkpoint (its tensors are not kept: they are in the model now)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -188,4 +188,5 @@ def setup_run(cfg: Config, run_dir: Path, layout: Layout, state: Optional[dict[s
     image_id = getattr(tokenizer, "image_id", None) if cfg.vision.name != "none" else None
     return Run(cfg=cfg, run_dir=run_dir, layout=layout, model=model, data=data, engine=engine,
                amp=amp, image_id=image_id, micro_bs=micro_bs, n_micro=n_micro,
-               first_micro=first_micro, summary=summary, log=log, step=step, state=state)
+               first_micro=first_micro, summary=summary, log=log, step=step,
+               resumed=state is not None)
