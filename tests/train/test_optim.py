@@ -67,7 +67,21 @@ def test_adamw_is_fused_and_inputs_arrive_intact_on_cuda(tiny_config):
 
     cfg = tiny_config()
     model = build_model(cfg.model, cfg.moe, cfg.routing, device=torch.device("cuda"), seed=0)
-    assert build_optimizer(model, cfg.train).defaults["fused"]
+    fused = build_optimizer(model, cfg.train)
+    assert fused.defaults["fused"]
+    # One step of the fused AdamW against the plain one from the same gradients.
+    ref = {p: p.detach().clone().requires_grad_() for p in model.parameters()}
+    t = cfg.train
+    plain = torch.optim.AdamW([{"params": [ref[p] for p in g["params"]],
+                                "weight_decay": g["weight_decay"]} for g in fused.param_groups],
+                              lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False)
+    for p, r in ref.items():
+        p.grad = torch.randn_like(p)
+        r.grad = p.grad.clone()
+    fused.step()
+    plain.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, ref[p], atol=1e-6, rtol=1e-5, msg=name)
     batch = {"input_ids": torch.arange(12).reshape(2, 6), "labels": torch.ones(2, 6, dtype=torch.long),
              "token_mask": torch.ones(2, 6, dtype=torch.bool)}
     got = model_inputs(batch, torch.device("cuda"))  # pinned, non-blocking copies
