@@ -56,6 +56,7 @@ Schedule = _choices("Schedule", "cosine wsd constant")
 Precision = _choices("Precision", "auto fp32 bf16")
 NanPolicy = _choices("NanPolicy", "stop skip")
 Engine = _choices("Engine", "torch deepspeed")
+Checkpointing = _choices("Checkpointing", "none moe full")
 UpcycleMethod = _choices("UpcycleMethod", "none copy split drop noise")
 UpcycleBase = _choices("UpcycleBase", "auto copy split")
 SharedInit = _choices("SharedInit", "slice whole random")
@@ -99,6 +100,9 @@ class ModelConfig(_Section):
     rope_original_max_len: int = 8192  # llama3 only: original_max_position_embeddings
     tie_embeddings: bool = True  # the output head reuses the token embedding
     init_std: float = 0.02  # std of the normal init of every weight (output projections scaled down)
+    # Training loss over this many positions at a time, each chunk's logits recomputed in
+    # the backward (memory for large vocabularies); 0 = all at once. Same loss to rounding
+    loss_chunk: int = 0
 
 
 @dataclass
@@ -251,6 +255,8 @@ class TrainConfig(_Section):
     # files you trust, since unpickling a file can run code.
     trust_checkpoint: bool = False
     progress: bool = True  # a progress bar on the terminal
+    # Build the next step's batches on a background thread during this step (same batches)
+    prefetch: bool = True
 
 
 @dataclass
@@ -264,11 +270,12 @@ class ParallelConfig(_Section):
     ep: int = 1  # expert-parallel size: divides the process count and the routed experts
     zero_stage: int = 2  # engine=deepspeed: 1 (optimizer state) or 2 (+ gradients) partitioned
     fsdp: bool = False  # engine=torch: shard dense weights/grads/optimizer state (FSDP2) instead of DDP
-    # Recompute each block's activations in the backward instead of keeping them (less
-    # memory, ~1/3 more compute; losses and gradients unchanged)
-    activation_checkpointing: bool = False
-    # torch.compile each block in place; MoE blocks need moe.backend=torch, or grouped_mm
-    # under bf16 autocast (moe_vlm.parallel.parallelize.apply_compile)
+    # Recompute activations in the backward instead of keeping them: none; moe (the routed
+    # experts' compute in each MoE layer); full (each whole block: least memory, ~1/3 more
+    # compute). Losses and gradients unchanged
+    activation_checkpointing: Checkpointing = Checkpointing.none
+    # torch.compile each block in place (grouped_mm needs bf16; triton not under expert
+    # parallelism: moe_vlm.parallel.parallelize.apply_compile)
     compile: bool = False
 
 

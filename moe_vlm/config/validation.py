@@ -256,7 +256,7 @@ def validate(cfg: Config) -> Config:
     if m.head_dim is not None:
         _at_least(1, [("model.head_dim", m.head_dim)])
     _at_least(0, [("model.n_dense_layers", m.n_dense_layers), ("model.moe_every", m.moe_every),
-                  ("model.init_std", m.init_std),
+                  ("model.init_std", m.init_std), ("model.loss_chunk", m.loss_chunk),
                   ("moe.n_shared", moe.n_shared), ("train.warmup_steps", t.warmup_steps),
                   ("routing.aux_loss_coef", r.aux_loss_coef), ("routing.z_loss_coef", r.z_loss_coef),
                   ("routing.bias_update_rate", r.bias_update_rate),

@@ -15,12 +15,13 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from moe_vlm.config.schema import ModelConfig, MoEConfig, RoutingConfig
 from moe_vlm.data.sample import IGNORE_INDEX
 from moe_vlm.model.granularity import MoESizes, resolve_moe_sizes
 from moe_vlm.model.layers import Attention, RMSNorm, SwiGLU, rotary_tables
-from moe_vlm.model.moe import MoELayer
+from moe_vlm.model.moe import MoELayer, real_rows
 from moe_vlm.routing.loss_norm import LossNorm
 from moe_vlm.routing.router import RouterOutput
 
@@ -49,20 +50,21 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, rows: Optional[Tensor] = None,
                 loss_norm: Optional[LossNorm] = None, attn_mask: Optional[Tensor] = None
                 ) -> tuple[Tensor, Optional[RouterOutput]]:
+        """``rows`` [T]: the real tokens' flat indices (None: no padding), for the MoE FFN."""
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)  # [B, S, D]
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
-            y, r = self.ffn(h, mask, loss_norm)
+            y, r = self.ffn(h, loss_norm=loss_norm, rows=rows)
             return x + y, r
         return x + self.ffn(h), None
 
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # [B, S, V]
+    logits: Optional[Tensor]  # [B, S, V]; None when the loss was chunked (``model.loss_chunk``)
     loss: Optional[Tensor] = None  # lm_loss + routing_loss (what to backprop)
     # mean token cross-entropy over non-ignored labels (with ``loss_norm``: the sum over this
     # batch's targets / the step's target count, i.e. this micro-batch's share)
@@ -135,8 +137,8 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 inputs_embeds: Optional[Tensor] = None, token_mask: Optional[Tensor] = None,
-                loss_norm: Optional[LossNorm] = None, doc_ids: Optional[Tensor] = None
-                ) -> ModelOutput:
+                loss_norm: Optional[LossNorm] = None, doc_ids: Optional[Tensor] = None,
+                token_rows: Optional[Tensor] = None) -> ModelOutput:
         """input_ids [B, S] or inputs_embeds [B, S, D]; labels [B, S] are the *next-token*
         targets of each position (already shifted), ``-100`` where no loss is taken.
 
@@ -147,7 +149,13 @@ class DecoderLM(nn.Module):
         micro-batches and processes add up to the mean over the global batch. ``doc_ids``
         [B, S] (non-decreasing per row, ``data.doc_mask``): attention stays inside each
         document and rotary positions restart at every document start, so each document
-        is computed as if it were alone."""
+        is computed as if it were alone. ``token_rows`` [T]: ``real_rows(token_mask)`` if
+        the caller has it (the training loop finds it on the host from the CPU batch), else
+        it is found here once for all MoE layers (one host sync on a device mask).
+
+        With ``model.loss_chunk`` > 0 and gradients on, the head and the cross-entropy run
+        over that many positions at a time, each chunk recomputed in the backward, so the
+        [B, S, V] logits are never held at once (``logits`` is then None)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, S, D]
@@ -165,23 +173,54 @@ class DecoderLM(nn.Module):
                                  f"{tuple(x.shape[:2])}; it needs one entry per token [B, S]")
             pos, attn_mask = document_positions(doc_ids)  # [B, S], [B, 1, S, S]
             cos, sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)  # [B, 1, S, Hd/2]
+        rows = token_rows
+        if rows is None and token_mask is not None and any(self.schedule):
+            rows = real_rows(token_mask)
         for blk in self.layers:
-            x, r = blk(x, cos, sin, token_mask, loss_norm, attn_mask)
+            x, r = blk(x, cos, sin, rows, loss_norm, attn_mask)
             if r is not None:
                 routing.append(r)
         x = self.norm(x)
         w = self.embed.weight if self.head is None else self.head.weight
-        logits = F.linear(x, w)  # [B, S, V]
-        out = ModelOutput(logits=logits, routing=routing)
+        reduction = "mean" if loss_norm is None else "sum"  # sum: divided by the step's count
+        if labels is not None and self.cfg.loss_chunk > 0 and torch.is_grad_enabled():
+            out = ModelOutput(logits=None, routing=routing)
+            out.lm_loss = chunked_cross_entropy(x.flatten(0, 1), w, labels.flatten(),
+                                                self.cfg.loss_chunk, reduction)
+        else:
+            logits = F.linear(x, w)  # [B, S, V]
+            out = ModelOutput(logits=logits, routing=routing)
+            if labels is not None:
+                out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                              ignore_index=IGNORE_INDEX, reduction=reduction)
         if labels is not None:
-            reduction = "mean" if loss_norm is None else "sum"  # sum: divided by the step's count
-            out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                          ignore_index=IGNORE_INDEX, reduction=reduction)
             if loss_norm is not None:
                 out.lm_loss = out.lm_loss / max(1.0, loss_norm.n_targets)
             out.routing_loss = sum((r.loss for r in routing), torch.zeros((), device=x.device))
             out.loss = out.lm_loss + out.routing_loss
         return out
+
+
+def _ce_sum(x: Tensor, w: Tensor, labels: Tensor) -> Tensor:
+    """Summed cross-entropy of rows x [C, D] through the head w [V, D] (logits in fp32)."""
+    return F.cross_entropy(F.linear(x, w).float(), labels, ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def chunked_cross_entropy(x: Tensor, w: Tensor, labels: Tensor, chunk: int,
+                          reduction: str = "mean") -> Tensor:
+    """``F.cross_entropy(F.linear(x, w).float(), labels)`` for x [N, D], w [V, D], labels
+    [N], computed ``chunk`` rows at a time under activation checkpointing: only one chunk's
+    [chunk, V] logits live at once (forward or backward), instead of [N, V] in the compute
+    dtype plus its fp32 copy, whose memory dominates at large vocabularies. The sum is
+    taken chunk by chunk, so the loss equals the unchunked one to float rounding."""
+    total = x.new_zeros((), dtype=torch.float32)
+    for i in range(0, x.shape[0], chunk):
+        total = total + checkpoint(_ce_sum, x[i:i + chunk], w, labels[i:i + chunk],
+                                   use_reentrant=False)
+    if reduction == "sum":
+        return total
+    return total / (labels != IGNORE_INDEX).sum()
 
 
 def document_positions(doc_ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -84,7 +84,7 @@ class LocalDispatcher(nn.Module):
                 experts: GroupedExperts) -> Tensor:
         """y [T, D] = sum over each token's assignments of weight * expert(x[token])."""
         if experts.backend_name(x) == "triton":
-            return fused_triton(x, token_idx, expert_idx, weight, experts)
+            return experts.run(fused_triton, x, token_idx, expert_idx, weight, experts)
         rows, offsets, routed = self.dispatch(x, token_idx, expert_idx, weight, experts.n_experts)
         return self.combine(experts(rows, offsets), routed)
 

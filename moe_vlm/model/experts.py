@@ -23,11 +23,12 @@ Backends (identical results within dtype tolerance), all ``(rows, offsets, w_in,
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 ExpertFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -159,6 +160,16 @@ class GroupedExperts(nn.Module):
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, 2 * d_expert))  # [E, D, 2F]
         self.w_out = nn.Parameter(torch.empty(n_experts, d_expert, d_model))  # [E, F, D]
         self._resolved: dict[tuple, ExpertFn] = {}
+        # parallel.activation_checkpointing=moe: the compute is recomputed in the backward
+        # (only the rows and offsets are kept), set by moe_vlm.parallel.parallelize
+        self.recompute = False
+
+    def run(self, fn: Callable[..., Tensor], *args: Any) -> Tensor:
+        """``fn(*args)``, under non-reentrant activation checkpointing when ``recompute``
+        is set and gradients are on (the dispatcher's fused path goes through here too)."""
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float,
@@ -178,7 +189,7 @@ class GroupedExperts(nn.Module):
         if fn is None:
             fn = BACKENDS[self.backend_name(rows)]()
             self._resolved[key] = fn
-        return fn(rows, offsets, self.w_in, self.w_out)
+        return self.run(fn, rows, offsets, self.w_in, self.w_out)
 
     def extra_repr(self) -> str:
         return (f"n_experts={self.n_experts}, d_model={self.d_model}, "

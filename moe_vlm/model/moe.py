@@ -21,6 +21,14 @@ from moe_vlm.routing.loss_norm import LossNorm
 from moe_vlm.routing.router import Router, RouterOutput
 
 
+def real_rows(mask: Tensor) -> Optional[Tensor]:
+    """The flat indices [T] (int64, row-major) of the real tokens of ``mask`` [B, S]
+    (False = padding), or None when every token is real. ``nonzero``: a host sync on a
+    device tensor, none on a CPU one."""
+    rows = mask.reshape(-1).nonzero().squeeze(1)  # [T]
+    return None if rows.numel() == mask.numel() else rows
+
+
 class MoELayer(nn.Module):
     """DeepSeekMoE-style layer: ``y = sum_k w_k * expert_k(x) + shared(x)``.
 
@@ -38,7 +46,8 @@ class MoELayer(nn.Module):
         self.shared: Optional[SwiGLU] = SwiGLU(d_model, sizes.d_shared) if sizes.d_shared else None
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None,
-                loss_norm: Optional[LossNorm] = None) -> tuple[Tensor, RouterOutput]:
+                loss_norm: Optional[LossNorm] = None, rows: Optional[Tensor] = None
+                ) -> tuple[Tensor, RouterOutput]:
         """x [B, S, D], mask [B, S] bool (False = padding) -> y [B, S, D] and the router
         output over the real tokens.
 
@@ -46,14 +55,14 @@ class MoELayer(nn.Module):
         router (so they never enter a balance loss, the z-loss, the counts or the bias
         update, and cost no expert compute, shared experts included) and get y = 0. The
         router's ``token_idx`` then indexes the real tokens in row-major order,
-        ``x[mask]``. One host sync (``nonzero``) when a mask is given."""
+        ``x[mask]``. ``rows`` [T] (``real_rows(mask)``): the real tokens' flat indices when
+        the caller has them; the decoder finds them once for all its MoE layers (the
+        training loop on the host, from the CPU batch), so the layer has no host sync.
+        Without them, a given ``mask`` costs one (``nonzero``)."""
         b, s, d = x.shape
         flat = x.reshape(b * s, d)  # [B*S, D]
-        rows = None
-        if mask is not None:
-            rows = mask.reshape(-1).nonzero().squeeze(1)  # [T] host sync
-            if rows.numel() == b * s:
-                rows = None
+        if rows is None and mask is not None:
+            rows = real_rows(mask)
         xr = flat if rows is None else flat.index_select(0, rows)  # [T, D] real tokens
         pos = torch.arange(b * s, device=x.device) if rows is None else rows  # [T]
         r = self.router(xr, n_seqs=b, seq_ids=pos // s, loss_norm=loss_norm)

@@ -89,23 +89,29 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
                 pixel_values: Optional[Tensor] = None, token_mask: Optional[Tensor] = None,
-                loss_norm: Optional[LossNorm] = None) -> ModelOutput:
+                loss_norm: Optional[LossNorm] = None, token_rows: Optional[Tensor] = None
+                ) -> ModelOutput:
         """input_ids [B, S] with runs of ``n_image_tokens`` placeholder ids per image;
-        pixel_values [N, 3, H, W] for the N images in placeholder order; ``token_mask``
-        and ``loss_norm`` as in ``DecoderLM.forward``."""
+        pixel_values [N, 3, H, W] for the N images in placeholder order; ``token_mask``,
+        ``loss_norm`` and ``token_rows`` as in ``DecoderLM.forward``."""
         embeds = self.decoder.embed(input_ids)  # [B, S, D]
         is_image = input_ids == self.image_token_id  # [B, S]
         n_img = 0 if pixel_values is None else pixel_values.shape[0]
-        n_slots = int(is_image.sum())  # host sync: checks the batch is consistent
-        if n_slots != n_img * self.n_image_tokens:
-            raise ValueError(f"the batch has {n_slots} image placeholder tokens but {n_img} images "
-                             f"x {self.n_image_tokens} tokens per image; each image needs exactly "
-                             f"{self.n_image_tokens} consecutive placeholder ids")
+        want = n_img * self.n_image_tokens
+        msg = (f"the batch's image placeholder tokens are not {n_img} images x "
+               f"{self.n_image_tokens} tokens per image; each image needs exactly "
+               f"{self.n_image_tokens} consecutive placeholder ids")
+        if input_ids.device.type == "cpu":
+            n_slots = int(is_image.sum())
+            if n_slots != want:
+                raise ValueError(f"{msg} (found {n_slots})")
+        else:  # checked on the device, so the host does not wait for the count
+            torch._assert_async(is_image.sum() == want, msg)
         if n_img:
             feats = self.image_embeddings(pixel_values)  # [N, P', D]
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))
         return self.decoder(inputs_embeds=embeds, labels=labels, token_mask=token_mask,
-                            loss_norm=loss_norm)
+                            loss_norm=loss_norm, token_rows=token_rows)
 
 
 def build_vlm(cfg: Config, image_token_id: int, device: Union[str, torch.device] = "cpu",

@@ -4,9 +4,11 @@
    experts and swaps its ``LocalDispatcher`` for an ``AllToAllDispatcher``; with data
    parallelism alone the routers still sum their expert counts over all ranks (the
    global-batch balance loss);
-2. **activation checkpointing** (``parallel.activation_checkpointing``): every repeated
-   block (decoder layers, vision blocks) keeps only its input and recomputes its
-   activations in the backward (``torch.utils.checkpoint``, non-reentrant);
+2. **activation checkpointing** (``parallel.activation_checkpointing``): ``full``: every
+   repeated block (decoder layers, vision blocks) keeps only its input and recomputes its
+   activations in the backward (``torch.utils.checkpoint``, non-reentrant); ``moe``: only
+   the routed experts' compute of each MoE layer is recomputed (their [N, 2F] hidden
+   rows are most of an MoE block's activations; routing and all-to-alls are not redone);
 3. **compilation** (``parallel.compile``): every repeated block is compiled in place with
    ``torch.compile`` (per block, so one graph serves all layers of a kind);
 4. **data parallelism**: FSDP2 (``parallel.fsdp``: each block, then the root) or DDP,
@@ -71,8 +73,11 @@ def parallelize(model: nn.Module, layout: Layout, cfg: Config,
         apply_expert_parallel(model, layout.ep_group)
     elif layout.distributed and moes:
         set_count_reducers(model)
-    if pcfg.activation_checkpointing:
+    if pcfg.activation_checkpointing == "full":
         apply_activation_checkpointing(model)
+    elif pcfg.activation_checkpointing == "moe":
+        for moe in moes:
+            moe.experts.recompute = True
     if pcfg.compile:
         apply_compile(model, amp)
     experts = expert_parameters(model)

@@ -65,6 +65,15 @@ def _scalar(value: float, device: torch.device) -> Tensor:
     return torch.full((), float(value), dtype=torch.float32, device=device)
 
 
+def collect_routing_stats(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn the routers' logging-only metrics (``routing_stats``: entropy over the scores,
+    loads, drops) on or off for every router of ``model``. Counts and losses are always
+    made: balancing needs them every step."""
+    for m in model.modules():
+        if hasattr(m, "collect_stats"):
+            m.collect_stats = enabled
+
+
 def modality_masks(input_ids: Tensor, token_mask: Optional[Tensor], image_id: int
                    ) -> tuple[Tensor, Tensor]:
     """(is_image, is_text) [T] over the real tokens of a batch ``input_ids`` [B, S], in the

@@ -39,7 +39,7 @@ class RouterOutput:
     aux_loss: Tensor  # scalar, balance loss (1.0 = balanced), unweighted: this call's share
     z_loss: Tensor  # scalar, unweighted: this call's share
     loss: Tensor  # scalar, aux_loss_coef * aux_loss + z_loss_coef * z_loss
-    stats: dict[str, Tensor]  # detached metrics, see routing.metrics
+    stats: dict[str, Tensor]  # detached metrics (routing.metrics); {} when not collected
 
 
 def normalizes_weights(cfg: RoutingConfig, k: int) -> bool:
@@ -70,6 +70,9 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))  # [E, D]
         self.register_buffer("bias", torch.zeros(n_experts))  # [E], selection only
         self.count_reducer: Optional[CountReducer] = None
+        # False: ``stats`` comes back empty (the training loop turns the logging-only
+        # metrics off between logging steps; ``routing.metrics.collect_routing_stats``)
+        self.collect_stats = True
 
     @property
     def top_k(self) -> int:
@@ -144,8 +147,10 @@ class Router(nn.Module):
             z = router_z_loss(logits, reduction="sum") / max(1.0, z_den)
         counts = count_ids(expert_idx, n_exp).float()  # [E], no host sync
         loss = cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
-        stats = routing_stats(counts, n_req, expert_idx.numel(), scores)
-        stats["aux_loss"], stats["z_loss"] = aux.detach(), z.detach()
+        stats: dict[str, Tensor] = {}
+        if self.collect_stats:
+            stats = routing_stats(counts, n_req, expert_idx.numel(), scores)
+            stats["aux_loss"], stats["z_loss"] = aux.detach(), z.detach()
         return RouterOutput(token_idx, expert_idx, weight, counts.detach(), aux, z, loss, stats)
 
     def _aux_loss(self, scores: Tensor, chosen: Tensor, n_seqs: int, seq_ids: Optional[Tensor],

@@ -9,6 +9,8 @@ from typing import ContextManager, Optional
 import torch
 from torch import Tensor
 
+from moe_vlm.model.moe import real_rows
+
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """bf16 autocast where supported (``auto``: CUDA with bf16), else None (fp32)."""
@@ -29,12 +31,21 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManag
 
 
 def model_inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """The keyword arguments a model's forward takes from a batch (the token mask too, so
-    padding is not routed in evaluation either: with capacity dropping or expert choice
-    it would compete with real tokens for slots)."""
-    keys = [k for k in ("input_ids", "labels", "pixel_values", "token_mask", "doc_ids") if k in batch]
+    """The keyword arguments a model's forward takes from a (CPU) batch, on ``device``.
+
+    The token mask goes too, so padding is not routed in evaluation either (with capacity
+    dropping or expert choice it would compete with real tokens for slots), with the real
+    tokens' flat indices found here on the host (``token_rows``), so no MoE layer asks the
+    device for them. A batch without padding passes neither."""
+    keys = [k for k in ("input_ids", "labels", "pixel_values", "doc_ids") if k in batch]
+    host = {k: batch[k] for k in keys}
+    mask = batch.get("token_mask")
+    if mask is not None:
+        rows = real_rows(mask.cpu())  # [T], or None: nothing padded
+        if rows is not None:
+            host.update(token_mask=mask, token_rows=rows)
     if device.type != "cuda":
-        return {k: batch[k].to(device) for k in keys}
+        return {k: v.to(device) for k, v in host.items()}
     # Pinned host memory lets the copies run asynchronously, queued on the stream before
     # the forward that reads them, instead of each waiting for the host.
-    return {k: batch[k].pin_memory().to(device, non_blocking=True) for k in keys}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in host.items()}

@@ -4,8 +4,10 @@ and summarise. ``train_step`` is one optimizer step; ``_loop`` the run around it
 Batches are addressed by (step, micro-batch) and the model holds all other state, so
 a run resumed from its last checkpoint replays bit for bit the losses of an uninterrupted
 run (on CPU; on CUDA with ``train.deterministic``). Host syncs per optimiser step: the
-step's token totals (``train.step.step_loss_norm``), one ``nonzero`` per MoE layer and
-micro-batch when the batch is padded, the finiteness check, plus the logging steps.
+step's token totals (``train.step.step_loss_norm``: counted on the host, one all-reduce
+when distributed) and the finiteness check (the engine's ``step``); the MoE layers have
+none (the real tokens' indices come from the host, expert counts are fixed-size). Routing
+metrics are made, and read back, on logging steps only.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from moe_vlm.config.schema import Config, ConfigError
 from moe_vlm.errors import RunDirError
 from moe_vlm.parallel.engines import StepResult
 from moe_vlm.parallel.runtime import Layout, launched_world, resolve_device, setup, teardown
+from moe_vlm.routing.metrics import collect_routing_stats
 from moe_vlm.train.checkpoint import checkpoint_path, save_checkpoint
 from moe_vlm.train.evaluate import evaluate
 from moe_vlm.train.optim import lr_at
+from moe_vlm.train.prefetch import Prefetcher
 from moe_vlm.train.resume import check_resume_config
 from moe_vlm.train.rundir import RunDirLock, clean_stale_temporaries, write_json
 from moe_vlm.train.setup import Run, resume_state, setup_run
@@ -184,17 +188,25 @@ class StepOutcome:
     result: StepResult
 
 
-def train_step(run: Run, step: int) -> StepOutcome:
-    """Optimizer step ``step`` (0-based): read this rank's micro-batches, forward and
-    backward them, let the engine reduce, clip and step (or skip a non-finite step), then
-    move the routers' balance biases (``routing.bias_update_rate``) by the step's loads."""
+def step_batches(run: Run, step: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of optimizer step ``step`` (CPU tensors)."""
+    return [run.data.train_batch(step, run.first_micro + m, run.micro_bs, run.cfg.train.batch_size)
+            for m in range(run.n_micro)]
+
+
+def train_step(run: Run, step: int, collect: bool = True,
+               batches: Optional[list[dict[str, torch.Tensor]]] = None) -> StepOutcome:
+    """Optimizer step ``step`` (0-based): read this rank's micro-batches (unless given),
+    forward and backward them, let the engine reduce, clip and step (or skip a non-finite
+    step), then move the routers' balance biases (``routing.bias_update_rate``) by the
+    step's loads. ``collect``: make the logging-only routing metrics (a logging step)."""
     cfg, lay = run.cfg, run.layout
     lr = lr_at(step, cfg.train)
     # All micro-batches first, so the step's token totals are known before any forward:
     # every loss is then a share of the global-batch mean.
-    batches = [run.data.train_batch(step, run.first_micro + m, run.micro_bs, cfg.train.batch_size)
-               for m in range(run.n_micro)]
-    fb = forward_backward_step(run.engine, batches, lay, run.amp, run.image_id)
+    batches = step_batches(run, step) if batches is None else batches
+    collect_routing_stats(run.model, collect)
+    fb = forward_backward_step(run.engine, batches, lay, run.amp, run.image_id, collect)
     result = run.engine.step(lr, fb.lm_loss + fb.routing_loss)
     if not result.skipped and cfg.routing.bias_update_rate > 0:
         for j, moe in enumerate(run.model.moe_layers()):
@@ -221,9 +233,16 @@ def _loop(run: Run) -> dict[str, Any]:
         min(t_cfg.max_steps, step + t_cfg.stop_after_steps)
     bar = _progress(t_cfg.max_steps, step, t_cfg.progress and main)
     run.model.train()
+    prefetch = Prefetcher(lambda s: step_batches(run, s), t_cfg.prefetch)
     try:
         while step < stop_at:
-            out = train_step(run, step)
+            log_step = (step + 1) % t_cfg.log_every == 0 or step + 1 == stop_at
+            batches = prefetch.take(step)
+            # read while the prefetch worker is idle: the counters include this step's samples
+            data_stats = run.data.stats((step + 1) * t_cfg.batch_size)
+            if step + 1 < stop_at:
+                prefetch.ahead(step + 1)
+            out = train_step(run, step, log_step, batches)
             if out.result.skipped:
                 _non_finite(run, step, out)
             n_tok = int(out.fb.norm.n_tokens)  # real (non-padding) tokens of the global batch
@@ -233,9 +252,9 @@ def _loop(run: Run) -> dict[str, Any]:
             if bar is not None:
                 bar.update(1)
             row: dict[str, Any] = {}
-            if step % t_cfg.log_every == 0 or step == stop_at or out.result.skipped:
+            if log_step or out.result.skipped:
                 now = time.time()
-                row.update(_train_row(run, out, tok_window / max(1e-9, now - t_window)))
+                row.update(_train_row(run, out, tok_window / max(1e-9, now - t_window), data_stats))
                 t_window, tok_window = now, 0
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{out.lr:.2e}")
@@ -261,22 +280,26 @@ def _loop(run: Run) -> dict[str, Any]:
             pass
         raise
     finally:
+        prefetch.close()
+        collect_routing_stats(run.model, True)  # the model's default, for whoever uses it next
         if bar is not None:
             bar.close()
 
 
-def _train_row(run: Run, out: StepOutcome, tokens_per_s: float) -> dict[str, Any]:
+def _train_row(run: Run, out: StepOutcome, tokens_per_s: float,
+               data_stats: dict[str, int]) -> dict[str, Any]:
     """A logging step's metrics row: losses, lr, gradient norm, throughput, per-layer
-    routing metrics, and a mixture's data statistics."""
+    routing metrics (when the step collected them: a skipped step off the logging cadence
+    has none), and a mixture's data statistics."""
     summary, fb = run.summary, out.fb
     summary.final_train_loss = loss = fb.lm_loss.item()
     row = dict(loss=loss, routing_loss=fb.routing_loss.item(), lr=out.lr,
                grad_norm=float(out.result.grad_norm), tokens_per_s=tokens_per_s,
-               tokens_seen=summary.tokens_seen, skipped=out.result.skipped,
-               routing=layer_metrics(run.model, fb, run.layout))
-    stats = run.data.stats(summary.steps * run.cfg.train.batch_size)  # per source, to this step
-    if stats:
-        row["data"] = summary.data_stats = stats
+               tokens_seen=summary.tokens_seen, skipped=out.result.skipped)
+    if fb.collected:
+        row["routing"] = layer_metrics(run.model, fb, run.layout)
+    if data_stats:  # per source, to this step
+        row["data"] = summary.data_stats = data_stats
     return row
 
 

@@ -16,10 +16,11 @@ from moe_vlm.errors import ConfigError
 
 # Keys that drive the run without changing what a step computes (to float rounding), or
 # that only apply when a run starts fresh (train.init_from, upcycle.*).
-FREE = ("train.max_steps", "train.stop_after_steps", "train.progress", "train.log_every",
+FREE = ("train.max_steps", "train.stop_after_steps", "train.progress", "train.prefetch", "train.log_every",
         "train.eval_every", "train.ckpt_every", "train.keep_checkpoints", "train.device",
         "train.micro_batch_size", "train.deterministic", "train.trust_checkpoint",
-        "train.allow_changes", "train.init_from", "moe.backend", "upcycle", "parallel", "run")
+        "train.allow_changes", "train.init_from", "moe.backend", "model.loss_chunk", "upcycle", "parallel",
+        "run")
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -34,8 +34,9 @@ class StepForward:
     lm_loss: Tensor  # scalar: sum of target-token losses / target tokens of the global batch
     routing_loss: Tensor  # scalar: the step's weighted aux + z losses
     routing: list[list[RouterOutput]]  # [micro-batch][MoE layer], this rank's
-    modality: list[Modality]  # per micro-batch, None for text-only data
+    modality: list[Modality]  # per micro-batch, None for text-only data (or not collected)
     norm: LossNorm  # the step's totals
+    collected: bool = True  # the routers made their logging metrics (RouterOutput.stats)
 
 
 def step_loss_norm(batches: list[dict[str, Tensor]], layout: Layout) -> LossNorm:
@@ -55,9 +56,12 @@ def step_loss_norm(batches: list[dict[str, Tensor]], layout: Layout) -> LossNorm
 
 
 def forward_backward_step(engine: Engine, batches: list[dict[str, Tensor]], layout: Layout,
-                          amp: Optional[torch.dtype], image_id: Optional[int] = None) -> StepForward:
+                          amp: Optional[torch.dtype], image_id: Optional[int] = None,
+                          collect: bool = True) -> StepForward:
     """Forward and backward every micro-batch of this rank's share of one step through
-    ``engine`` (gradients accumulate; no optimiser step), and reduce the losses."""
+    ``engine`` (gradients accumulate; no optimiser step), and reduce the losses.
+    ``collect``: whether the routers were asked for their logging metrics this step
+    (``routing.metrics.collect_routing_stats``); the modality masks are made only then."""
     device = layout.device
     norm = step_loss_norm(batches, layout)
     lm = torch.zeros((), device=device)
@@ -67,14 +71,14 @@ def forward_backward_step(engine: Engine, batches: list[dict[str, Tensor]], layo
         inputs = model_inputs(batch, device)
         out = engine.forward_backward({**inputs, "loss_norm": norm}, m == len(batches) - 1,
                                       lambda: autocast(device, amp))
-        modality.append(None if image_id is None else
+        modality.append(None if image_id is None or not collect else
                         modality_masks(inputs["input_ids"], inputs.get("token_mask"), image_id))
         lm += out.lm_loss.detach()  # shares: they add up to the step's means
         rt += out.routing_loss.detach()
         routing.append(out.routing)
     if layout.distributed:  # the step's losses: the shares of every rank
         lm, rt = layout.all_sum(torch.stack([lm, rt]).double()).float().unbind()
-    return StepForward(lm, rt, routing, modality, norm)
+    return StepForward(lm, rt, routing, modality, norm, collect)
 
 
 def layer_metrics(model: torch.nn.Module, fb: StepForward, layout: Layout) -> dict[str, dict]:

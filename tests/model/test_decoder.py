@@ -348,3 +348,34 @@ def test_document_mask_equals_running_the_documents_separately():
     # without doc_ids the documents see each other: the mask is what makes them equal
     plain = model(packed).logits[0]
     assert not torch.allclose(plain[5:14], model(docs[1][None]).logits[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_loss_equals_the_full_loss(chunk, tied):
+    """``model.loss_chunk``: the loss and every gradient equal the unchunked ones to float
+    rounding (chunks of 1 row, a chunk that does not divide B*S, one chunk for all),
+    with ignored labels and a ``loss_norm`` share; logits are not made in training, and
+    evaluation (no gradients) still returns them."""
+    from moe_vlm.routing.loss_norm import LossNorm
+
+    ids = torch.randint(0, V, (3, S_MAX), generator=torch.Generator().manual_seed(0))
+    labels = ids.roll(-1, 1)
+    labels[:, -3:] = IGNORE_INDEX
+    norm = LossNorm(n_targets=100.0, n_tokens=48.0, n_seqs=3.0, n_micro=1, n_ranks=1)
+    results = []
+    for c in (0, chunk):
+        model = moe_model(tie_embeddings=tied, loss_chunk=c).train()
+        for kwargs in ({}, {"loss_norm": norm}):
+            model.zero_grad()
+            out = model(input_ids=ids, labels=labels, **kwargs)
+            out.loss.backward()
+            assert (out.logits is None) == (c > 0)
+            results.append((out.lm_loss.detach(),
+                            {n: p.grad.clone() for n, p in model.named_parameters()}))
+        with torch.no_grad():
+            assert model(input_ids=ids, labels=labels).logits.shape == (3, S_MAX, V)
+    for (loss, grads), (ref_loss, ref_grads) in zip(results[2:], results[:2]):
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=name)

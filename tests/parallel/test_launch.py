@@ -95,7 +95,7 @@ LAYOUTS = {
     "ep2_capacity": (2, [*TEXT, "parallel.ep=2", "train.micro_batch_size=2",
                          "routing.capacity_factor=1.0"]),
     # parallelize's whole order: EP, activation checkpointing, then FSDP
-    "vlm_ep2_ac_fsdp": (2, ["parallel.ep=2", "parallel.activation_checkpointing=true",
+    "vlm_ep2_ac_fsdp": (2, ["parallel.ep=2", "parallel.activation_checkpointing=full",
                             "parallel.fsdp=true", "train.micro_batch_size=2"]),
     # 4 processes: experts over 2, replicated over 2 (expert-data-parallel gradient
     # averaging), with the aux-loss-free router (bias updates from counts summed over ranks).

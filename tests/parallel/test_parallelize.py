@@ -38,18 +38,24 @@ def _loss_and_grads(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, t
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_activation_checkpointing_changes_nothing_but_memory():
+@pytest.mark.parametrize("mode,backend", [("full", "torch"), ("moe", "torch"),
+                                          ("moe", "grouped_mm"), ("moe", "triton")])
+def test_activation_checkpointing_changes_nothing_but_memory(mode, backend):
     """Same loss and gradients bit for bit (the recompute routes identically), same names
-    and state dict, evaluation under no_grad still works; blocks are checkpointed once."""
-    routing = ("routing.aux_loss_coef=0.05", "routing.z_loss_coef=0.01")
+    and state dict, evaluation under no_grad still works; applied twice, once. ``full``
+    checkpoints whole blocks, ``moe`` only the routed experts' compute (which then keeps
+    fewer tensors for the backward)."""
+    routing = ("routing.aux_loss_coef=0.05", "routing.z_loss_coef=0.01", f"moe.backend={backend}")
     cfg, plain = _model(*routing)
-    cfg_ac, ckpt = _model(*routing, "parallel.activation_checkpointing=true")
+    cfg_ac, ckpt = _model(*routing, f"parallel.activation_checkpointing={mode}")
     ids = torch.randint(0, cfg.model.vocab_size, (3, 32), generator=torch.Generator().manual_seed(0))
     keys = list(ckpt.state_dict())
     for _ in range(2):  # applying it twice checkpoints once
         parallelize(ckpt, Layout(device=torch.device("cpu")), cfg_ac)
     assert list(ckpt.state_dict()) == keys
-    assert all(getattr(b, "_moe_vlm_checkpointed", False) for b in repeated_blocks(ckpt))
+    blocks = [getattr(b, "_moe_vlm_checkpointed", False) for b in repeated_blocks(ckpt)]
+    assert all(blocks) if mode == "full" else not any(blocks)
+    assert all(m.experts.recompute == (mode == "moe") for m in ckpt.moe_layers())
     want_loss, want = _loss_and_grads(plain, ids)
     got_loss, got = _loss_and_grads(ckpt, ids)
     assert torch.equal(got_loss, want_loss)
@@ -57,16 +63,33 @@ def test_activation_checkpointing_changes_nothing_but_memory():
         assert torch.equal(got[name], g), name
     with torch.no_grad():
         assert torch.equal(ckpt(input_ids=ids).logits, plain(input_ids=ids).logits)
+    if mode == "moe":  # the experts' hidden rows are not among the tensors kept
+        assert _saved_numel(ckpt, ids) < _saved_numel(plain, ids)
+
+
+def _saved_numel(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Elements of the tensors autograd keeps for the backward of one forward."""
+    n = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal n
+        n += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids.roll(-1, 1)).loss.backward()
+    return n
 
 
 @pytest.mark.parametrize("experts", [
-    ["moe.backend=grouped_mm", "train.precision=bf16"],
+    ["moe.backend=grouped_mm", "train.precision=bf16", "parallel.activation_checkpointing=full"],
     # custom ops, in Triton's (slow) CPU interpreter: a smaller batch, one step
     ["moe.backend=triton", "train.precision=fp32", "train.batch_size=2", "data.n_eval_samples=2",
-     "train.max_steps=1", "train.eval_every=1"],
+     "train.max_steps=1", "train.eval_every=1", "parallel.activation_checkpointing=moe"],
 ], ids=["grouped_mm_bf16", "triton_fp32"])
 def test_compile_matches_eager_without_a_graph_break(experts, tmp_path):
-    """``parallel.compile`` with activation checkpointing through the training loop, on a
+    """``parallel.compile`` with activation checkpointing (whole blocks, or the experts)
+    through the training loop, on a
     dense block and an MoE block (padded batches): no graph break anywhere, and the loss
     curve of eager to rounding (20-40 s each on 2 cores)."""
     from torch._dynamo.utils import counters
@@ -74,7 +97,7 @@ def test_compile_matches_eager_without_a_graph_break(experts, tmp_path):
     common = ["vision=none", "data=synthetic_text", "data.seq_len=32", "model.n_dense_layers=1",
               "train.max_steps=2", "train.batch_size=4", "train.progress=false",
               "data.n_eval_samples=8", "train.log_every=1", "train.eval_every=2",
-              "parallel.activation_checkpointing=true", *experts]
+              *experts]
     curves = {}
     for name, extra in (("eager", []), ("compiled", ["parallel.compile=true"])):
         torch._dynamo.reset()

@@ -83,6 +83,7 @@ def test_adamw_is_fused_and_inputs_arrive_intact_on_cuda(tiny_config):
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, ref[p], atol=1e-6, rtol=1e-5, msg=name)
     batch = {"input_ids": torch.arange(12).reshape(2, 6), "labels": torch.ones(2, 6, dtype=torch.long),
-             "token_mask": torch.ones(2, 6, dtype=torch.bool)}
+             "token_mask": torch.arange(12).reshape(2, 6) < 10}
     got = model_inputs(batch, torch.device("cuda"))  # pinned, non-blocking copies
     assert all(torch.equal(got[k].cpu(), v) for k, v in batch.items())
+    assert torch.equal(got["token_rows"].cpu(), torch.arange(10))
