@@ -17,7 +17,10 @@ steps on random token ids:
 - ``hf/<impl>``: transformers' Qwen3-MoE, bf16 weights, each ``experts_implementation`` that
   version offers (``eager``: the per-expert loop; ``grouped_mm``; ``batched_mm``);
 - ``ours/<backend>/compiled`` (``--compile``): each decoder block ``torch.compile``d (regional),
-  by ``moe_vlm.parallel.parallelize.apply_compile`` as ``parallel.compile=true`` does.
+  by ``moe_vlm.parallel.parallelize.apply_compile`` as ``parallel.compile=true`` does;
+- ``ours/<backend>/ac-<mode>`` (``--checkpointing moe full``): in the run's precision with
+  ``parallel.activation_checkpointing=<mode>`` (the routed experts' compute, or whole
+  blocks, recomputed in the backward: compare the peak memory).
 
 On CPU everything runs in fp32 (bf16 rows are skipped) at a small shape.
 
@@ -213,6 +216,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                          "under TRITON_INTERPRET=1)")
     ap.add_argument("--hf-impls", nargs="*", choices=HF_IMPLS, default=list(HF_IMPLS))
     ap.add_argument("--compile", action="store_true", help="also time ours with each block compiled")
+    ap.add_argument("--checkpointing", nargs="*", choices=["moe", "full"], default=[],
+                    help="also time ours with these activation checkpointing modes")
     ap.add_argument("--baseline", default="hf/grouped_mm", help="row the speed-ups are against")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
@@ -245,12 +250,16 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         del src_model
         free_memory(device)
 
-        def ours(backend: str, dtype: torch.dtype, amp: Optional[torch.dtype], compiled: bool):
+        def ours(backend: str, dtype: torch.dtype, amp: Optional[torch.dtype], compiled: bool,
+                 ac: str = "none"):
             def make() -> Callable[[], None]:
                 cfgs = configs(args.shape, backend)
                 m = build_model(*cfgs, device=device, seed=0)
                 m.load_state_dict(state)
                 m.to(dtype)
+                if ac != "none":  # as parallel.activation_checkpointing does
+                    from moe_vlm.parallel.parallelize import apply_activation_checkpointing
+                    apply_activation_checkpointing(m, ac)
                 if compiled:  # as parallel.compile does (refuses what does not trace)
                     from moe_vlm.parallel.parallelize import apply_compile
                     apply_compile(m, amp)
@@ -268,6 +277,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             if args.compile:
                 dt, amp = (torch.bfloat16, None) if cuda else (torch.float32, None)
                 variants.append((f"ours/{be}/compiled", ours(be, dt, amp, True)))
+            for mode in args.checkpointing:
+                amp = torch.bfloat16 if cuda else None
+                variants.append((f"ours/{be}/ac-{mode}", ours(be, torch.float32, amp, False, mode)))
         for impl in args.hf_impls:
             dt = torch.bfloat16 if cuda else torch.float32
             variants.append((f"hf/{impl}", lambda impl=impl, dt=dt: hf_step(

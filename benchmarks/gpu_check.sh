@@ -14,7 +14,9 @@
 #   4. bench_train: a whole training step at the PERF.md end-to-end anchor shape, ours beside
 #      transformers' Qwen3-MoE with the same weights;
 #   5. bench_permute: permute and unpermute+combine against torch indexing (TB/s);
-#   6. bench_train --compile: each block torch.compile'd (exploratory).
+#   6. bench_train --compile: each block torch.compile'd (exploratory);
+#   7. bench_train --checkpointing moe full: the step's time and peak memory with activation
+#      checkpointing of the experts or of whole blocks.
 # Everything lands in benchmarks/results/ (gpu_check/<stage>.log, and the benchmarks'
 # .jsonl/.csv); with $OUT set, also $OUT/gpu_check.tar.gz and $OUT/summary.md.
 # Missing Python packages (hydra-core, omegaconf, antlr4 on a bare GPU image) are installed
@@ -90,16 +92,18 @@ done
 # Most of the tests' time is Triton compiling and autotuning (one test 43 s alone on the
 # first run): with pytest-xdist, 4 workers compile side by side.
 XDIST=""; "$PY" -c 'import xdist' 2>/dev/null && XDIST="-n 4"
-stage tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider $XDIST tests/kernels/test_kernel_gpu.py --timeout 140
+stage tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider $XDIST tests --timeout 140
 stage bench_moe_layer 120 "$PY" benchmarks/bench_moe_layer.py --skew uniform zipf --reps 3
 stage bench_train 150 "$PY" benchmarks/bench_train.py --shape anchor --hf-impls eager grouped_mm
 stage bench_permute 40 "$PY" benchmarks/bench_permute.py --reps 3
 stage bench_train_compile 90 "$PY" benchmarks/bench_train.py --shape anchor --compile \
     --backends grouped_mm triton --hf-impls --warmup 2 --steps 5
+stage bench_train_ac 60 "$PY" benchmarks/bench_train.py --shape anchor --checkpointing moe full \
+    --backends triton --hf-impls --warmup 2 --steps 5
 
 {
     echo
-    for f in bench_moe_layer bench_train bench_permute bench_train_compile; do
+    for f in bench_moe_layer bench_train bench_permute bench_train_compile bench_train_ac; do
         [ -f "$LOGS/$f.log" ] || continue
         echo "## $f"; echo; grep '^|' "$LOGS/$f.log"; echo
     done

@@ -73,11 +73,8 @@ def parallelize(model: nn.Module, layout: Layout, cfg: Config,
         apply_expert_parallel(model, layout.ep_group)
     elif layout.distributed and moes:
         set_count_reducers(model)
-    if pcfg.activation_checkpointing == "full":
-        apply_activation_checkpointing(model)
-    elif pcfg.activation_checkpointing == "moe":
-        for moe in moes:
-            moe.experts.recompute = True
+    if pcfg.activation_checkpointing != "none":
+        apply_activation_checkpointing(model, str(pcfg.activation_checkpointing))
     if pcfg.compile:
         apply_compile(model, amp)
     experts = expert_parameters(model)
@@ -95,13 +92,21 @@ def parallelize(model: nn.Module, layout: Layout, cfg: Config,
     return par
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Checkpoint every repeated block: its forward runs under non-reentrant
+def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> None:
+    """``full``: checkpoint every repeated block: its forward runs under non-reentrant
     ``torch.utils.checkpoint``, so only the block's inputs are kept and the rest is
     recomputed in the backward. The block's own ``forward`` is wrapped (an instance
     attribute), not the module, so parameter names and the state dict do not change.
     Recomputation repeats the forward exactly (routing included: the recomputed router
-    makes the same choices from the same inputs), so losses and gradients are unchanged."""
+    makes the same choices from the same inputs), so losses and gradients are unchanged.
+    ``moe``: only each MoE layer's routed-expert compute is checkpointed
+    (``GroupedExperts.recompute``)."""
+    if mode == "moe":
+        for moe in (model.moe_layers() if hasattr(model, "moe_layers") else []):
+            moe.experts.recompute = True
+        return
+    if mode != "full":
+        raise ValueError(f"activation checkpointing mode {mode!r}: choose none, moe or full")
     for block in repeated_blocks(model):
         if getattr(block, "_moe_vlm_checkpointed", False):
             continue
