@@ -257,6 +257,9 @@ class TrainConfig(_Section):
     progress: bool = True  # a progress bar on the terminal
     # Build the next step's batches on a background thread during this step (same batches)
     prefetch: bool = True
+    # CUDA: fp32 matmuls may use TF32 tensor cores (torch.set_float32_matmul_precision
+    # "high"; our Triton kernels follow it). Faster fp32 runs, ~1e-3 relative rounding
+    tf32: bool = False
 
 
 @dataclass

@@ -82,12 +82,15 @@ def train(cfg: Config, run_dir: str | Path, overrides: Optional[Sequence[str]] =
     if t_cfg.batch_size % world:
         raise ConfigError(f"train.batch_size={t_cfg.batch_size} is global and must be divisible "
                           f"by the {world} processes")
-    restore = deterministic_cuda(t_cfg.deterministic and resolve_device(t_cfg.device).type == "cuda")
+    cuda = resolve_device(t_cfg.device).type == "cuda"
+    restore = deterministic_cuda(t_cfg.deterministic and cuda)
+    restore_tf32 = tf32_matmuls(t_cfg.tf32 and cuda)
     layout = setup(cfg.parallel, t_cfg.device)
     try:
         return _train(cfg, Path(layout.broadcast(str(run_dir))), layout, overrides)
     finally:
         teardown(layout)
+        restore_tf32()
         restore()
 
 
@@ -112,6 +115,18 @@ def deterministic_cuda(enabled: bool) -> Callable[[], None]:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[1], prev[2]
 
     return restore
+
+
+def tf32_matmuls(enabled: bool) -> Callable[[], None]:
+    """``train.tf32`` on CUDA: fp32 matmuls may use TF32 tensor cores
+    (``torch.set_float32_matmul_precision("high")``: cuBLAS, and our Triton kernels, which
+    follow the same knob). For fp32 runs (``train.precision=fp32``); bf16 autocast does
+    not need it. Returns a function restoring the previous precision."""
+    if not enabled:
+        return lambda: None
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    return lambda: torch.set_float32_matmul_precision(prev)
 
 
 def _train(cfg: Config, run_dir: Path, layout: Layout,

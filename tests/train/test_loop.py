@@ -189,3 +189,17 @@ def test_deterministic_cuda_switches_and_restores(monkeypatch):
     finally:
         restore()
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_tf32_sets_and_restores_the_matmul_precision():
+    """``train.tf32`` (CUDA only) sets PyTorch's fp32 matmul precision, which cuBLAS and
+    our Triton kernels read, for the run, and puts the previous one back."""
+    from moe_vlm.train.loop import tf32_matmuls
+
+    prev = torch.get_float32_matmul_precision()
+    tf32_matmuls(False)()
+    assert torch.get_float32_matmul_precision() == prev
+    restore = tf32_matmuls(True)
+    assert torch.get_float32_matmul_precision() == "high"
+    restore()
+    assert torch.get_float32_matmul_precision() == prev
