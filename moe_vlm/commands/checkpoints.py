@@ -28,7 +28,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from moe_vlm.config.schema import Config, ConfigError, UpcycleConfig
+from moe_vlm.config.schema import Config, ConfigError, UpcycleConfig, v2pe_enabled
 from moe_vlm.errors import UserError
 
 # OS errors that mean "this path cannot be used" (not a bug): reported as one line.
@@ -241,6 +241,12 @@ def export_hf_main(args: Sequence[str]) -> None:
                                  "here hold the language model only: pass --decoder-only")
             sd = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
         c = src.config
+        if v2pe_enabled(c.data):
+            raise ValueError(
+                f"this model was trained with V2PE (data.v2pe_delta={c.data.v2pe_delta}, "
+                f"data.v2pe_train_deltas={list(c.data.v2pe_train_deltas)}): its image tokens "
+                "had fractional rotary positions, which no Hugging Face class computes; "
+                "exporting would give a model that answers differently")
         dtype = getattr(torch, a.dtype) if a.dtype else None
         path = export_hf(sd, c.model, c.moe, c.routing, a.out, dtype=dtype)
         kind = json.loads((path / "config.json").read_text())["model_type"]

@@ -211,6 +211,17 @@ class DataConfig(_Section):
     # text, llava, each built with this config's other keys; exact proportions per block
     mixture: dict[str, float] = field(default_factory=dict)
     max_images_per_seq: int = 4  # packing budget: images per packed sequence
+    # V2PE (InternVL3): an image token advances the rotary position by this delta (text
+    # tokens by 1), in evaluation and inference; 1 = plain positions (off)
+    v2pe_delta: float = 1.0
+    # V2PE in training: each image's delta drawn from these (InternVL3: 1, 1/2, ..., 1/256);
+    # empty = data.v2pe_delta
+    v2pe_train_deltas: list[float] = field(default_factory=list)
+
+
+def v2pe_enabled(d: DataConfig) -> bool:
+    """Whether image tokens get V2PE's variable positions (``data.v2pe_*``)."""
+    return d.v2pe_delta != 1.0 or bool(d.v2pe_train_deltas)
 
 
 @dataclass

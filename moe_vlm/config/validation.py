@@ -10,7 +10,7 @@ from dataclasses import fields, is_dataclass
 from functools import lru_cache
 from typing import Any, Optional, get_type_hints
 
-from moe_vlm.config.schema import Choice, Config, DataName, ModelConfig
+from moe_vlm.config.schema import Choice, Config, DataName, ModelConfig, v2pe_enabled
 from moe_vlm.config.sizes import MoESizes, resolve_moe_sizes
 from moe_vlm.errors import ConfigError
 
@@ -131,6 +131,12 @@ def _validate_vision(cfg: Config) -> None:
         _need(d.name in ("text", "stdlib") and v.name == "none", "data.doc_mask",
               "masks attention at document boundaries of text corpora: use it with data=text or "
               "data=stdlib and vision=none")
+    for delta in [d.v2pe_delta, *d.v2pe_train_deltas]:
+        _need(0 < delta <= 1, "data.v2pe_delta" if delta == d.v2pe_delta else
+              "data.v2pe_train_deltas", f"V2PE deltas must be in (0, 1], got {delta}")
+    if v2pe_enabled(d):
+        _need(v.name != "none", "data.v2pe_delta", "V2PE sets the positions of image tokens: "
+              "it needs a vision tower (e.g. vision=vit_tiny) and image-text data")
     if d.tokenizer == "hf":
         _need(bool(d.tokenizer_path), "data.tokenizer_path", "data.tokenizer=hf needs a local tokenizer directory")
     # Checked whatever the tokenizer: BPETokenizer.train refuses it only after the run

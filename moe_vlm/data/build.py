@@ -8,13 +8,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from moe_vlm.config.schema import ConfigError, DataConfig, VisionConfig
+from moe_vlm.config.schema import ConfigError, DataConfig, VisionConfig, v2pe_enabled
 from moe_vlm.data.bundle import DataBundle
 from moe_vlm.data.byte_tokenizer import ByteTokenizer
 from moe_vlm.data.packing import PackedSource
 from moe_vlm.data.sample import collate
 from moe_vlm.data.synthetic_text import SyntheticText
 from moe_vlm.data.synthetic_vlm import SyntheticVLM, chance_accuracy
+from moe_vlm.data.v2pe import V2PE
 
 
 def _synthetic_text(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBundle:
@@ -107,7 +108,12 @@ def build_data(cfg: DataConfig, tokenizer: Any = None, vision: Optional[VisionCo
     normalisation) and how many placeholder tokens an image takes in the decoder."""
     if cfg.name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset {cfg.name!r}; choose one of {list(DATASETS)}")
-    return DATASETS[cfg.name](cfg, tokenizer or ByteTokenizer(), vision, n_image_tokens)
+    tokenizer = tokenizer or ByteTokenizer()
+    bundle = DATASETS[cfg.name](cfg, tokenizer, vision, n_image_tokens)
+    if v2pe_enabled(cfg) and n_image_tokens:
+        bundle.v2pe = V2PE(tokenizer.image_id, n_image_tokens, cfg.v2pe_delta,
+                           tuple(cfg.v2pe_train_deltas), cfg.seed)
+    return bundle
 
 
 def build_tokenizer_for(cfg: DataConfig, run_dir: Optional[Path] = None):

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from moe_vlm.data.sample import collate
+from moe_vlm.data.v2pe import V2PE
 
 
 @dataclass
@@ -26,6 +27,7 @@ class DataBundle:
     seed: int = 0
     corpus_stats: dict[str, int] = field(default_factory=dict)  # text corpora: skipped at tokenisation
     eval_parts: dict[str, Any] = field(default_factory=dict)  # a mixture: each source's held-out set
+    v2pe: Optional[V2PE] = None  # variable image-token positions (``data.v2pe_*``)
     _perm: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _stream: Optional[tuple[int, Iterator]] = field(default=None, repr=False)
 
@@ -69,7 +71,15 @@ class DataBundle:
         """Micro-batch ``micro`` of global step ``step``: global samples
         ``step*batch_size + micro*micro_batch_size + [0, micro_batch_size)``."""
         start = step * batch_size + micro * micro_batch_size
-        return self.collate([self._sample(start + i) for i in range(micro_batch_size)])
+        return self.collate([self._positioned(self._sample(start + i), start + i)
+                             for i in range(micro_batch_size)])
+
+    def _positioned(self, sample: dict[str, torch.Tensor], g: Optional[int]) -> dict[str, torch.Tensor]:
+        """``sample`` with V2PE's ``position_ids`` when on (``g``: its global training index,
+        None for a held-out one)."""
+        if self.v2pe is None:
+            return sample
+        return {**sample, "position_ids": self.v2pe.positions(sample["input_ids"], g)}
 
     def stats(self, n_samples: Optional[int] = None) -> dict[str, int]:
         """Counters of skipped rows (missing/corrupt images, too long, malformed) and
@@ -91,4 +101,5 @@ class DataBundle:
         src = self.eval if part is None else self.eval_parts[part]
         n = len(src)
         for start in range(rank * batch_size, n, world * batch_size):
-            yield self.collate([src[i] for i in range(start, min(n, start + batch_size))])
+            yield self.collate([self._positioned(src[i], None)
+                                for i in range(start, min(n, start + batch_size))])

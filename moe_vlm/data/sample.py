@@ -30,7 +30,8 @@ IGNORE_INDEX = -100
 
 def collate(samples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample: ids with ``pad_id``, labels with -100, answer ids
-    with -1, ``token_mask`` [B, S] with False (and a sample's own False positions kept);
+    with -1, ``token_mask`` [B, S] with False (and a sample's own False positions kept),
+    V2PE's float ``position_ids`` with 0 (a sample without them gets 0, 1, 2, ...);
     images concatenated in sample order -> ``pixel_values`` [sum N, 3, H, W]."""
     s_max = max(int(s["input_ids"].numel()) for s in samples)
     fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "answer_ids": -1, "doc_ids": -1}
@@ -48,6 +49,13 @@ def collate(samples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str
         own = s.get("token_mask")
         mask[i, : s["input_ids"].numel()] = True if own is None else own.bool()
     out["token_mask"] = mask
+    if any("position_ids" in s for s in samples):  # V2PE (moe_vlm.data.v2pe): float positions
+        pos = torch.zeros(len(samples), s_max, dtype=torch.float32)  # [B, S]
+        for i, s in enumerate(samples):
+            p = s.get("position_ids")
+            n = s["input_ids"].numel()
+            pos[i, :n] = torch.arange(n, dtype=torch.float32) if p is None else p
+        out["position_ids"] = pos
     images = [s["pixel_values"] for s in samples if "pixel_values" in s]
     if images:
         out["pixel_values"] = torch.cat(images)  # [N, 3, H, W]

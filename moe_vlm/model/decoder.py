@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from moe_vlm.config.schema import ModelConfig, MoEConfig, RoutingConfig
 from moe_vlm.data.sample import IGNORE_INDEX
 from moe_vlm.model.granularity import MoESizes, resolve_moe_sizes
-from moe_vlm.model.layers import Attention, RMSNorm, SwiGLU, rotary_tables
+from moe_vlm.model.layers import Attention, RMSNorm, SwiGLU, rope_inv_freq, rotary_tables
 from moe_vlm.model.moe import MoELayer, real_rows
 from moe_vlm.routing.loss_norm import LossNorm
 from moe_vlm.routing.router import RouterOutput
@@ -95,6 +95,14 @@ class DecoderLM(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [blk.ffn for blk in self.layers if isinstance(blk.ffn, MoELayer)]
 
+    def rotary_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin [B, 1, S, Hd/2] at float ``positions`` [B, S]: the angles
+        ``rotary_tables`` makes (one fp32 product per entry), at any position."""
+        inv_freq = rope_inv_freq(self.head_dim, self.cfg.rope_theta, device=positions.device,
+                                 **rope_scaling(self.cfg))  # [Hd/2]
+        ang = positions.float()[..., None] * inv_freq  # [B, S, Hd/2]
+        return ang.cos().unsqueeze(1), ang.sin().unsqueeze(1)
+
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """Every parameter and buffer is initialised here, deterministically from seed.
@@ -138,7 +146,8 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 inputs_embeds: Optional[Tensor] = None, token_mask: Optional[Tensor] = None,
                 loss_norm: Optional[LossNorm] = None, doc_ids: Optional[Tensor] = None,
-                token_rows: Optional[Tensor] = None) -> ModelOutput:
+                token_rows: Optional[Tensor] = None, position_ids: Optional[Tensor] = None
+                ) -> ModelOutput:
         """input_ids [B, S] or inputs_embeds [B, S, D]; labels [B, S] are the *next-token*
         targets of each position (already shifted), ``-100`` where no loss is taken.
 
@@ -152,6 +161,9 @@ class DecoderLM(nn.Module):
         is computed as if it were alone. ``token_rows`` [T]: ``real_rows(token_mask)`` if
         the caller has it (the training loop finds it on the host from the CPU batch), else
         it is found here once for all MoE layers (one host sync on a device mask).
+        ``position_ids`` [B, S] float: each token's rotary position, fractional allowed
+        (V2PE, ``moe_vlm.data.v2pe``); None = 0, 1, 2, ...; integer positions give the
+        table's angles bit for bit.
 
         With ``model.loss_chunk`` > 0 and gradients on, the head and the cross-entropy run
         over that many positions at a time, each chunk recomputed in the backward, so the
@@ -167,6 +179,14 @@ class DecoderLM(nn.Module):
             raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}, the batch "
                              f"{tuple(x.shape[:2])}; it needs one entry per token [B, S]")
         cos, sin, attn_mask = self.rope_cos, self.rope_sin, None
+        if position_ids is not None:
+            if doc_ids is not None:
+                raise ValueError("pass doc_ids or position_ids, not both (documents restart "
+                                 "their positions; V2PE sets them per token)")
+            if position_ids.shape != x.shape[:2]:
+                raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, the "
+                                 f"batch {tuple(x.shape[:2])}; it needs one entry per token [B, S]")
+            cos, sin = self.rotary_at(position_ids)  # [B, 1, S, Hd/2]
         if doc_ids is not None:
             if doc_ids.shape != x.shape[:2]:
                 raise ValueError(f"doc_ids has shape {tuple(doc_ids.shape)}, the batch "

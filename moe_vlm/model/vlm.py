@@ -89,11 +89,12 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
                 pixel_values: Optional[Tensor] = None, token_mask: Optional[Tensor] = None,
-                loss_norm: Optional[LossNorm] = None, token_rows: Optional[Tensor] = None
-                ) -> ModelOutput:
+                loss_norm: Optional[LossNorm] = None, token_rows: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None) -> ModelOutput:
         """input_ids [B, S] with runs of ``n_image_tokens`` placeholder ids per image;
         pixel_values [N, 3, H, W] for the N images in placeholder order; ``token_mask``,
-        ``loss_norm`` and ``token_rows`` as in ``DecoderLM.forward``."""
+        ``loss_norm``, ``token_rows`` and ``position_ids`` (V2PE's, ``moe_vlm.data.v2pe``) as
+        in ``DecoderLM.forward``."""
         embeds = self.decoder.embed(input_ids)  # [B, S, D]
         is_image = input_ids == self.image_token_id  # [B, S]
         n_img = 0 if pixel_values is None else pixel_values.shape[0]
@@ -111,7 +112,8 @@ class VisionLanguageModel(nn.Module):
             feats = self.image_embeddings(pixel_values)  # [N, P', D]
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))
         return self.decoder(inputs_embeds=embeds, labels=labels, token_mask=token_mask,
-                            loss_norm=loss_norm, token_rows=token_rows)
+                            loss_norm=loss_norm, token_rows=token_rows,
+                            position_ids=position_ids)
 
 
 def build_vlm(cfg: Config, image_token_id: int, device: Union[str, torch.device] = "cpu",

@@ -37,7 +37,8 @@ def model_inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, Te
     dropping or expert choice it would compete with real tokens for slots), with the real
     tokens' flat indices found here on the host (``token_rows``), so no MoE layer asks the
     device for them. A batch without padding passes neither."""
-    keys = [k for k in ("input_ids", "labels", "pixel_values", "doc_ids") if k in batch]
+    keys = [k for k in ("input_ids", "labels", "pixel_values", "doc_ids", "position_ids")
+            if k in batch]
     host = {k: batch[k] for k in keys}
     mask = batch.get("token_mask")
     if mask is not None:
