@@ -57,6 +57,7 @@ Precision = _choices("Precision", "auto fp32 bf16")
 NanPolicy = _choices("NanPolicy", "stop skip")
 Engine = _choices("Engine", "torch deepspeed")
 Checkpointing = _choices("Checkpointing", "none moe full")
+ModalityRouting = _choices("ModalityRouting", "shared groups routers")
 UpcycleMethod = _choices("UpcycleMethod", "none copy split drop noise")
 UpcycleBase = _choices("UpcycleBase", "auto copy split")
 SharedInit = _choices("SharedInit", "slice whole random")
@@ -179,6 +180,12 @@ class RoutingConfig(_Section):
     z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE)
     bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3); 0 = off
     capacity_factor: Optional[float] = None  # slots per expert: ceil(cf * T * k / E); null = dropless
+    # Modality-aware experts (Uni-MoE): shared = one router over all experts; groups = image
+    # tokens routed only among the image experts and text tokens among the others (shared
+    # experts serve both); routers = one router per modality over the same experts. With
+    # groups or routers the balance loss balances each modality's tokens apart
+    modality: ModalityRouting = ModalityRouting.shared
+    image_experts: float = 0.5  # modality=groups: the fraction of routed experts for image tokens
 
 
 @dataclass

@@ -35,3 +35,12 @@ def resolve_moe_sizes(moe: MoEConfig, routing: RoutingConfig) -> MoESizes:
     ``n_shared * d_expert`` (equivalently m*n_shared experts of width d_expert/m)."""
     e, f, k = fine_grained(moe.n_experts, moe.d_expert, routing.top_k, moe.granularity)
     return MoESizes(e, f, k, moe.n_shared * moe.d_expert, moe.granularity)
+
+
+def image_experts(n_experts: int, fraction: float) -> list[bool]:
+    """``routing.modality=groups``: which of ``n_experts`` routed experts serve image tokens
+    (the rest serve text): ``round(fraction * E)`` of them, spread evenly over the expert
+    indices (Bresenham), so that expert parallelism, which gives each process a contiguous
+    range of experts, gives every process its share of both groups."""
+    n_img = round(fraction * n_experts)
+    return [(e + 1) * n_img // n_experts > e * n_img // n_experts for e in range(n_experts)]

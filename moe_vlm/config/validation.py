@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any, Optional, get_type_hints
 
 from moe_vlm.config.schema import Choice, Config, DataName, ModelConfig, v2pe_enabled
-from moe_vlm.config.sizes import MoESizes, resolve_moe_sizes
+from moe_vlm.config.sizes import MoESizes, image_experts, resolve_moe_sizes
 from moe_vlm.errors import ConfigError
 
 # Sanity limits for sizes: beyond them a run only ends in an allocation failure (or an
@@ -99,6 +99,31 @@ def device_ok(name: str) -> bool:
         return True
     kind, _, index = name.partition(":")
     return kind == "cuda" and index.isdigit()
+
+
+def _check_modality_routing(cfg: Config, sizes: MoESizes) -> None:
+    """``routing.modality=groups|routers`` (Uni-MoE): image-text data, a gate and balance
+    scope that split by modality, and groups each large enough for top-k."""
+    r = cfg.routing
+    _need(cfg.vision.name != "none", "routing.modality",
+          f"{r.modality} routes image and text tokens apart: it needs a vision tower and "
+          "image-text data (e.g. vision=vit_tiny data=synthetic_vlm)")
+    _need(r.aux_loss_scope != "sequence", "routing.aux_loss_scope",
+          f"sequence scope with routing.modality={r.modality} is not supported: the balance "
+          "loss is taken per modality; use micro_batch or global_batch")
+    if r.modality == "groups":
+        _need(r.gate != "expert_choice", "routing.gate",
+              "expert_choice with routing.modality=groups: an expert would pick tokens of the "
+              "other modality when its own run out; use softmax_topk or sigmoid_topk")
+        _need(0 < r.image_experts < 1, "routing.image_experts",
+              f"must be in (0, 1) (the fraction of routed experts for image tokens), got "
+              f"{r.image_experts}")
+        n_img = sum(image_experts(sizes.n_experts, r.image_experts))
+        for name, n in (("image", n_img), ("text", sizes.n_experts - n_img)):
+            _need(n >= sizes.top_k, "routing.image_experts",
+                  f"gives the {name} tokens {n} of the {sizes.n_experts} routed experts, fewer "
+                  f"than the {sizes.top_k} each token picks; change the fraction or "
+                  "moe.n_experts")
 
 
 def _check_seed(key: str, seed: Optional[int]) -> None:
@@ -309,6 +334,8 @@ def validate(cfg: Config) -> Config:
     if r.gate == "expert_choice":
         _need(r.bias_update_rate == 0, "routing.bias_update_rate",
               "expert_choice is balanced by construction; set routing.bias_update_rate=0")
+    if r.modality != "shared":
+        _check_modality_routing(cfg, sizes)
     u = cfg.upcycle
     if u.method != "none":
         _need(u.source is not None, "upcycle.source",

@@ -51,13 +51,14 @@ class Block(nn.Module):
         self.ffn = ffn
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, rows: Optional[Tensor] = None,
-                loss_norm: Optional[LossNorm] = None, attn_mask: Optional[Tensor] = None
-                ) -> tuple[Tensor, Optional[RouterOutput]]:
-        """``rows`` [T]: the real tokens' flat indices (None: no padding), for the MoE FFN."""
+                loss_norm: Optional[LossNorm] = None, attn_mask: Optional[Tensor] = None,
+                image_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[RouterOutput]]:
+        """``rows`` [T]: the real tokens' flat indices (None: no padding), and
+        ``image_mask`` [B, S] (the image tokens: modality-aware routing), for the MoE FFN."""
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)  # [B, S, D]
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
-            y, r = self.ffn(h, loss_norm=loss_norm, rows=rows)
+            y, r = self.ffn(h, loss_norm=loss_norm, rows=rows, is_image=image_mask)
             return x + y, r
         return x + self.ffn(h), None
 
@@ -146,8 +147,8 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 inputs_embeds: Optional[Tensor] = None, token_mask: Optional[Tensor] = None,
                 loss_norm: Optional[LossNorm] = None, doc_ids: Optional[Tensor] = None,
-                token_rows: Optional[Tensor] = None, position_ids: Optional[Tensor] = None
-                ) -> ModelOutput:
+                token_rows: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                image_mask: Optional[Tensor] = None) -> ModelOutput:
         """input_ids [B, S] or inputs_embeds [B, S, D]; labels [B, S] are the *next-token*
         targets of each position (already shifted), ``-100`` where no loss is taken.
 
@@ -163,7 +164,8 @@ class DecoderLM(nn.Module):
         it is found here once for all MoE layers (one host sync on a device mask).
         ``position_ids`` [B, S] float: each token's rotary position, fractional allowed
         (V2PE, ``moe_vlm.data.v2pe``); None = 0, 1, 2, ...; integer positions give the
-        table's angles bit for bit.
+        table's angles bit for bit. ``image_mask`` [B, S] bool: the image tokens (the VLM
+        passes it), for modality-aware routing (``routing.modality``).
 
         With ``model.loss_chunk`` > 0 and gradients on, the head and the cross-entropy run
         over that many positions at a time, each chunk recomputed in the backward, so the
@@ -197,7 +199,7 @@ class DecoderLM(nn.Module):
         if rows is None and token_mask is not None and any(self.schedule):
             rows = real_rows(token_mask)
         for blk in self.layers:
-            x, r = blk(x, cos, sin, rows, loss_norm, attn_mask)
+            x, r = blk(x, cos, sin, rows, loss_norm, attn_mask, image_mask)
             if r is not None:
                 routing.append(r)
         x = self.norm(x)

@@ -46,8 +46,8 @@ class MoELayer(nn.Module):
         self.shared: Optional[SwiGLU] = SwiGLU(d_model, sizes.d_shared) if sizes.d_shared else None
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None,
-                loss_norm: Optional[LossNorm] = None, rows: Optional[Tensor] = None
-                ) -> tuple[Tensor, RouterOutput]:
+                loss_norm: Optional[LossNorm] = None, rows: Optional[Tensor] = None,
+                is_image: Optional[Tensor] = None) -> tuple[Tensor, RouterOutput]:
         """x [B, S, D], mask [B, S] bool (False = padding) -> y [B, S, D] and the router
         output over the real tokens.
 
@@ -58,14 +58,18 @@ class MoELayer(nn.Module):
         ``x[mask]``. ``rows`` [T] (``real_rows(mask)``): the real tokens' flat indices when
         the caller has them; the decoder finds them once for all its MoE layers (the
         training loop on the host, from the CPU batch), so the layer has no host sync.
-        Without them, a given ``mask`` costs one (``nonzero``)."""
+        Without them, a given ``mask`` costs one (``nonzero``). ``is_image`` [B, S] bool:
+        the image tokens, for modality-aware routing (``routing.modality``)."""
         b, s, d = x.shape
         flat = x.reshape(b * s, d)  # [B*S, D]
         if rows is None and mask is not None:
             rows = real_rows(mask)
         xr = flat if rows is None else flat.index_select(0, rows)  # [T, D] real tokens
         pos = torch.arange(b * s, device=x.device) if rows is None else rows  # [T]
-        r = self.router(xr, n_seqs=b, seq_ids=pos // s, loss_norm=loss_norm)
+        img = None
+        if is_image is not None:
+            img = is_image.reshape(-1) if rows is None else is_image.reshape(-1).index_select(0, rows)
+        r = self.router(xr, n_seqs=b, seq_ids=pos // s, loss_norm=loss_norm, is_image=img)
         y = self.dispatcher(xr, r.token_idx, r.expert_idx, r.weight, self.experts)  # [T, D]
         if self.shared is not None:
             y = y + self.shared(xr)

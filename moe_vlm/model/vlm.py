@@ -113,7 +113,7 @@ class VisionLanguageModel(nn.Module):
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))
         return self.decoder(inputs_embeds=embeds, labels=labels, token_mask=token_mask,
                             loss_norm=loss_norm, token_rows=token_rows,
-                            position_ids=position_ids)
+                            position_ids=position_ids, image_mask=is_image)
 
 
 def build_vlm(cfg: Config, image_token_id: int, device: Union[str, torch.device] = "cpu",

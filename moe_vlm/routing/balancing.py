@@ -17,7 +17,8 @@ CountReducer = Callable[[Tensor], Tensor]  # sums a tensor over data-parallel ra
 
 def switch_aux_loss(scores: Tensor, experts: Tensor, n_experts: int, n_groups: int = 1,
                     count_reducer: Optional[CountReducer] = None,
-                    group_ids: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+                    group_ids: Optional[Tensor] = None, reduction: str = "mean",
+                    group_experts: Optional[Tensor] = None) -> Tensor:
     """Switch-style balance loss ``E * sum_i f_i * P_i`` per group, then the mean (or sum)
     over the groups that hold tokens.
 
@@ -32,6 +33,11 @@ def switch_aux_loss(scores: Tensor, experts: Tensor, n_experts: int, n_groups: i
     assignment and token counts over data-parallel ranks first; ``P_i`` then is this
     rank's probability sum over the *global* token count, so the loss returned is this
     rank's share and the shares of all ranks add up to the global-batch loss.
+
+    ``group_experts`` [G]: how many experts each group's tokens may choose (modality
+    groups, ``routing.modality=groups``: a group's tokens have probability 0 elsewhere);
+    ``E_g * sum_i f_i * P_i`` is then 1 when the group is balanced over its own experts.
+    Default: every group may choose all ``n_experts``.
 
     Counts are exact integers and the probability sums add in a fixed order, so the result
     does not depend on thread scheduling (``index_add_`` is serial over the index on CPU)."""
@@ -53,7 +59,8 @@ def switch_aux_loss(scores: Tensor, experts: Tensor, n_experts: int, n_groups: i
         flat = count_reducer(torch.cat([counts, n_tok[:, None]], 1))  # [G, E + 1]
         counts, n_tok = flat[:, :n_experts], flat[:, n_experts]
     denom = n_tok.clamp_min(1.0)[:, None]  # [G, 1]
-    per_group = n_experts * (counts / (k * denom) * (prob_sum / denom)).sum(-1)  # [G]
+    scale = n_experts if group_experts is None else group_experts.to(scores.dtype)  # [G]
+    per_group = scale * (counts / (k * denom) * (prob_sum / denom)).sum(-1)  # [G]
     if reduction == "sum":
         return per_group.sum()
     if reduction != "mean":

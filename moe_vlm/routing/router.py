@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_vlm.config.schema import RoutingConfig
+from moe_vlm.config.sizes import image_experts
 from moe_vlm.routing.balancing import CountReducer, router_z_loss, switch_aux_loss
 from moe_vlm.routing.capacity import capacity_keep_mask, expert_capacity
 from moe_vlm.routing.counts import count_ids
@@ -69,6 +70,16 @@ class Router(nn.Module):
         self.n_experts, self.cfg = n_experts, replace(cfg, top_k=top_k)
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))  # [E, D]
         self.register_buffer("bias", torch.zeros(n_experts))  # [E], selection only
+        # routing.modality (Uni-MoE): a second router for image tokens, or the image experts
+        self.image_weight: Optional[nn.Parameter] = None
+        if cfg.modality == "routers":
+            self.image_weight = nn.Parameter(torch.empty(n_experts, d_model))  # [E, D]
+        if cfg.modality != "shared":  # filled by init_weights (the model is built on meta)
+            self.register_buffer("image_expert", torch.zeros(n_experts, dtype=torch.bool),
+                                 persistent=False)  # [E]: may an image token choose it
+            # experts each modality may choose (text, image): the balance loss's E_g
+            self.register_buffer("group_experts", torch.zeros(2, dtype=torch.long),
+                                 persistent=False)  # [2]
         self.count_reducer: Optional[CountReducer] = None
         # False: ``stats`` comes back empty (the training loop turns the logging-only
         # metrics off between logging steps; ``routing.metrics.collect_routing_stats``)
@@ -82,10 +93,21 @@ class Router(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float, generator: Optional[torch.Generator] = None) -> None:
         self.weight.normal_(0.0, std, generator=generator)
+        if self.image_weight is not None:
+            self.image_weight.normal_(0.0, std, generator=generator)
         self.bias.zero_()
+        if self.cfg.modality != "shared":
+            groups = self.cfg.modality == "groups"
+            mask = image_experts(self.n_experts, self.cfg.image_experts) if groups \
+                else [True] * self.n_experts
+            self.image_expert.copy_(torch.tensor(mask))
+            n_img = sum(mask)
+            self.group_experts.copy_(torch.tensor([self.n_experts - n_img if groups else
+                                                   self.n_experts, n_img]))
 
     def forward(self, x: Tensor, n_seqs: int = 1, seq_ids: Optional[Tensor] = None,
-                loss_norm: Optional[LossNorm] = None) -> RouterOutput:
+                loss_norm: Optional[LossNorm] = None, is_image: Optional[Tensor] = None
+                ) -> RouterOutput:
         """Route the rows of ``x`` [T, D]: real tokens only (the MoE layer drops padding
         before calling), sequence-major.
 
@@ -93,7 +115,8 @@ class Router(nn.Module):
         (sequences may have different numbers of real tokens); None means ``n_seqs``
         equal consecutive runs. ``loss_norm``: the step's totals; the losses returned are
         then this call's share of the step's loss (``moe_vlm.routing.loss_norm``).
-        Without it they are this call's own means."""
+        Without it they are this call's own means. ``is_image`` [T] bool: which rows are
+        image tokens, for ``routing.modality`` (None: all text)."""
         cfg, n_exp, k = self.cfg, self.n_experts, self.top_k
         t = x.shape[0]
         dt = torch.promote_types(x.dtype, torch.float32)  # fp32 routing (fp64 stays fp64)
@@ -102,6 +125,10 @@ class Router(nn.Module):
         use_bias = self.bias if cfg.bias_update_rate > 0 else None
         dev = x.device
         zero = torch.zeros((), device=dev, dtype=dt)
+        img = None
+        if cfg.modality != "shared":
+            img = is_image if is_image is not None else torch.zeros(t, dtype=torch.bool, device=dev)
+            logits, use_bias = self._by_modality(x.to(dt), logits, img, use_bias)
 
         if cfg.gate == "expert_choice":
             cap = expert_choice_capacity(t, n_exp, k, cfg.capacity_factor) if t else 0
@@ -124,7 +151,7 @@ class Router(nn.Module):
                 # DeepSeek-V3 eq. 18 (and Megatron): the balance loss counts the unbiased
                 # top-k, not the bias-shifted selection.
                 chosen = tk.experts if use_bias is None else scores.topk(k, dim=-1).indices
-                aux = self._aux_loss(scores, chosen, n_seqs, seq_ids, loss_norm)
+                aux = self._aux_loss(scores, chosen, n_seqs, seq_ids, loss_norm, img)
             token_idx = torch.arange(t, device=dev).repeat_interleave(k)  # [T*K]
             expert_idx = tk.experts.reshape(-1)
             w = tk.weights  # [T, K]
@@ -153,10 +180,34 @@ class Router(nn.Module):
             stats["aux_loss"], stats["z_loss"] = aux.detach(), z.detach()
         return RouterOutput(token_idx, expert_idx, weight, counts.detach(), aux, z, loss, stats)
 
+    def _by_modality(self, x: Tensor, logits: Tensor, img: Tensor, bias: Optional[Tensor]
+                     ) -> tuple[Tensor, Optional[Tensor]]:
+        """``routing.modality``: image rows take the image router's logits (``routers``),
+        or each row's logits and selection are confined to its group (``groups``: -inf
+        outside it, so the gate's probabilities there are 0 and top-k never picks them,
+        balancing bias included). x [T, D], logits [T, E], img [T] -> (logits, bias)."""
+        if self.image_weight is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                img_logits = F.linear(x, self.image_weight.to(x.dtype))  # [T, E]
+            return torch.where(img[:, None], img_logits, logits), bias
+        allowed = img[:, None] == self.image_expert[None, :]  # [T, E]
+        neg = torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
+        base = bias if bias is not None else torch.zeros_like(self.bias)
+        return logits.masked_fill(~allowed, float("-inf")), torch.where(allowed, base, neg)
+
     def _aux_loss(self, scores: Tensor, chosen: Tensor, n_seqs: int, seq_ids: Optional[Tensor],
-                  loss_norm: Optional[LossNorm]) -> Tensor:
-        """This call's share of the step's balance loss, by ``routing.aux_loss_scope``."""
+                  loss_norm: Optional[LossNorm], img: Optional[Tensor] = None) -> Tensor:
+        """This call's share of the step's balance loss, by ``routing.aux_loss_scope``;
+        with ``routing.modality`` (``img`` [T]) the loss is the mean of the two
+        modalities' losses, each over the experts its tokens may choose."""
         scope, n_exp = self.cfg.aux_loss_scope, self.n_experts
+        if img is not None:  # micro_batch or global_batch scope (validation)
+            aux = switch_aux_loss(scores, chosen, n_exp, n_groups=2, group_ids=img.long(),
+                                  group_experts=self.group_experts, count_reducer=self.count_reducer
+                                  if scope == "global_batch" else None)
+            if loss_norm is None:
+                return aux
+            return aux / (loss_norm.n_micro * (1 if scope == "global_batch" else loss_norm.n_ranks))
         if scope == "sequence":
             total = switch_aux_loss(scores, chosen, n_exp, n_seqs, group_ids=seq_ids,
                                     reduction="sum" if loss_norm is not None else "mean")

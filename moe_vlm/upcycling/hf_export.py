@@ -53,6 +53,9 @@ def _moe_class(model: ModelConfig, moe: MoEConfig, routing: RoutingConfig,
                schedule: list[bool]) -> str:
     if routing.gate == "expert_choice":
         raise _refuse("routing.gate=expert_choice (HF routers are token-choice top-k)")
+    if routing.modality != "shared":
+        raise _refuse(f"routing.modality={routing.modality} (modality-aware experts: HF "
+                      "routers see no modality)")
     if model.qkv_bias:
         raise _refuse("model.qkv_bias in an MoE model (q/k/v biases exist only in qwen2, "
                       "which is dense)")
