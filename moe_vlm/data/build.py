@@ -14,7 +14,7 @@ from moe_vlm.data.byte_tokenizer import ByteTokenizer
 from moe_vlm.data.packing import PackedSource
 from moe_vlm.data.sample import collate
 from moe_vlm.data.synthetic_text import SyntheticText
-from moe_vlm.data.synthetic_vlm import SyntheticVLM, chance_accuracy
+from moe_vlm.data.synthetic_vlm import QUESTION_TYPES, SyntheticVLM, chance_accuracy
 from moe_vlm.data.v2pe import V2PE
 
 
@@ -38,7 +38,7 @@ def _synthetic_vlm(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBu
     chance = chance_accuracy([t for i in range(len(ev)) for t in ev.question_types(i)])
     return DataBundle(train=SyntheticVLM(*args, "train", *img), eval=ev, tokenizer=tokenizer,
                       collate=functools.partial(collate, pad_id=tokenizer.pad_id),
-                      chance_accuracy=chance, seed=cfg.seed)
+                      chance_accuracy=chance, seed=cfg.seed, answer_types=list(QUESTION_TYPES))
 
 
 def _llava(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBundle:
@@ -93,6 +93,7 @@ def _mixture(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBundle:
                       eval=ConcatEval([b.eval for b in bundles]), tokenizer=tokenizer,
                       collate=functools.partial(collate, pad_id=tokenizer.pad_id),
                       chance_accuracy=chance[0] if len(chance) == 1 else None, seed=cfg.seed,
+                      answer_types=next((b.answer_types for b in bundles if b.answer_types), []),
                       corpus_stats=dict(sum((Counter(b.corpus_stats) for b in bundles), Counter())),
                       eval_parts={n: b.eval for n, b in zip(names, bundles)})
 

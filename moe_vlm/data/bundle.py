@@ -28,6 +28,7 @@ class DataBundle:
     corpus_stats: dict[str, int] = field(default_factory=dict)  # text corpora: skipped at tokenisation
     eval_parts: dict[str, Any] = field(default_factory=dict)  # a mixture: each source's held-out set
     v2pe: Optional[V2PE] = None  # variable image-token positions (``data.v2pe_*``)
+    answer_types: list[str] = field(default_factory=list)  # names of the ``answer_types`` codes
     _perm: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _stream: Optional[tuple[int, Iterator]] = field(default=None, repr=False)
 

@@ -19,6 +19,8 @@ A sample is a dict of tensors (S tokens, N images, H x W pixels):
 - ``answer_ids`` [S] long (optional): ``-1``, or the index (within the sample) of the
   question whose answer this position's label belongs to. Eval uses it for exact-match
   accuracy; labelled positions with ``-1`` count as caption/other text.
+- ``answer_types`` [S] long (optional): at each answer position the code of its question's
+  type (``DataBundle.answer_types`` names them), else ``-1``: accuracy by question type.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def collate(samples: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str
     V2PE's float ``position_ids`` with 0 (a sample without them gets 0, 1, 2, ...);
     images concatenated in sample order -> ``pixel_values`` [sum N, 3, H, W]."""
     s_max = max(int(s["input_ids"].numel()) for s in samples)
-    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "answer_ids": -1, "doc_ids": -1}
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "answer_ids": -1, "answer_types": -1,
+            "doc_ids": -1}
     out: dict[str, torch.Tensor] = {}
     for key, value in fill.items():
         if not any(key in s for s in samples):  # a mixture's samples may differ in keys

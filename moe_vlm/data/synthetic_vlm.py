@@ -31,6 +31,7 @@ CAPTION_FRAC = 0.3  # share of caption samples; the rest ask 2-3 questions
 # Number of possible answers per question type, for the chance level.
 N_OPTIONS = {"count": len(COUNTS), "color_at": len(COLORS), "kind_at": len(KINDS),
              "color_of": len(COLORS), "exists": 2}
+QUESTION_TYPES = list(N_OPTIONS)  # ``answer_types`` codes: index into this list
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,10 @@ class SyntheticVLM:
         if len(ids) > self.seq_len:
             raise ValueError(f"synthetic sample {index} has {len(ids)} tokens > data.seq_len="
                              f"{self.seq_len}; raise data.seq_len")
+        types = [QUESTION_TYPES.index(qtypes[a]) if a >= 0 else -1 for a in answer_ids]
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "answer_ids": torch.tensor(answer_ids), "pixel_values": pixels}
+                "answer_ids": torch.tensor(answer_ids), "answer_types": torch.tensor(types),
+                "pixel_values": pixels}
 
 
 def chance_accuracy(question_types: list[str]) -> float:

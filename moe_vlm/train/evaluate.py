@@ -35,12 +35,35 @@ def answer_correct(logits: Tensor, labels: Tensor, answer_ids: Tensor) -> tuple[
     return int(((present > 0) & (wrong == 0)).sum()), total
 
 
+def correct_by_type(logits: Tensor, labels: Tensor, answer_ids: Tensor, answer_types: Tensor,
+                    n_types: int) -> Tensor:
+    """[2, n_types] float64: (correct, total) answers of each question type, from logits
+    [B, S, V], labels, answer_ids and answer_types [B, S] (the type code of each answer's
+    positions, ``-1`` elsewhere), by the same exact-match rule as ``answer_correct``."""
+    out = torch.zeros(2, n_types, dtype=torch.float64, device=labels.device)
+    has = (answer_ids >= 0) & (answer_types >= 0)
+    if not bool(has.any()):
+        return out
+    ok = (logits.argmax(-1) == labels) | (labels == IGNORE_INDEX)  # [B, S]
+    n_ans = int(answer_ids.max()) + 1
+    key = (torch.arange(labels.shape[0], device=labels.device)[:, None] * n_ans + answer_ids)[has]
+    n_keys = labels.shape[0] * n_ans
+    wrong = torch.zeros(n_keys, device=labels.device).index_add_(0, key, (~ok[has]).float())
+    present = torch.zeros(n_keys, device=labels.device).index_add_(0, key, torch.ones_like(key, dtype=torch.float))
+    kind = torch.zeros(n_keys, dtype=torch.long, device=labels.device).scatter_(0, key, answer_types[has])
+    real = present > 0  # [n_keys] answers that occur
+    out[1].index_add_(0, kind[real], torch.ones(int(real.sum()), dtype=torch.float64, device=labels.device))
+    out[0].index_add_(0, kind[real], (wrong[real] == 0).double())
+    return out
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Any, batch_size: int, device: torch.device,
              amp: Optional[torch.dtype], layout: Optional[Layout] = None) -> dict[str, float]:
     """``eval_loss`` (token-weighted LM loss over the held-out split); with answers also
-    ``eval_accuracy`` (exact match) and ``caption_loss`` (loss on labelled non-answer
-    tokens, e.g. captions). A mixture (``data.eval_parts``) also gets each source's numbers
+    ``eval_accuracy`` (exact match), ``eval_accuracy_<type>`` per question type where the
+    data names them (``DataBundle.answer_types``) and ``caption_loss`` (loss on labelled
+    non-answer tokens, e.g. captions). A mixture (``data.eval_parts``) also gets each source's numbers
     (``eval_loss_<source>``, ...); the overall ones are over all sources' tokens.
 
     With several processes (``layout``), rank r evaluates batches r, r+world, ... and the
@@ -49,32 +72,35 @@ def evaluate(model: torch.nn.Module, data: Any, batch_size: int, device: torch.d
     run collectives), so a rank out of batches runs a spare one and discards it."""
     was_training = model.training
     model.eval()
+    types = list(getattr(data, "answer_types", None) or [])
     try:
         parts = getattr(data, "eval_parts", None) or {}
         if not parts:
-            return _results(_eval_sums(model, data, batch_size, device, amp, layout, None))
+            return _results(_eval_sums(model, data, batch_size, device, amp, layout, None), types)
         res: dict[str, float] = {}
-        total = torch.zeros(6, device=device, dtype=torch.float64)
+        total = torch.zeros(_N_SUMS + 2 * len(types), device=device, dtype=torch.float64)
         for name in parts:
             sums = _eval_sums(model, data, batch_size, device, amp, layout, name)
             total += sums
-            res.update(_results(sums, f"_{name}"))
-        return {**_results(total), **res}
+            res.update(_results(sums, types, f"_{name}"))
+        return {**_results(total, types), **res}
     finally:
         model.train(was_training)
 
 
 def _eval_sums(model: torch.nn.Module, data: Any, batch_size: int, device: torch.device,
                amp: Optional[torch.dtype], layout: Optional[Layout], part: Optional[str]) -> Tensor:
-    """[6] float64, reduced over ranks: loss, labelled tokens, caption loss, caption
-    tokens, correct answers, answers (of the held-out set, or of source ``part``)."""
+    """[6 + 2 * types] float64, reduced over ranks: loss, labelled tokens, caption loss,
+    caption tokens, correct answers, answers, then correct answers and answers of each
+    question type (of the held-out set, or of source ``part``)."""
     world = layout.world if layout is not None else 1
     rank = layout.rank if layout is not None else 0
     spare = layout is not None and layout.lockstep
     n_eval = len(data.eval if part is None else data.eval_parts[part])
     n_batches = -(-n_eval // batch_size)
     rounds = -(-n_batches // world)
-    sums = torch.zeros(6, device=device, dtype=torch.float64)
+    n_types = len(getattr(data, "answer_types", None) or [])
+    sums = torch.zeros(_N_SUMS + 2 * n_types, device=device, dtype=torch.float64)
     batch, done = None, 0
     for batch in data.eval_batches(batch_size, rank, world, part):
         _eval_batch(model, batch, device, amp, sums)
@@ -88,11 +114,20 @@ def _eval_sums(model: torch.nn.Module, data: Any, batch_size: int, device: torch
     return sums
 
 
-def _results(sums: Tensor, suffix: str = "") -> dict[str, float]:
-    loss_sum, n_tok, cap_sum, n_cap, correct, total = sums.tolist()  # host sync
+_N_SUMS = 6  # the sums before the per-type ones
+
+
+def _results(sums: Tensor, types: list[str], suffix: str = "") -> dict[str, float]:
+    values = sums.tolist()  # host sync
+    loss_sum, n_tok, cap_sum, n_cap, correct, total = values[:_N_SUMS]
     res = {f"eval_loss{suffix}": loss_sum / max(1.0, n_tok)}
     if total:
         res[f"eval_accuracy{suffix}"] = correct / total
+    n = len(types)
+    for i, name in enumerate(types):
+        ok, count = values[_N_SUMS + i], values[_N_SUMS + n + i]
+        if count:
+            res[f"eval_accuracy_{name}{suffix}"] = ok / count
     if n_cap:
         res[f"caption_loss{suffix}"] = cap_sum / n_cap
     return res
@@ -117,3 +152,8 @@ def _eval_batch(model: torch.nn.Module, batch: dict[str, Tensor], device: torch.
         c, t = answer_correct(out.logits, labels, ans)
         sums[4] += c
         sums[5] += t
+        n_types = (sums.numel() - _N_SUMS) // 2
+        if n_types and "answer_types" in batch:
+            by_type = correct_by_type(out.logits, labels, ans, batch["answer_types"].to(device),
+                                      n_types)  # [2, types]
+            sums[_N_SUMS:] += by_type.flatten()

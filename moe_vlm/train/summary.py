@@ -17,7 +17,7 @@ _OMIT = {"omit_if_none": True}
 # Carried over from the checkpoint's summary when a run resumes.
 RESUMED = ("initial_eval_loss", "initial_eval_accuracy", "tokens_seen", "wall_time_s",
            "skipped_steps", "final_train_loss", "final_eval_loss", "eval_accuracy",
-           "caption_loss", "upcycle", "changed_on_resume")
+           "caption_loss", "upcycle", "changed_on_resume", "eval_accuracy_breakdown")
 
 
 @dataclass
@@ -51,6 +51,8 @@ class RunSummary:
     data_stats: Optional[dict[str, Any]] = field(default=None, metadata=_OMIT)  # a mixture's, per source
     final_eval_loss: Optional[float] = field(default=None, metadata=_OMIT)
     eval_accuracy: Optional[float] = field(default=None, metadata=_OMIT)
+    # the last evaluation's eval_accuracy_<x>: by question type (and by source for a mixture)
+    eval_accuracy_breakdown: Optional[dict[str, float]] = field(default=None, metadata=_OMIT)
     caption_loss: Optional[float] = field(default=None, metadata=_OMIT)
     error: Optional[str] = field(default=None, metadata=_OMIT)  # status failed: why
 
@@ -82,4 +84,6 @@ class RunSummary:
             self.initial_eval_accuracy = res.get("eval_accuracy")
         self.final_eval_loss = res["eval_loss"]
         self.eval_accuracy = res.get("eval_accuracy", self.eval_accuracy)
+        parts = {k[len("eval_accuracy_"):]: v for k, v in res.items() if k.startswith("eval_accuracy_")}
+        self.eval_accuracy_breakdown = parts or self.eval_accuracy_breakdown
         self.caption_loss = res.get("caption_loss", self.caption_loss)

@@ -112,3 +112,26 @@ def test_tokenizer_larger_than_model_vocab_is_a_clear_error(tmp_path):
     cfg = _cfg(tmp_path / "r", "data.tokenizer=bpe", "data.bpe_vocab_size=400", "train.max_steps=1")
     with pytest.raises(ConfigError, match="model.vocab_size"):
         train(cfg, cfg.run.dir)
+
+
+def test_accuracy_by_question_type(tmp_path):
+    """``eval_accuracy_<type>`` for each question type of the synthetic set: their
+    answer-weighted mean is ``eval_accuracy``; summary.json keeps the last breakdown."""
+    from moe_vlm.data.build import build_data
+    from moe_vlm.data.synthetic_vlm import QUESTION_TYPES
+
+    cfg = load_config(["train.max_steps=2", "train.batch_size=4", "data.n_eval_samples=16",
+                       "train.progress=false", f"run.dir={tmp_path / 'run'}"])
+    train(cfg, cfg.run.dir)
+    row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    by_type = {t: row[f"eval_accuracy_{t}"] for t in QUESTION_TYPES if f"eval_accuracy_{t}" in row}
+    assert len(by_type) >= 3
+    ev = build_data(cfg.data, None, cfg.vision, 4).eval  # the same questions as the run's
+    counts = {t: 0 for t in by_type}
+    for i in range(len(ev)):
+        for t in ev.question_types(i):
+            counts[t] += 1
+    mean = sum(by_type[t] * counts[t] for t in by_type) / sum(counts.values())
+    assert mean == pytest.approx(row["eval_accuracy"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval_accuracy_breakdown"] == by_type
