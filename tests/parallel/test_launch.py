@@ -97,6 +97,10 @@ LAYOUTS = {
     # parallelize's whole order: EP, activation checkpointing, then FSDP
     "vlm_ep2_ac_fsdp": (2, ["parallel.ep=2", "parallel.activation_checkpointing=full",
                             "parallel.fsdp=true", "train.micro_batch_size=2"]),
+    # modality-aware routing (a router per modality) and V2PE positions under EP
+    "vlm_ep2_modality_v2pe": (2, ["parallel.ep=2", "train.micro_batch_size=2",
+                                  "routing.modality=routers", "data.v2pe_delta=0.5",
+                                  "data.v2pe_train_deltas=[1.0,0.5,0.25]"]),
     # 4 processes: experts over 2, replicated over 2 (expert-data-parallel gradient
     # averaging), with the aux-loss-free router (bias updates from counts summed over ranks).
     "dp4_ep2_aux_free": (4, [*TEXT, "parallel.ep=2", "train.micro_batch_size=1",
