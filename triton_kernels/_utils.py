@@ -69,6 +69,25 @@ def check_n_experts(n_experts: int, op: str) -> int:
     return e
 
 
+def count_ids(ids: Tensor, n: int, op: str, what: str = "expert ids") -> Tensor:
+    """Occurrences of each value of ``ids`` [N] (values in ``[0, n)``) -> int64 ``[n]``,
+    equal to ``torch.bincount(ids, minlength=n)`` but without its host sync: bincount sizes
+    its output by the largest id, which on CUDA it reads back to the host. An id outside
+    ``[0, n)`` is refused here on the CPU, and is a device-side index error on CUDA."""
+    if ids.device.type == "cpu" and ids.numel():
+        # Read through numpy: on the CPU there is no device to wait for, and the ATen
+        # reads (``int(t.max())``) are what tests/model/test_host_syncs.py flags as syncs.
+        vals = ids.detach().numpy()
+        lo, hi = int(vals.min()), int(vals.max())
+        if hi >= n or lo < 0:
+            name = "n_experts" if what == "expert ids" else "n"
+            raise ValueError(f"{op}: {what} must be in [0, {name}={n}) but the "
+                             f"{'largest is ' + str(hi) if hi >= n else 'smallest is ' + str(lo)}; "
+                             "pass the configured count, or fix the router that produced the ids")
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_add_(
+        0, ids.long(), torch.ones_like(ids, dtype=torch.int64))
+
+
 def check_expert_counts(counts: Tensor, n_experts: int, op: str) -> None:
     """Raise if ``counts = bincount(expert_ids, minlength=E)`` came out longer than E, i.e.
     some id is >= E. Free: bincount already knows its length on the host."""

@@ -39,6 +39,7 @@ from triton_kernels._utils import (
     check_int,
     check_same_dtype,
     check_shape,
+    count_ids,
     interpreting,
 )
 from triton_kernels.grouped_gemm import check_offsets, gg_forward, gg_weight_grad
@@ -131,7 +132,7 @@ def _token_order(token_idx: Tensor, expert_idx: Tensor, weight: Tensor, n_tokens
     """Stable sort of flat assignments by token (no host sync): returns the sort order,
     sorted token/expert/weight and the token CSR (``tok_ptr [T+1]``)."""
     ts = torch.argsort(token_idx, stable=True)  # [N]
-    counts = torch.bincount(token_idx, minlength=n_tokens)  # [T]
+    counts = count_ids(token_idx, n_tokens, "moe_experts", "token ids")  # [T], no host sync
     tok_ptr = torch.zeros(n_tokens + 1, dtype=torch.int32, device=token_idx.device)
     tok_ptr[1:] = torch.cumsum(counts, 0)
     return ts, token_idx[ts], expert_idx[ts], weight[ts], TokenIndex(n_tokens, tok_ptr=tok_ptr)

@@ -34,6 +34,7 @@ from torch import Tensor
 from triton_kernels._utils import (
     check_device,
     check_expert_counts,
+    count_ids,
     check_float,
     check_int,
     check_n_experts,
@@ -89,16 +90,14 @@ def expert_plan(expert_idx: Tensor, n_experts: int, op: str = "expert_plan"
     E entries even when the highest experts get no tokens.
 
     Returns ``order [N]`` (row -> assignment), ``row_of [N]`` (assignment -> row), both
-    int32, and ``offsets [E]`` int32. Raises if an id is >= E (free: see below).
-    Host sync: none of ours; on CUDA ``torch.bincount`` itself syncs (it reads the ids'
-    min and max to size its output), which is also what makes the id check free."""
+    int32, and ``offsets [E]`` int32. No host sync (fixed-size counting, ``count_ids``);
+    an id outside [0, E) is refused on the CPU, a device-side index error on CUDA."""
     n_experts = check_n_experts(n_experts, op)
     n = expert_idx.numel()
     order = torch.argsort(expert_idx, stable=True)  # [N]
     row_of = torch.empty(n, dtype=torch.int32, device=expert_idx.device)
     row_of[order] = torch.arange(n, dtype=torch.int32, device=expert_idx.device)
-    counts = torch.bincount(expert_idx, minlength=n_experts)  # [E] unless some id >= E
-    check_expert_counts(counts, n_experts, op)
+    counts = count_ids(expert_idx, n_experts, op)  # [E]
     return order.to(torch.int32), row_of, torch.cumsum(counts, 0).to(torch.int32)
 
 
