@@ -3,6 +3,7 @@
     python benchmarks/sm90_check.py                                   # olmoe shape, bf16
     python benchmarks/sm90_check.py --scenario olmoe,odd --dtype bf16,fp32 --json out.json
     python benchmarks/sm90_check.py --triton-site /tmp/triton36       # another Triton
+    python benchmarks/sm90_check.py --jobs 2 --env NAME=VALUE   # 2 processes; a launcher switch too
 
 Why: a kernel that spills registers, asks for more shared memory than an SM has, or does
 not compile at all for sm_90 is found today only on a GPU, at the first launch (or never:
@@ -13,10 +14,11 @@ How (nothing is launched, nothing needs a driver):
 1. ``stub_driver``: Triton's active driver becomes one that reports ``GPUTarget("cuda", 90,
    32)``; ``JITFunction.warmup`` then compiles (TTIR -> TTGIR -> PTX -> cubin) with the ptxas
    bundled in the Triton wheel.
-2. ``record_launches``: each public op of ``triton_kernels`` runs forward and backward on CPU
+2. ``record_ops``: each public op of ``triton_kernels`` runs forward and backward on CPU
    tensors at a real shape while ``kernel[grid](...)`` records its arguments instead of
    launching. The recorded arguments are what the launchers pass on CUDA (dtypes, strides,
-   constexprs), so the specializations compiled here are those a GPU run compiles.
+   constexprs), so the specializations compiled here are those a GPU run compiles. The ops
+   run again in deterministic mode (a fixed config) and under each ``--env NAME=VALUE``.
 3. ``expand``: an autotuned launch becomes one compile per config the autotuner keeps at
    that launch (its ``prune_configs_by`` runs first: a pruned config is never compiled).
 4. ``compile_units``: each binary once (``--jobs`` forked processes share the work);
@@ -54,6 +56,7 @@ import multiprocessing
 import os
 import pkgutil
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -187,7 +190,7 @@ class Launch:
 
     op: str
     scenario: str  # "olmoe/bf16"
-    deterministic: bool  # made under torch.use_deterministic_algorithms(True)
+    mode: str  # the launch mode it was made in: "default", "deterministic", "NAME=VALUE"
     kernel: Any  # JITFunction, Autotuner or Heuristics
     grid: Any
     args: tuple
@@ -195,14 +198,13 @@ class Launch:
 
 
 @contextlib.contextmanager
-def record_launches(sink: list[Launch], op: str, scenario: str,
-                    deterministic: bool = False) -> Iterator[None]:
+def record_launches(sink: list[Launch], op: str, scenario: str, mode: str = "default") -> Iterator[None]:
     """Inside the block, kernel launches append to ``sink`` and run nothing."""
     from triton.runtime.jit import KernelInterface
 
     def getitem(kernel, grid):
         return lambda *args, **kwargs: sink.append(
-            Launch(op, scenario, deterministic, kernel, grid, args, kwargs))
+            Launch(op, scenario, mode, kernel, grid, args, kwargs))
 
     with mock.patch.object(KernelInterface, "__getitem__", getitem):
         yield
@@ -239,56 +241,62 @@ def _offsets(n_rows: int, n_experts: int) -> Tensor:
     return torch.cumsum(counts, 0).to(torch.int32)
 
 
-def _leaf(*shape: int, dtype: torch.dtype) -> Tensor:
-    """Uninitialised (no kernel reads it), so big weights cost no memory."""
-    return torch.empty(*shape, dtype=dtype, requires_grad=True)
+class Leaves(list):
+    """Makes the tensors a driver differentiates, uninitialised (no kernel reads them, so
+    gigabytes of weights cost no memory), and keeps them for ``torch.autograd.grad``:
+    ``backward()`` would copy each gradient into ``.grad`` (the recorded launch still holds
+    it), touching every page."""
+
+    def __call__(self, *shape: int, dtype: torch.dtype) -> Tensor:
+        self.append(torch.empty(*shape, dtype=dtype, requires_grad=True))
+        return self[-1]
 
 
-# Drivers: one per public op, (package, shape, dtype) -> the output to backpropagate.
-# Routing weights are fp32, as the router's softmax makes them.
+# Drivers: one per public op, (package, shape, dtype, leaves) -> the output to
+# backpropagate. Routing weights are fp32, as the router's softmax makes them.
 
-def _drive_grouped_gemm(pkg, s: Shape, dt: torch.dtype) -> Tensor:
+def _drive_grouped_gemm(pkg, s: Shape, dt: torch.dtype, leaf: Leaves) -> Tensor:
     rows = s.tokens * s.top_k
-    x = _leaf(rows, s.d_model, dtype=dt)
-    return pkg.grouped_gemm(x, _leaf(s.n_experts, s.d_model, s.d_expert, dtype=dt),
+    x = leaf(rows, s.d_model, dtype=dt)
+    return pkg.grouped_gemm(x, leaf(s.n_experts, s.d_model, s.d_expert, dtype=dt),
                             _offsets(rows, s.n_experts))
 
 
-def _drive_permute(pkg, s: Shape, dt: torch.dtype) -> Tensor:
-    return pkg.permute(_leaf(s.tokens, s.d_model, dtype=dt), _routing(s), s.n_experts)[0]
+def _drive_permute(pkg, s: Shape, dt: torch.dtype, leaf: Leaves) -> Tensor:
+    return pkg.permute(leaf(s.tokens, s.d_model, dtype=dt), _routing(s), s.n_experts)[0]
 
 
-def _drive_unpermute(pkg, s: Shape, dt: torch.dtype) -> Tensor:
+def _drive_unpermute(pkg, s: Shape, dt: torch.dtype, leaf: Leaves) -> Tensor:
     _, perm, _ = pkg.permute_reference(torch.empty(s.tokens, 1), _routing(s), s.n_experts)
-    rows = _leaf(s.tokens * s.top_k, s.d_model, dtype=dt)
-    return pkg.unpermute(rows, perm, _leaf(s.tokens, s.top_k, dtype=torch.float32))
+    rows = leaf(s.tokens * s.top_k, s.d_model, dtype=dt)
+    return pkg.unpermute(rows, perm, leaf(s.tokens, s.top_k, dtype=torch.float32))
 
 
-def _weights(s: Shape, dt: torch.dtype) -> tuple[Tensor, Tensor]:
-    return (_leaf(s.n_experts, s.d_model, 2 * s.d_expert, dtype=dt),
-            _leaf(s.n_experts, s.d_expert, s.d_model, dtype=dt))
+def _weights(s: Shape, dt: torch.dtype, leaf: Leaves) -> tuple[Tensor, Tensor]:
+    return (leaf(s.n_experts, s.d_model, 2 * s.d_expert, dtype=dt),
+            leaf(s.n_experts, s.d_expert, s.d_model, dtype=dt))
 
 
-def _drive_moe_experts(pkg, s: Shape, dt: torch.dtype) -> Tensor:
+def _drive_moe_experts(pkg, s: Shape, dt: torch.dtype, leaf: Leaves) -> Tensor:
     experts = _routing(s).reshape(-1)
     tokens = torch.arange(s.tokens).repeat_interleave(s.top_k)
-    weight = _leaf(experts.numel(), dtype=torch.float32)
-    return pkg.moe_experts(_leaf(s.tokens, s.d_model, dtype=dt), tokens, experts, weight, *_weights(s, dt))
+    weight = leaf(experts.numel(), dtype=torch.float32)
+    return pkg.moe_experts(leaf(s.tokens, s.d_model, dtype=dt), tokens, experts, weight, *_weights(s, dt, leaf))
 
 
-def _drive_moe_experts_topk(pkg, s: Shape, dt: torch.dtype) -> Tensor:
-    weights = _leaf(s.tokens, s.top_k, dtype=torch.float32)
-    return pkg.moe_experts_topk(_leaf(s.tokens, s.d_model, dtype=dt), _routing(s), weights,
-                                *_weights(s, dt))
+def _drive_moe_experts_topk(pkg, s: Shape, dt: torch.dtype, leaf: Leaves) -> Tensor:
+    weights = leaf(s.tokens, s.top_k, dtype=torch.float32)
+    return pkg.moe_experts_topk(leaf(s.tokens, s.d_model, dtype=dt), _routing(s), weights,
+                                *_weights(s, dt, leaf))
 
 
-def _drive_sorted_experts(pkg, s: Shape, dt: torch.dtype) -> Tensor:
+def _drive_sorted_experts(pkg, s: Shape, dt: torch.dtype, leaf: Leaves) -> Tensor:
     rows = s.tokens * s.top_k
-    return pkg.sorted_experts(_leaf(rows, s.d_model, dtype=dt), _offsets(rows, s.n_experts),
-                              *_weights(s, dt))
+    return pkg.sorted_experts(leaf(rows, s.d_model, dtype=dt), _offsets(rows, s.n_experts),
+                              *_weights(s, dt, leaf))
 
 
-DRIVERS: dict[str, Callable[[Any, Shape, torch.dtype], Tensor]] = {
+DRIVERS: dict[str, Callable[[Any, Shape, torch.dtype, Leaves], Tensor]] = {
     "grouped_gemm": _drive_grouped_gemm,
     "permute": _drive_permute,
     "unpermute": _drive_unpermute,
@@ -303,32 +311,37 @@ def public_ops(pkg) -> list[str]:
     return [n for n in pkg.__all__ if not n.endswith("_reference")]
 
 
-def record_ops(pkg, modules: list[Any], scenario: str, dtype: str) -> list[Launch]:
-    """Launches of every driven op, forward then backward, at one shape and dtype; then
-    again in deterministic mode (``train.deterministic``), where the launchers bypass the
-    autotuner for a fixed config that pruning does not see."""
+def record_ops(pkg, modules: list[Any], scenario: str, dtype: str,
+               env_modes: tuple[str, ...] = ()) -> list[Launch]:
+    """Launches of every driven op, forward then backward, at one shape and dtype, in
+    each launch mode: the default; deterministic (``train.deterministic``: the launchers
+    bypass the autotuner for a fixed config that pruning does not see); and once per
+    ``NAME=VALUE`` of ``env_modes`` with that environment variable set (a launcher switch)."""
     s, dt = SCENARIOS[scenario], DTYPES[dtype]
     launches: list[Launch] = []
     tag = f"{scenario}/{dtype}"
+    modes = [("default", contextlib.nullcontext()), ("deterministic", _deterministic())]
+    modes += [(m, mock.patch.dict(os.environ, [m.split("=", 1)])) for m in env_modes]
     with cpu_tensors_allowed(modules):
-        for deterministic in (False, True):
-            with _deterministic(deterministic):
+        for mode, context in modes:
+            with context:
                 for op in [op for op in public_ops(pkg) if op in DRIVERS]:
-                    with record_launches(launches, f"{op}.fwd", tag, deterministic):
-                        out = DRIVERS[op](pkg, s, dt)
-                    with record_launches(launches, f"{op}.bwd", tag, deterministic):
-                        out.backward(torch.empty_like(out))
+                    leaves = Leaves()
+                    with record_launches(launches, f"{op}.fwd", tag, mode):
+                        out = DRIVERS[op](pkg, s, dt, leaves)
+                    with record_launches(launches, f"{op}.bwd", tag, mode):
+                        torch.autograd.grad(out, leaves, torch.empty_like(out), allow_unused=True)
     return launches
 
 
 @contextlib.contextmanager
-def _deterministic(on: bool) -> Iterator[None]:
-    """``torch.use_deterministic_algorithms(on)`` inside the block, without its filling of
-    every ``torch.empty`` with NaN: that would touch gigabytes of weights no kernel reads."""
+def _deterministic() -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` inside the block, without its filling
+    of every ``torch.empty`` with NaN: that would touch gigabytes of weights no kernel reads."""
     import torch.utils.deterministic as det
 
     before, fill = torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(on)
+    torch.use_deterministic_algorithms(True)
     det.fill_uninitialized_memory = False
     try:
         yield
@@ -407,14 +420,20 @@ def _config_label(values: dict) -> str:
 
 # ----------------------------------------------------------------------------- analysis
 
-PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 PTXAS_REGS = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
 
 def parse_ptxas_log(log: str) -> dict[str, int]:
-    """regs, stack, spill_stores, spill_loads, static_smem from ``ptxas -v`` (one kernel)."""
+    """regs, stack, spill_stores, spill_loads, static_smem of the entry function (the
+    kernel) from ``ptxas -v``; a non-inlined callee's own lines are not the kernel's."""
+    entry = PTXAS_ENTRY.search(log)
+    if entry is None:
+        return {}
+    log = log[entry.end():]
     out: dict[str, int] = {}
-    if m := PTXAS_SPILLS.search(log):
+    if m := re.search(rf"Function properties for {re.escape(entry[1])}\s+(\d+) bytes stack frame, "
+                      r"(\d+) bytes spill stores, (\d+) bytes spill loads", log):
         out.update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
     if m := PTXAS_REGS.search(log):
         out.update(regs=int(m[1]), static_smem=int(m[2] or 0))
@@ -474,7 +493,7 @@ class Row:
     config: str  # tile sizes, warps, stages
     ops: list[str] = field(default_factory=list)  # "moe_experts.bwd" ...
     scenarios: list[str] = field(default_factory=list)  # "olmoe/bf16" ...
-    deterministic: bool = False  # deterministic mode launches it too (its fixed config)
+    modes: list[str] = field(default_factory=list)  # the launch modes that compile it
     error: str = ""
     regs: int = 0
     spill_stores: int = 0
@@ -559,12 +578,12 @@ def compile_row(unit: Unit) -> Row:
     if ck is not None:  # Triton's defaults where the launch set none
         config |= {"num_warps": ck.metadata.num_warps, "num_stages": ck.metadata.num_stages}
     row = Row(fn.fn.__name__, unit.variant(), _config_label(config), [launch.op], [launch.scenario],
-              launch.deterministic, error)
+              [launch.mode], error)
     if ck is not None:
         row.hash = ck.hash
         if ck.hash in _described:
             seen = _described[ck.hash]
-            return replace(seen, ops=row.ops, scenarios=row.scenarios, deterministic=row.deterministic)
+            return replace(seen, ops=row.ops, scenarios=row.scenarios, modes=row.modes)
         describe(ck, log, row)
         _described[ck.hash] = row
     return row
@@ -577,11 +596,11 @@ def merge_rows(rows: list[Row]) -> list[Row]:
     for r in rows:
         key = r.hash or f"{r.kernel} {r.variant} {r.config}"
         if key not in merged:
-            merged[key] = replace(r, ops=[], scenarios=[])
+            merged[key] = replace(r, ops=[], scenarios=[], modes=[])
         m = merged[key]
-        m.ops += [op for op in r.ops if op not in m.ops]
-        m.scenarios += [sc for sc in r.scenarios if sc not in m.scenarios]
-        m.deterministic |= r.deterministic
+        for name in ("ops", "scenarios", "modes"):
+            have = getattr(m, name)
+            have += [v for v in getattr(r, name) if v not in have]
     return sorted(merged.values(), key=lambda r: (r.kernel, r.variant, r.config))
 
 
@@ -655,10 +674,9 @@ def jit_kernels(modules: list[Any]) -> dict[str, Any]:
             fn = _jit_of(val)
             if fn is not None and fn.fn.__module__ == mod.__name__:
                 found[f"{mod.__name__}.{fn.fn.__name__}"] = fn
-    called = set()
-    for fn in found.values():
-        tree = ast.parse(textwrap.dedent(fn.src))
-        called |= {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    called = {getattr(n.func, "id", getattr(n.func, "attr", None))  # f(...) or module.f(...)
+              for fn in found.values() for n in ast.walk(ast.parse(textwrap.dedent(fn.src)))
+              if isinstance(n, ast.Call)}
     return {k: fn for k, fn in found.items() if fn.fn.__name__ not in called}
 
 
@@ -675,6 +693,7 @@ class Report:
     unlaunched: list[str]  # kernels no op launched
     undriven: list[str]  # public ops with no driver in DRIVERS
     seconds: float
+    peak_rss_gb: float  # of this process and of its compile workers, whichever is larger
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -687,8 +706,9 @@ class Report:
 
 
 def check(scenarios: list[str], dtypes: list[str], arch: int = 90, jobs: int = 1,
-          progress: Callable[[str], None] = lambda s: None) -> Report:
-    """Record, expand and compile every launch of every public op; the whole report."""
+          env_modes: tuple[str, ...] = (), progress: Callable[[str], None] = lambda s: None) -> Report:
+    """Record, expand and compile every launch of every public op in every launch mode
+    (``record_ops``); the whole report."""
     import triton
 
     t0 = time.time()
@@ -699,7 +719,8 @@ def check(scenarios: list[str], dtypes: list[str], arch: int = 90, jobs: int = 1
     if ptxas is None:
         raise RuntimeError(f"triton {triton.__version__} has no bundled ptxas for sm_{arch}")
     pkg, modules = package_modules()
-    launches = [ln for sc in scenarios for dt in dtypes for ln in record_ops(pkg, modules, sc, dt)]
+    launches = [ln for sc in scenarios for dt in dtypes
+                for ln in record_ops(pkg, modules, sc, dt, env_modes)]
     cache = tempfile.mkdtemp(prefix="sm90_check_cache_")
     # a fresh cache: every binary is compiled, so ptxas prints its log. 3.9 warns that its
     # fp-fusion default will change; "1" is that default, made explicit.
@@ -721,7 +742,9 @@ def check(scenarios: list[str], dtypes: list[str], arch: int = 90, jobs: int = 1
         triton=f"{triton.__version__} ({Path(triton.__file__).parent})", ptxas=ptxas_version(ptxas), arch=arch,
         scenarios=[f"{s}={tuple(SCENARIOS[s][:5])}" for s in scenarios], rows=rows, pruned=pruned,
         unlaunched=sorted(k for k, fn in kernels.items() if id(fn) not in launched),
-        undriven=[op for op in public_ops(pkg) if op not in DRIVERS], seconds=round(time.time() - t0, 1))
+        undriven=[op for op in public_ops(pkg) if op not in DRIVERS], seconds=round(time.time() - t0, 1),
+        peak_rss_gb=round(max(resource.getrusage(who).ru_maxrss for who in (
+            resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 2**20, 2))  # ru_maxrss: KB
 
 
 def problems(report: Report, spill_budget: int = SPILL_BUDGET_BYTES) -> dict[str, list[str]]:
@@ -747,7 +770,7 @@ def problems(report: Report, spill_budget: int = SPILL_BUDGET_BYTES) -> dict[str
 # ----------------------------------------------------------------------------- output
 
 COLUMNS = ("kernel", "variant", "config", "regs", "spill st/ld B", "smem KB",
-           "CTA/SM (warps, limit)", "mma", "global loads", "ws", "det", "flags", "launched by")
+           "CTA/SM (warps, limit)", "mma", "global loads", "ws", "modes", "flags", "launched by")
 
 
 def ops_label(ops: list[str]) -> str:
@@ -759,6 +782,13 @@ def ops_label(ops: list[str]) -> str:
     return "; ".join(f"{','.join(names)} {phase}" for phase, names in by_phase.items())
 
 
+def modes_label(modes: list[str]) -> str:
+    """The launch modes besides the default (``det``: deterministic); ``only ...`` when the
+    default mode does not launch it (a config only that mode picks)."""
+    others = ",".join("det" if m == "deterministic" else m for m in modes if m != "default")
+    return others if "default" in modes or not others else f"only {others}"
+
+
 def table_cells(r: Row, spill_budget: int) -> list[str]:
     if r.error:
         return [r.kernel, r.variant, r.config] + [""] * 8 + ["COMPILE ERROR", ops_label(r.ops)]
@@ -768,7 +798,7 @@ def table_cells(r: Row, spill_budget: int) -> list[str]:
                               ("mma.sync", r.mma == "mma.sync")) if bad]
     return [r.kernel, r.variant, r.config, str(r.regs), f"{r.spill_stores}/{r.spill_loads}",
             f"{r.smem / 1024:.1f}", f"{r.ctas_per_sm} ({r.warps_per_sm}w, {r.limiter})", r.mma,
-            r.loads, "ws" if r.warp_specialized else "-", "det" if r.deterministic else "",
+            r.loads, "ws" if r.warp_specialized else "-", modes_label(r.modes),
             " ".join(flags), ops_label(r.ops)]
 
 
@@ -790,7 +820,8 @@ def format_report(report: Report, spill_budget: int = SPILL_BUDGET_BYTES) -> str
               f"{', '.join(report.scenarios)}: {len(report.rows)} binaries of "
               f"{len({r.kernel for r in report.rows})} kernels, {sum(bool(r.error) for r in report.rows)} "
               f"compile errors, {n_spill} spilling, {n_smem} over {SM90.smem_per_block // 1024} KB "
-              f"shared memory, {len(report.pruned)} configs pruned; {report.seconds:.0f} s"]
+              f"shared memory, {len(report.pruned)} configs pruned; {report.seconds:.0f} s, "
+              f"peak memory {report.peak_rss_gb:.1f} GB"]
     return "\n".join(lines)
 
 
@@ -818,10 +849,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--triton-site", help="a folder with another Triton (pip install --target DIR "
                    "triton==3.6.0): re-run with it first on the path")
     p.add_argument("--jobs", type=int, default=1, help="compile in this many forked processes")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="also record every op with this environment variable set (a launcher "
+                   "switch, e.g. one that adds a kernel variant); repeatable")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-compile progress on stderr")
     args = p.parse_args(argv)
     args.scenarios = list(SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
     args.dtypes = args.dtype.split(",")
+    if bad := [e for e in args.env if "=" not in e]:
+        p.error(f"--env wants NAME=VALUE, got {', '.join(bad)}")
     for name, given, known in (("scenario", args.scenarios, SCENARIOS), ("dtype", args.dtypes, DTYPES)):
         if bad := [g for g in given if g not in known]:
             p.error(f"unknown {name} {', '.join(bad)}; choose from {', '.join(known)}")
@@ -835,7 +871,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.triton_site and os.environ.get("SM90_CHECK_SITE") != str(Path(args.triton_site).resolve()):
         reexec_with(args.triton_site, argv)
     progress = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    report = check(args.scenarios, args.dtypes, args.arch, args.jobs, progress)
+    report = check(args.scenarios, args.dtypes, args.arch, args.jobs, tuple(args.env), progress)
     print(format_report(report, args.spill_budget))
     if args.json:
         from moe_vlm.atomic import atomic_write
