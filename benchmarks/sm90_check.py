@@ -687,7 +687,8 @@ class Report:
     triton: str  # "3.9.0 (/path/to/triton)"
     ptxas: str
     arch: int
-    scenarios: list[str]
+    scenarios: list[str]  # "olmoe=(T, D, F, E, K)"
+    dtypes: list[str]
     rows: list[Row]
     pruned: list[str]  # "kernel config" pruned by the autotuner, per launch (deduplicated)
     unlaunched: list[str]  # kernels no op launched
@@ -740,7 +741,7 @@ def check(scenarios: list[str], dtypes: list[str], arch: int = 90, jobs: int = 1
     kernels = jit_kernels(modules)
     return Report(
         triton=f"{triton.__version__} ({Path(triton.__file__).parent})", ptxas=ptxas_version(ptxas), arch=arch,
-        scenarios=[f"{s}={tuple(SCENARIOS[s][:5])}" for s in scenarios], rows=rows, pruned=pruned,
+        scenarios=[f"{s}={tuple(SCENARIOS[s][:5])}" for s in scenarios], dtypes=dtypes, rows=rows, pruned=pruned,
         unlaunched=sorted(k for k, fn in kernels.items() if id(fn) not in launched),
         undriven=[op for op in public_ops(pkg) if op not in DRIVERS], seconds=round(time.time() - t0, 1),
         peak_rss_gb=round(max(resource.getrusage(who).ru_maxrss for who in (
@@ -770,7 +771,7 @@ def problems(report: Report, spill_budget: int = SPILL_BUDGET_BYTES) -> dict[str
 # ----------------------------------------------------------------------------- output
 
 COLUMNS = ("kernel", "variant", "config", "regs", "spill st/ld B", "smem KB",
-           "CTA/SM (warps, limit)", "mma", "global loads", "ws", "modes", "flags", "launched by")
+           "CTA/SM (warps, limit)", "mma", "global loads", "ws", "modes", "flags", "shapes", "launched by")
 
 
 def ops_label(ops: list[str]) -> str:
@@ -789,9 +790,14 @@ def modes_label(modes: list[str]) -> str:
     return others if "default" in modes or not others else f"only {others}"
 
 
+def shapes_label(r: Row) -> str:
+    """The scenarios (shapes) that compile the row; its dtype is in the variant."""
+    return ",".join(dict.fromkeys(s.split("/")[0] for s in r.scenarios))
+
+
 def table_cells(r: Row, spill_budget: int) -> list[str]:
     if r.error:
-        return [r.kernel, r.variant, r.config] + [""] * 8 + ["COMPILE ERROR", ops_label(r.ops)]
+        return [r.kernel, r.variant, r.config] + [""] * 8 + ["COMPILE ERROR", shapes_label(r), ops_label(r.ops)]
     flags = [f for f, bad in (("SPILL", r.at_real_shape() and r.spill_bytes > spill_budget),
                               ("spill", not r.at_real_shape() and r.spill_bytes > spill_budget),
                               (">227KB", r.smem > SM90.smem_per_block),
@@ -799,7 +805,7 @@ def table_cells(r: Row, spill_budget: int) -> list[str]:
     return [r.kernel, r.variant, r.config, str(r.regs), f"{r.spill_stores}/{r.spill_loads}",
             f"{r.smem / 1024:.1f}", f"{r.ctas_per_sm} ({r.warps_per_sm}w, {r.limiter})", r.mma,
             r.loads, "ws" if r.warp_specialized else "-", modes_label(r.modes),
-            " ".join(flags), ops_label(r.ops)]
+            " ".join(flags), shapes_label(r), ops_label(r.ops)]
 
 
 def format_report(report: Report, spill_budget: int = SPILL_BUDGET_BYTES) -> str:
@@ -817,7 +823,7 @@ def format_report(report: Report, spill_budget: int = SPILL_BUDGET_BYTES) -> str
     n_spill = sum(r.spill_bytes > 0 for r in report.rows)
     n_smem = sum(r.smem > SM90.smem_per_block for r in report.rows)
     lines += ["", f"triton {report.triton}, ptxas {report.ptxas}, sm_{report.arch}; "
-              f"{', '.join(report.scenarios)}: {len(report.rows)} binaries of "
+              f"{', '.join(report.scenarios)} in {','.join(report.dtypes)}: {len(report.rows)} binaries of "
               f"{len({r.kernel for r in report.rows})} kernels, {sum(bool(r.error) for r in report.rows)} "
               f"compile errors, {n_spill} spilling, {n_smem} over {SM90.smem_per_block // 1024} KB "
               f"shared memory, {len(report.pruned)} configs pruned; {report.seconds:.0f} s, "
@@ -842,7 +848,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", default="olmoe", help=f"comma list of {', '.join(SCENARIOS)}, or all")
     p.add_argument("--dtype", default="bf16", help=f"comma list of {', '.join(DTYPES)}")
-    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability to compile for")
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability to compile for "
+                   "(occupancy and the limits stay sm_90's)")
     p.add_argument("--spill-budget", type=int, default=SPILL_BUDGET_BYTES,
                    help="spill bytes allowed per kernel at a real shape")
     p.add_argument("--json", help="write the report (every row) as JSON here")

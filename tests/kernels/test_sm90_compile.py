@@ -153,7 +153,7 @@ def _row(**kw) -> sm90.Row:
 
 def test_problems_lists_the_offending_rows():
     report = sm90.Report(
-        triton="x", ptxas="y", arch=90, scenarios=["olmoe"], pruned=["_k M128 N256 K64 w8 s3"],
+        triton="x", ptxas="y", arch=90, scenarios=["olmoe"], dtypes=["bf16"], pruned=["_k M128 N256 K64 w8 s3"],
         unlaunched=["triton_kernels.m._orphan_kernel"], undriven=["new_op"], seconds=1.0, peak_rss_gb=0.5, rows=[
             _row(),
             _row(config="M128 N128 K32 w4 s4", spill_stores=1160, spill_loads=1032),
