@@ -281,7 +281,8 @@ def _drive_moe_experts(pkg, s: Shape, dt: torch.dtype, leaf: Leaves) -> Tensor:
     experts = _routing(s).reshape(-1)
     tokens = torch.arange(s.tokens).repeat_interleave(s.top_k)
     weight = leaf(experts.numel(), dtype=torch.float32)
-    return pkg.moe_experts(leaf(s.tokens, s.d_model, dtype=dt), tokens, experts, weight, *_weights(s, dt, leaf))
+    return pkg.moe_experts(leaf(s.tokens, s.d_model, dtype=dt), tokens, experts, weight,
+                           *_weights(s, dt, leaf))
 
 
 def _drive_moe_experts_topk(pkg, s: Shape, dt: torch.dtype, leaf: Leaves) -> Tensor:
@@ -412,8 +413,8 @@ def expand(launch: Launch) -> tuple[list[Unit], list[str]]:
 
 def _config_label(values: dict) -> str:
     """``M128 N64 K64 w4 s4`` from a config's values (BLOCK_ prefixes dropped)."""
-    parts = [f"{k.removeprefix('BLOCK_')}{v}" for k, v in values.items()
-             if k.startswith("BLOCK_") or k.isupper()]
+    parts = [k.removeprefix("BLOCK_") + ("" if v is True else str(v)) for k, v in values.items()
+             if (k.startswith("BLOCK_") or k.isupper()) and v is not False]
     parts += [f"{a}{values[k]}" for k, a in (("num_warps", "w"), ("num_stages", "s")) if k in values]
     return " ".join(parts)
 
@@ -559,11 +560,13 @@ def describe(ck, log: str, row: Row) -> None:
     if "regs" not in usage:  # never report "no spill" for a binary ptxas did not describe
         row.error = "no ptxas -v log for this binary (a cache hit?)"
         return
-    row.regs, row.spill_stores, row.spill_loads = usage["regs"], usage["spill_stores"], usage["spill_loads"]
+    row.regs = usage["regs"]
+    row.spill_stores, row.spill_loads = usage["spill_stores"], usage["spill_loads"]
     row.smem = md.shared + usage["static_smem"]
     row.ctas_per_sm, row.limiter = occupancy(row.regs, row.smem, md.num_warps)
     row.warps_per_sm = row.ctas_per_sm * md.num_warps
-    row.mma, row.loads, row.warp_specialized = mma_kind(ptx, ttgir), load_kind(ptx), warp_specialized(ttgir)
+    row.mma, row.loads = mma_kind(ptx, ttgir), load_kind(ptx)
+    row.warp_specialized = warp_specialized(ttgir)
 
 
 _described: dict[str, Row] = {}  # this process's compiled binaries by hash: a repeat is a cache hit
@@ -740,8 +743,9 @@ def check(scenarios: list[str], dtypes: list[str], arch: int = 90, jobs: int = 1
     launched = {id(u.fn) for u in units}
     kernels = jit_kernels(modules)
     return Report(
-        triton=f"{triton.__version__} ({Path(triton.__file__).parent})", ptxas=ptxas_version(ptxas), arch=arch,
-        scenarios=[f"{s}={tuple(SCENARIOS[s][:5])}" for s in scenarios], dtypes=dtypes, rows=rows, pruned=pruned,
+        triton=f"{triton.__version__} ({Path(triton.__file__).parent})", ptxas=ptxas_version(ptxas),
+        arch=arch, scenarios=[f"{s}={tuple(SCENARIOS[s][:5])}" for s in scenarios], dtypes=dtypes,
+        rows=rows, pruned=pruned,
         unlaunched=sorted(k for k, fn in kernels.items() if id(fn) not in launched),
         undriven=[op for op in public_ops(pkg) if op not in DRIVERS], seconds=round(time.time() - t0, 1),
         peak_rss_gb=round(max(resource.getrusage(who).ru_maxrss for who in (
@@ -757,7 +761,8 @@ def problems(report: Report, spill_budget: int = SPILL_BUDGET_BYTES) -> dict[str
         "compile errors": [f"{where(r)}: {r.error}" for r in report.rows if r.error],
         "spills": [f"{where(r)}: spills {r.spill_stores} B stored / {r.spill_loads} B loaded "
                    f"({r.regs} registers); budget {spill_budget} B"
-                   for r in report.rows if not r.error and r.at_real_shape() and r.spill_bytes > spill_budget],
+                   for r in report.rows
+                   if not r.error and r.at_real_shape() and r.spill_bytes > spill_budget],
         "shared memory": [f"{where(r)}: {r.smem / 1024:.1f} KB shared memory > "
                           f"{SM90.smem_per_block // 1024} KB per block"
                           for r in report.rows if not r.error and r.smem > SM90.smem_per_block],
@@ -771,7 +776,8 @@ def problems(report: Report, spill_budget: int = SPILL_BUDGET_BYTES) -> dict[str
 # ----------------------------------------------------------------------------- output
 
 COLUMNS = ("kernel", "variant", "config", "regs", "spill st/ld B", "smem KB",
-           "CTA/SM (warps, limit)", "mma", "global loads", "ws", "modes", "flags", "shapes", "launched by")
+           "CTA/SM (warps, limit)", "mma", "global loads", "ws", "modes", "flags", "shapes",
+           "launched by")
 
 
 def ops_label(ops: list[str]) -> str:
@@ -797,7 +803,8 @@ def shapes_label(r: Row) -> str:
 
 def table_cells(r: Row, spill_budget: int) -> list[str]:
     if r.error:
-        return [r.kernel, r.variant, r.config] + [""] * 8 + ["COMPILE ERROR", shapes_label(r), ops_label(r.ops)]
+        return ([r.kernel, r.variant, r.config] + [""] * 8
+                + ["COMPILE ERROR", shapes_label(r), ops_label(r.ops)])
     flags = [f for f, bad in (("SPILL", r.at_real_shape() and r.spill_bytes > spill_budget),
                               ("spill", not r.at_real_shape() and r.spill_bytes > spill_budget),
                               (">227KB", r.smem > SM90.smem_per_block),
@@ -822,11 +829,12 @@ def format_report(report: Report, spill_budget: int = SPILL_BUDGET_BYTES) -> str
             lines += ["", f"FAIL {kind}:"] + [f"  - {item}" for item in items]
     n_spill = sum(r.spill_bytes > 0 for r in report.rows)
     n_smem = sum(r.smem > SM90.smem_per_block for r in report.rows)
+    n_kernels, n_errors = len({r.kernel for r in report.rows}), sum(bool(r.error) for r in report.rows)
     lines += ["", f"triton {report.triton}, ptxas {report.ptxas}, sm_{report.arch}; "
-              f"{', '.join(report.scenarios)} in {','.join(report.dtypes)}: {len(report.rows)} binaries of "
-              f"{len({r.kernel for r in report.rows})} kernels, {sum(bool(r.error) for r in report.rows)} "
-              f"compile errors, {n_spill} spilling, {n_smem} over {SM90.smem_per_block // 1024} KB "
-              f"shared memory, {len(report.pruned)} configs pruned; {report.seconds:.0f} s, "
+              f"{', '.join(report.scenarios)} in {','.join(report.dtypes)}: {len(report.rows)} "
+              f"binaries of {n_kernels} kernels, {n_errors} compile errors, {n_spill} spilling, "
+              f"{n_smem} over {SM90.smem_per_block // 1024} KB shared memory, "
+              f"{len(report.pruned)} configs pruned; {report.seconds:.0f} s, "
               f"peak memory {report.peak_rss_gb:.1f} GB"]
     return "\n".join(lines)
 

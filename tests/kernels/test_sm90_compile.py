@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -41,14 +42,16 @@ def olmoe_report(tmp_path_factory) -> sm90.Report:
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=CHECK_TIMEOUT_S)
     print(f"sm90 check: {time.time() - t0:.0f} s")
-    assert r.returncode in (0, 1) and out.is_file(), f"the check crashed:\n{r.stdout}\n{r.stderr[-4000:]}"
+    assert r.returncode in (0, 1) and out.is_file(), \
+        f"the check crashed:\n{r.stdout}\n{r.stderr[-4000:]}"
     return sm90.Report.from_json(json.loads(out.read_text()))
 
 
 def assert_none(report: sm90.Report, kind: str) -> None:
     """Fail with one line per offending row (kernel, variant, config, ops, numbers)."""
     if items := sm90.problems(report)[kind]:
-        pytest.fail(f"{len(items)} {kind}:\n" + "\n".join(f"  - {item}" for item in items), pytrace=False)
+        pytest.fail(f"{len(items)} {kind}:\n" + "\n".join(f"  - {item}" for item in items),
+                    pytrace=False)
 
 
 def test_every_kernel_compiles(olmoe_report):
@@ -136,7 +139,9 @@ def test_instruction_kinds():
     assert sm90.mma_kind("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {}", "") == "mma.sync"
     assert sm90.mma_kind("fma.rn.f32 %f1, %f2, %f3, %f4;", "%5 = tt.dot %3, %4, %cst") == "FMA"
     assert sm90.mma_kind("ld.global.b32 %r1, [%rd1];", "") == "-"
-    assert sm90.load_kind("cp.async.bulk.tensor.2d.shared::cluster.global [%r1], [%rd1, {%r2, %r3}];") == "TMA"
+    tma = ("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes "
+           "[%r1], [%rd1, {%r2}];")
+    assert sm90.load_kind(tma) == "TMA"
     ptx = ("cp.async.cg.shared.global [ %r5 + 0 ], [ %rd3 + 0 ], 0x10, %r6;\n"
            "cp.async.ca.shared.global [ %r7 + 0 ], [ %rd4 + 0 ], 0x4, %r8;\n"
            "@%p1 ld.global.b32 { %r1 }, [ %rd1 + 0 ];")
@@ -153,8 +158,9 @@ def _row(**kw) -> sm90.Row:
 
 def test_problems_lists_the_offending_rows():
     report = sm90.Report(
-        triton="x", ptxas="y", arch=90, scenarios=["olmoe"], dtypes=["bf16"], pruned=["_k M128 N256 K64 w8 s3"],
-        unlaunched=["triton_kernels.m._orphan_kernel"], undriven=["new_op"], seconds=1.0, peak_rss_gb=0.5, rows=[
+        triton="x", ptxas="y", arch=90, scenarios=["olmoe"], dtypes=["bf16"],
+        pruned=["_k M128 N256 K64 w8 s3"], unlaunched=["triton_kernels.m._orphan_kernel"],
+        undriven=["new_op"], seconds=1.0, peak_rss_gb=0.5, rows=[
             _row(),
             _row(config="M128 N128 K32 w4 s4", spill_stores=1160, spill_loads=1032),
             _row(config="odd", scenarios=["odd/bf16"], spill_stores=8, spill_loads=8),  # reported only
@@ -171,22 +177,30 @@ def test_problems_lists_the_offending_rows():
     assert sm90.Report.from_json(json.loads(json.dumps(report.to_json()))) == report
 
 
-def test_pruned_configs_are_not_compile_units():
-    """``autotune_configs`` runs the kernel's ``early_config_prune`` as the autotuner would."""
+def test_pruned_configs_are_neither_compiled_nor_reported():
+    """A recorded autotuned launch expands to the configs its ``early_config_prune`` keeps
+    (run as the autotuner runs it); the pruned ones are only listed."""
+    import torch
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def toy(x_ptr, n, BLOCK: tl.constexpr):
+    def toy(x_ptr, n, BLOCK: tl.constexpr, FAST: tl.constexpr):
         tl.store(x_ptr + tl.arange(0, BLOCK), 0.0)
 
     def drop_big(configs, named_args, **kwargs):
-        assert named_args["n"] == 10 and kwargs == {}
+        assert named_args["n"] == 10 and kwargs == {"FAST": True}
         return [c for c in configs if c.kwargs["BLOCK"] <= 128]
 
-    configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (64, 128, 256)]
+    configs = [triton.Config({"BLOCK": b}, num_warps=4, num_stages=2) for b in (64, 128, 256)]
+    with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"}):  # a compiling JITFunction
+        toy = triton.jit(toy)
     tuner = triton.autotune(configs, key=["n"], prune_configs_by={"early_config_prune": drop_big})(toy)
-    kept, pruned = sm90.autotune_configs(tuner, (None, 10), {})
-    assert [c.kwargs["BLOCK"] for c in kept] == [64, 128] and [c.kwargs["BLOCK"] for c in pruned] == [256]
+    launches: list[sm90.Launch] = []
+    with sm90.record_launches(launches, "toy.fwd", "olmoe/bf16"):
+        tuner[(1,)](torch.empty(4), 10, FAST=True)
+    units, pruned = sm90.expand(launches[0])
+    assert [sm90._config_label(u.values()) for u in units] == ["BLOCK64 w4 s2", "BLOCK128 w4 s2"]
+    assert units[0].variant() == "FAST fp32"
+    assert pruned == ["toy BLOCK256 w4 s2"]
     one = triton.autotune(configs[:1], key=["n"], prune_configs_by={"early_config_prune": drop_big})(toy)
     assert sm90.autotune_configs(one, (None, 3), {}) == (configs[:1], [])  # no choice: no pruning
