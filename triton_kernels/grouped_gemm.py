@@ -146,7 +146,11 @@ def _gg_dw_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dW[e, k, n] = sum_{r in group e} A[srcA(r), k] * B[srcB(r), n]; persistent over
-    (e, k-tile, n-tile) tiles, each reducing over its group's rows (zeros if empty)."""
+    (e, k-tile, n-tile) tiles, each reducing over its group's rows (zeros if empty).
+
+    A gathered operand's row indices are loaded one step ahead (``*_next``): an index load
+    feeding the tile load in the same iteration made the pipeliner keep only 2 buffers
+    whatever ``num_stages`` said."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     tiles_k = tl.cdiv(K, BLOCK_K)
@@ -167,15 +171,23 @@ def _gg_dw_kernel(
         offs_n = tn * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        nxt = start + tl.arange(0, BLOCK_M)
+        if HAS_A_IDX:
+            sa_next = tl.load(a_idx_ptr + nxt, mask=nxt < end, other=0)
+        if HAS_B_IDX:
+            sb_next = tl.load(b_idx_ptr + nxt, mask=nxt < end, other=0)
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < end
+            nxt = offs_m + BLOCK_M
             if HAS_A_IDX:
-                sa = tl.load(a_idx_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+                sa = sa_next.to(tl.int64)
+                sa_next = tl.load(a_idx_ptr + nxt, mask=nxt < end, other=0)
             else:
                 sa = offs_m.to(tl.int64)
             if HAS_B_IDX:
-                sb = tl.load(b_idx_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+                sb = sb_next.to(tl.int64)
+                sb_next = tl.load(b_idx_ptr + nxt, mask=nxt < end, other=0)
             else:
                 sb = offs_m.to(tl.int64)
             at = tl.load(a_ptr + sa[None, :] * stride_am + offs_k[:, None],
