@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from triton_kernels import tuning
 from triton_kernels._utils import (
     check_device,
     check_float,
@@ -34,7 +35,6 @@ from triton_kernels._utils import (
     check_same_dtype,
     check_shape,
     interpreting,
-    n_programs,
 )
 
 
@@ -204,46 +204,37 @@ def _gg_dw_kernel(
                  mask=mask_k[:, None] & mask_n[None, :])
 
 
-def _gpu_configs(swiglu: bool) -> list[triton.Config]:
-    """Autotune space for H100-class GPUs (SwiGLU tiles hold two accumulators)."""
-    shapes = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-              (64, 64, 64, 4, 4), (128, 128, 32, 4, 4)]
-    if swiglu:
-        shapes = [s for s in shapes if s[0] * s[1] <= 128 * 128]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
-
-
 _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 _tuned: dict[tuple[str, bool], object] = {}
+# Each variant tunes apart: gathered rows, a row scale, a transposed weight (stride_wn != 1)
+# or fp32's dot precision change the kernel's speed, so one tile choice need not fit all.
+_TUNE_KEYS = {"gg": ["N", "K", "stride_wn", "HAS_A_IDX", "HAS_SCALE", "PRECISION"],
+              "dw": ["K", "N", "HAS_A_IDX", "HAS_B_IDX", "PRECISION"]}
 
 
-def _kernel(name: str, swiglu: bool = False):
-    """The kernel to launch: autotuned on GPU (cached per variant), plain in the interpreter.
+def _kernel(space: str, a: Tensor) -> tuple[object, dict, list[triton.Config]]:
+    """(kernel, launch kwargs, configs it may run) for ``space`` (gg, swiglu, dw; ``a`` is the
+    first operand, for its dtype and device). On GPU: autotuned, cached per space and fp32
+    precision. In the interpreter: one small config.
 
     Under ``torch.use_deterministic_algorithms(True)`` the autotuner is bypassed for the
-    first config of the space: tile sizes set the order of the fp32 accumulation (BLOCK_K
-    for the forward, BLOCK_M for dw), and a timing-based choice may differ between runs."""
-    base = {"gg": _gg_kernel, "dw": _gg_dw_kernel}[name]
+    first config of the space that fits the device: tile sizes set the order of the fp32
+    accumulation (BLOCK_K for the forward, BLOCK_M for dw), and a timing-based choice may
+    differ between runs."""
+    base = _gg_dw_kernel if space == "dw" else _gg_kernel
     if interpreting():
-        return base, dict(_INTERPRET_BLOCKS)
+        return base, dict(_INTERPRET_BLOCKS), []
+    # fp32 in ieee precision runs FMA dots: a space of its own
+    fma = a.dtype == torch.float32 and tuning.dot_args(a.dtype)["PRECISION"] == "ieee"
+    cfgs = tuning.configs(space, fma)
     if torch.are_deterministic_algorithms_enabled():
-        cfg = _gpu_configs(swiglu)[0]
-        return base, {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    key = (name, swiglu)
+        cfg = tuning.pruner(space)(cfgs, {"a_ptr": a})[0]
+        return base, {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, [cfg]
+    key = (space, fma)
     if key not in _tuned:
-        # Each variant tunes apart: gathered rows, a row scale or a transposed weight
-        # (stride_wn != 1) change the memory access, so one tile choice need not fit all.
-        tune_key = ["N", "K", "stride_wn", "HAS_A_IDX", "HAS_SCALE"] if name == "gg" else \
-            ["K", "N", "HAS_A_IDX", "HAS_B_IDX"]
-        _tuned[key] = triton.autotune(configs=_gpu_configs(swiglu), key=tune_key)(base)
-    return _tuned[key], {}
-
-
-def _dot_args(dtype: torch.dtype) -> dict:
-    interp = interpreting()
-    fp32 = dtype == torch.float32 or interp
-    return {"DOT_FP32": interp and dtype != torch.float32, "PRECISION": "ieee" if fp32 else "tf32"}
+        _tuned[key] = triton.autotune(configs=cfgs, key=_TUNE_KEYS["dw" if space == "dw" else "gg"],
+                                      prune_configs_by={"early_config_prune": tuning.pruner(space)})(base)
+    return _tuned[key], {}, cfgs
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -268,8 +259,11 @@ def gg_forward(a: Tensor, w: Tensor, offsets: Tensor, *, a_idx: Optional[Tensor]
     c = torch.empty(rows, n, device=a.device, dtype=a.dtype)  # [R, N]
     h = torch.empty(rows, 2 * n, device=a.device, dtype=a.dtype) if swiglu else None  # [R, 2N]
     dummy = offsets
-    kern, blocks = _kernel("gg", swiglu)
-    grid = (n_programs(a.device),)
+    space = "swiglu" if swiglu else "gg"
+    kern, blocks, cfgs = _kernel(space, a)
+    # tiles: each group's row tiles (at most one partial per group) and the tail's
+    grid = tuning.persistent_grid(space, cfgs, a.device, lambda m: (
+        triton.cdiv(rows, m["BLOCK_M"]) + e + 1) * triton.cdiv(n, m["BLOCK_N"]))
     kern[grid](
         a, a_idx if a_idx is not None else dummy, scale if scale is not None else dummy,
         w, c, h if h is not None else c, offsets,
@@ -277,7 +271,7 @@ def gg_forward(a: Tensor, w: Tensor, offsets: Tensor, *, a_idx: Optional[Tensor]
         a.stride(0), a.stride(1), w.stride(0), s_wk, s_wn, c.stride(0),
         h.stride(0) if h is not None else 0,
         HAS_A_IDX=a_idx is not None, HAS_SCALE=scale is not None, SWIGLU=swiglu,
-        **_dot_args(a.dtype), **blocks)
+        **tuning.dot_args(a.dtype), **blocks)
     return c, h
 
 
@@ -289,14 +283,15 @@ def gg_weight_grad(a: Tensor, b: Tensor, offsets: Tensor, n_experts: int, *,
     kdim, n = a.shape[1], b.shape[1]
     dw = torch.empty(n_experts, kdim, n, device=a.device, dtype=out_dtype or a.dtype)  # [E, K, N]
     dummy = offsets
-    kern, blocks = _kernel("dw")
-    grid = (n_programs(a.device, per_sm=2),)
+    kern, blocks, cfgs = _kernel("dw", a)
+    grid = tuning.persistent_grid("dw", cfgs, a.device, lambda m: (
+        n_experts * triton.cdiv(kdim, m["BLOCK_K"]) * triton.cdiv(n, m["BLOCK_N"])))
     kern[grid](
         a, a_idx if a_idx is not None else dummy, b, b_idx if b_idx is not None else dummy,
         dw, offsets, n_experts, kdim, n,
         a.stride(0), b.stride(0), dw.stride(0), dw.stride(1),
         HAS_A_IDX=a_idx is not None, HAS_B_IDX=b_idx is not None,
-        **_dot_args(a.dtype), **blocks)
+        **tuning.dot_args(a.dtype), **blocks)
     return dw
 
 
