@@ -205,7 +205,7 @@ def _gg_dw_kernel(
 
 
 _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
-_tuned: dict[tuple[str, bool], object] = {}
+_tuned: dict[tuple[str, int, bool], object] = {}
 # Each variant tunes apart: gathered rows, a row scale, a transposed weight (stride_wn != 1)
 # or fp32's dot precision change the kernel's speed, so one tile choice need not fit all.
 _TUNE_KEYS = {"gg": ["N", "K", "stride_wn", "HAS_A_IDX", "HAS_SCALE", "PRECISION"],
@@ -214,8 +214,8 @@ _TUNE_KEYS = {"gg": ["N", "K", "stride_wn", "HAS_A_IDX", "HAS_SCALE", "PRECISION
 
 def _kernel(space: str, a: Tensor) -> tuple[object, dict, list[triton.Config]]:
     """(kernel, launch kwargs, configs it may run) for ``space`` (gg, swiglu, dw; ``a`` is the
-    first operand, for its dtype and device). On GPU: autotuned, cached per space and fp32
-    precision. In the interpreter: one small config.
+    first operand, for its dtype and device). On GPU: autotuned, cached per space, element
+    size and fp32 precision. In the interpreter: one small config.
 
     Under ``torch.use_deterministic_algorithms(True)`` the autotuner is bypassed for the
     first config of the space that fits the device: tile sizes set the order of the fp32
@@ -226,11 +226,11 @@ def _kernel(space: str, a: Tensor) -> tuple[object, dict, list[triton.Config]]:
         return base, dict(_INTERPRET_BLOCKS), []
     # fp32 in ieee precision runs FMA dots: a space of its own
     fma = a.dtype == torch.float32 and tuning.dot_args(a.dtype)["PRECISION"] == "ieee"
-    cfgs = tuning.configs(space, fma)
+    cfgs = tuning.configs(space, a.element_size(), fma)
     if torch.are_deterministic_algorithms_enabled():
         cfg = tuning.pruner(space)(cfgs, {"a_ptr": a})[0]
         return base, {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, [cfg]
-    key = (space, fma)
+    key = (space, a.element_size(), fma)
     if key not in _tuned:
         _tuned[key] = triton.autotune(configs=cfgs, key=_TUNE_KEYS["dw" if space == "dw" else "gg"],
                                       prune_configs_by={"early_config_prune": tuning.pruner(space)})(base)

@@ -1,17 +1,18 @@
 """Launch tuning of the grouped-GEMM kernels: autotune spaces, shared-memory pruning,
-occupancy-sized persistent grids and the dot precision.
+occupancy-sized persistent grids and the fp32 dot precision.
 
 Why each piece exists (numbers from ``sm90_compile_check.py`` at the OLMoE shape, sm_90):
 - Spaces: a SwiGLU tile holds two fp32 accumulators, so it takes smaller tiles or more
   warps than a plain one (128x128x32 on 4 warps spilled ~1.1 KB per thread). The weight
   gradient's output tile is (BLOCK_K, BLOCK_N): BLOCK_K < 64 on 4 warps has no wgmma shape
-  and fell back to mma.sync, so its space keeps BLOCK_K >= 64. fp32 (ieee precision: FMA
-  dots) has a space of its own.
+  and fell back to mma.sync, so its space keeps BLOCK_K >= 64. 4-byte inputs halve the
+  reduction block; fp32 in ieee precision (FMA dots) has a space of its own.
 - Pruning: a config whose pipeline buffers exceed the device's per-block shared memory
   compiles, then fails to load; ``pruner`` drops it before the autotuner compiles it.
 - Grid: a persistent kernel launched with one program per SM runs a 4-warp config at 4
   warps per SM; ``persistent_grid`` launches as many programs per SM as fit (registers,
   shared memory, warps), estimated from the config.
+- Precision: fp32 inputs follow PyTorch's TF32 knob (``torch.backends.cuda.matmul``).
 
 Legend: BM/BN/BK the block sizes of ``BLOCK_M/N/K``, w warps, s pipeline stages.
 """
@@ -92,9 +93,31 @@ FMA_SHAPES = {"gg": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 4)],
 SPACES = {"gg": GG_SHAPES, "swiglu": SWIGLU_SHAPES, "dw": DW_SHAPES}
 
 
-def configs(space: str, fma: bool = False) -> list[triton.Config]:
-    """The autotune space ``space`` (gg, swiglu, dw); ``fma``: fp32 dots in ieee precision."""
-    return [_cfg(*s) for s in (FMA_SHAPES if fma else SPACES)[space]]
+def _for_elem(space: str, shape: tuple, elem: int) -> tuple:
+    """The shapes are written for 16-bit inputs. 4-byte inputs halve the reduction block
+    (BK, or BM for dw) so each stage holds the same bytes: 128-byte rows, the swizzle
+    width, and the shared memory and operand registers of the 16-bit config."""
+    m, n, k, w, s = shape
+    if elem == 4:
+        if space == "dw":
+            m = max(16, m // 2)
+        else:
+            k = max(16, k // 2)
+    return m, n, k, w, s
+
+
+def configs(space: str, elem: int = 2, fma: bool = False) -> list[triton.Config]:
+    """The autotune space ``space`` (gg, swiglu, dw) for inputs of ``elem`` bytes (``fma``:
+    fp32 dots in ieee precision)."""
+    shapes = FMA_SHAPES[space] if fma else [_for_elem(space, s, elem) for s in SPACES[space]]
+    if elem == 4 and not fma:
+        # fp32 operand tiles leave no room for 2 x 128 accumulator registers per thread
+        # (SwiGLU 128x128 on 8 warps, 128x64 on 4 spilled 24-600 B per thread): keep <= 64;
+        # and a 16-wide K block (64-byte rows) sat at 254-255 registers: keep >= 32
+        shapes = [s for s in shapes if s[2] >= 32 or space == "dw"]
+        if space == "swiglu":
+            shapes = [s for s in shapes if 2 * s[0] * s[1] // (32 * s[3]) <= 64]
+    return [_cfg(*s) for s in shapes]
 
 
 # ----------------------------------------------------------------------------- estimates
@@ -195,11 +218,24 @@ def persistent_grid(space: str, cfgs: list[triton.Config], device: torch.device,
 
 # ----------------------------------------------------------------------------- precision
 
+def tf32_allowed() -> bool:
+    """PyTorch's knob for fp32 matmuls on CUDA: ``torch.backends.cuda.matmul.fp32_precision``
+    (torch >= 2.9; it also reflects ``torch.set_float32_matmul_precision('high'|'medium')``
+    and ``torch.backends.cuda.matmul.allow_tf32 = True``), else the legacy getter."""
+    prec = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if prec is not None:
+        if prec == "none":  # inherits the global setting
+            prec = getattr(torch.backends, "fp32_precision", "none")
+        return prec == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def dot_args(dtype: torch.dtype) -> dict:
-    """Kernel constexprs for ``tl.dot``: fp32 inputs in ``ieee`` precision; the interpreter
-    too, whose bf16 dot is broken (so 16-bit operands are upcast there: ``DOT_FP32``).
-    16-bit inputs run their own tensor-core path whatever PRECISION says (``tf32``,
-    Triton's default)."""
+    """Kernel constexprs for ``tl.dot``. fp32 inputs: ``tf32`` where PyTorch's knob allows
+    it (read here, at launch), else ``ieee``; always ``ieee`` in the interpreter, whose bf16
+    dot is broken (so 16-bit operands are upcast there: ``DOT_FP32``). 16-bit inputs run
+    their own tensor-core path whatever PRECISION says (``tf32``, Triton's default)."""
     interp = interpreting()
     fp32 = dtype == torch.float32
-    return {"DOT_FP32": interp and not fp32, "PRECISION": "ieee" if interp or fp32 else "tf32"}
+    ieee = interp or (fp32 and not tf32_allowed())
+    return {"DOT_FP32": interp and not fp32, "PRECISION": "ieee" if ieee else "tf32"}
