@@ -1,5 +1,5 @@
 """Launch tuning of the grouped-GEMM kernels: autotune spaces, shared-memory pruning,
-occupancy-sized persistent grids and the fp32 dot precision.
+occupancy-sized persistent grids, the fp32 dot precision and the TMA switch.
 
 Why each piece exists (numbers from ``sm90_compile_check.py`` at the OLMoE shape, sm_90):
 - Spaces: a SwiGLU tile holds two fp32 accumulators, so it takes smaller tiles or more
@@ -13,6 +13,7 @@ Why each piece exists (numbers from ``sm90_compile_check.py`` at the OLMoE shape
   warps per SM; ``persistent_grid`` launches as many programs per SM as fit (registers,
   shared memory, warps), estimated from the config.
 - Precision: fp32 inputs follow PyTorch's TF32 knob (``torch.backends.cuda.matmul``).
+- TMA: ``TRITON_KERNELS_TMA`` adds the tensor-descriptor variant (``tma.py``) to a space.
 
 Legend: BM/BN/BK the block sizes of ``BLOCK_M/N/K``, w warps, s pipeline stages.
 """
@@ -20,6 +21,7 @@ Legend: BM/BN/BK the block sizes of ``BLOCK_M/N/K``, w warps, s pipeline stages.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -68,14 +70,15 @@ def device_limits(device: torch.device) -> DeviceLimits:
 
 # ----------------------------------------------------------------------------- spaces
 
-def _cfg(m: int, n: int, k: int, w: int, s: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+def _cfg(m: int, n: int, k: int, w: int, s: int, tma: bool = False) -> triton.Config:
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "USE_TMA": tma},
+                         num_warps=w, num_stages=s)
 
 
 # (BM, BN, BK, w, s). The first of each space is the deterministic-mode choice: a
 # mid-sized tile that compiles to wgmma without spills for every dtype and variant.
 # 128x256 on 8 warps spills with pointer loads (Triton 3.9: 20 B per thread); 256x128 holds
-# the same accumulator without.
+# the same accumulator without, and TMA (fewer address registers) fits 128x256 too.
 GG_SHAPES = [(128, 128, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4),
              (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4)]
 SWIGLU_SHAPES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 8, 4),
@@ -83,6 +86,7 @@ SWIGLU_SHAPES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 8, 4),
 # dw: the output tile is (BK, BN); BM is the reduction over a group's rows.
 DW_SHAPES = [(64, 128, 128, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4),
              (64, 256, 128, 8, 3), (64, 64, 64, 4, 4)]
+TMA_ONLY_SHAPES = {"gg": [(128, 256, 64, 8, 3)], "swiglu": [], "dw": []}
 # fp32 with ieee precision runs FMA dots whose operands sit in registers: at most 32
 # accumulator registers per thread compile without spills (64 spilled 16-400 B; 64x128
 # on 8 warps spilled 8 B gathered and transposed under Triton 3.6).
@@ -91,6 +95,20 @@ FMA_SHAPES = {"gg": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 4)],
               "dw": [(64, 128, 64, 8, 3), (32, 64, 64, 4, 4), (32, 128, 128, 16, 3)]}
 
 SPACES = {"gg": GG_SHAPES, "swiglu": SWIGLU_SHAPES, "dw": DW_SHAPES}
+
+
+def tma_mode() -> str:
+    """``TRITON_KERNELS_TMA``: ``0`` (default) pointer loads (cp.async) only; ``auto`` the
+    autotuner also tries the TMA variant; ``1`` TMA only. Wherever the operands allow
+    TMA at all (``tma.gg_tma_ok``, ``tma.dw_tma_ok``); read at each launch."""
+    v = os.environ.get("TRITON_KERNELS_TMA", "0").strip().lower()
+    if v in ("", "0", "off", "false"):
+        return "off"
+    if v == "auto":
+        return "auto"
+    if v in ("1", "on", "true"):
+        return "on"
+    raise ValueError(f"TRITON_KERNELS_TMA must be 0, auto or 1, got {v!r}")
 
 
 def _for_elem(space: str, shape: tuple, elem: int) -> tuple:
@@ -106,18 +124,27 @@ def _for_elem(space: str, shape: tuple, elem: int) -> tuple:
     return m, n, k, w, s
 
 
-def configs(space: str, elem: int = 2, fma: bool = False) -> list[triton.Config]:
+def configs(space: str, elem: int = 2, fma: bool = False, tma: str = "off") -> list[triton.Config]:
     """The autotune space ``space`` (gg, swiglu, dw) for inputs of ``elem`` bytes (``fma``:
-    fp32 dots in ieee precision)."""
-    shapes = FMA_SHAPES[space] if fma else [_for_elem(space, s, elem) for s in SPACES[space]]
+    fp32 dots in ieee precision); ``tma`` off / auto / on picks the pointer configs, both,
+    or the TMA twins of the tiles."""
+    if fma:
+        shapes = FMA_SHAPES[space]
+        extra = []
+    else:
+        shapes = [_for_elem(space, s, elem) for s in SPACES[space]]
+        extra = [_for_elem(space, s, elem) for s in TMA_ONLY_SHAPES[space]]
     if elem == 4 and not fma:
         # fp32 operand tiles leave no room for 2 x 128 accumulator registers per thread
         # (SwiGLU 128x128 on 8 warps, 128x64 on 4 spilled 24-600 B per thread): keep <= 64;
-        # and a 16-wide K block (64-byte rows) sat at 254-255 registers: keep >= 32
+        # and a 16-wide K block (64-byte rows) sat at 254-255 registers, and spilled with
+        # TMA on 4 warps: keep >= 32
         shapes = [s for s in shapes if s[2] >= 32 or space == "dw"]
         if space == "swiglu":
             shapes = [s for s in shapes if 2 * s[0] * s[1] // (32 * s[3]) <= 64]
-    return [_cfg(*s) for s in shapes]
+    ptr = [_cfg(*s) for s in shapes]
+    tmas = [_cfg(*s, tma=True) for s in shapes + extra]
+    return {"off": ptr, "auto": ptr + tmas, "on": tmas}[tma]
 
 
 # ----------------------------------------------------------------------------- estimates

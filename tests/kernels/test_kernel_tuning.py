@@ -20,15 +20,23 @@ gg_mod = importlib.import_module("triton_kernels.grouped_gemm")  # the module, n
 SPACES = ("gg", "swiglu", "dw")
 
 
-@pytest.mark.parametrize("space,elem,fma", [(s, e, f) for s in SPACES for e, f in
-                                             ((2, False), (4, False), (4, True))])
-def test_spaces_fit_h100_and_have_unique_tiles(space, elem, fma):
+def _all_spaces():
+    for space in SPACES:
+        for elem in (2, 4):
+            for fma in ((False, True) if elem == 4 else (False,)):
+                for mode in ("off", "on"):
+                    yield space, elem, fma, mode
+
+
+@pytest.mark.parametrize("space,elem,fma,mode", list(_all_spaces()))
+def test_spaces_fit_h100_and_have_unique_tiles(space, elem, fma, mode):
     """Every config fits an H100/H200 block (nothing for the autotuner to discard after
     compiling), and block sizes identify a config (the grid looks it up by them)."""
-    cfgs = tuning.configs(space, elem, fma)
+    cfgs = tuning.configs(space, elem, fma, mode)
     assert cfgs
     for c in cfgs:
         assert tuning.smem_bytes(space, c.kwargs, c.num_stages, elem) <= H100.smem_block, c
+        assert c.kwargs["USE_TMA"] == (mode == "on")
     keys = [tuple(sorted(c.kwargs.items())) for c in cfgs]
     assert len(set(keys)) == len(keys)
 
@@ -59,6 +67,20 @@ def test_fp32_halves_the_reduction_block():
             if space == "swiglu":
                 assert 2 * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps) <= 64
         assert len(full) == len(halved) or space != "dw"
+
+
+def test_tma_knob(monkeypatch):
+    monkeypatch.delenv("TRITON_KERNELS_TMA", raising=False)
+    assert tuning.tma_mode() == "off"
+    for value, mode in (("0", "off"), ("auto", "auto"), ("1", "on"), ("on", "on")):
+        monkeypatch.setenv("TRITON_KERNELS_TMA", value)
+        assert tuning.tma_mode() == mode
+    monkeypatch.setenv("TRITON_KERNELS_TMA", "maybe")
+    with pytest.raises(ValueError, match="TRITON_KERNELS_TMA"):
+        tuning.tma_mode()
+    both = tuning.configs("gg", tma="auto")
+    assert [c.kwargs["USE_TMA"] for c in both].count(True) == len(tuning.configs("gg", tma="on"))
+    assert both[0] == tuning.configs("gg")[0]  # deterministic mode keeps cp.async
 
 
 def test_smem_estimate_matches_compiled_kernels():
