@@ -1,4 +1,5 @@
-"""Shared launcher helpers: interpreter detection, launch sizes, input validation.
+"""Shared launcher helpers: interpreter detection and input validation (launch sizes:
+``tuning.py``).
 
 Kernels here run compiled on CUDA and under ``TRITON_INTERPRET=1`` on the CPU (tests).
 Two interpreter quirks shape the code: its ``tl.dot`` silently returns garbage on bf16
@@ -95,10 +96,3 @@ def check_expert_counts(counts: Tensor, n_experts: int, op: str) -> None:
         raise ValueError(f"{op}: expert ids must be in [0, n_experts={n_experts}) but the "
                          f"largest is {counts.shape[0] - 1}; pass the configured expert count "
                          f"as n_experts, or fix the router that produced the ids")
-
-
-def n_programs(device: torch.device, per_sm: int = 1) -> int:
-    """Persistent-kernel grid: a few programs per SM on CUDA, a handful in the interpreter."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
-    return 4

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from triton_kernels import tuning
 from triton_kernels._utils import (
     check_device,
     check_float,
@@ -34,8 +35,8 @@ from triton_kernels._utils import (
     check_same_dtype,
     check_shape,
     interpreting,
-    n_programs,
 )
+from triton_kernels.tma import dw_tma_ok, ensure_allocator, gg_tma_ok, w_tile
 
 
 # ----------------------------------------------------------------------------- reference
@@ -59,17 +60,29 @@ def _gg_kernel(
     R, E, N, K,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_cm, stride_hm,
     HAS_A_IDX: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TRANS_W: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """C[r, n] = scale[r] * sum_k A[src(r), k] * W[e(r), k, n] over persistent tiles.
 
     src(r) = a_idx[r] if HAS_A_IDX else r. With SWIGLU, W has 2N columns (gate | up):
     H[r, :] = [gate | up] is stored and C[r, n] = silu(gate) * up. Group E (one past the
-    last) is the tail of rows past offsets[E-1]: it is written as zeros."""
+    last) is the tail of rows past offsets[E-1]: it is written as zeros. USE_TMA loads W
+    (and A unless gathered) through tensor descriptors (``tma.py``); TRANS_W says W is
+    stored [E, N, K] (only the descriptors need to know)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
+    if USE_TMA:
+        NW = 2 * N if SWIGLU else N
+        if not HAS_A_IDX:
+            a_desc = tl.make_tensor_descriptor(a_ptr, [R, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
+        if TRANS_W:
+            w_desc = tl.make_tensor_descriptor(w_ptr, [E, NW, K], [stride_we, stride_wn, 1],
+                                               [1, BLOCK_N, BLOCK_K])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, [E, K, NW], [stride_we, stride_wk, 1],
+                                               [1, BLOCK_K, BLOCK_N])
     tile = pid
     tile_base = 0
     start = 0
@@ -99,17 +112,26 @@ def _gg_kernel(
                 for k0 in range(0, K, BLOCK_K):
                     offs_k = k0 + tl.arange(0, BLOCK_K)
                     mask_k = offs_k < K
-                    a = tl.load(a_ptr + src[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                    w_ptrs = w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-                    w_mask = mask_k[:, None] & mask_n[None, :]
-                    b = tl.load(w_ptrs, mask=w_mask, other=0.0)
+                    if USE_TMA and not HAS_A_IDX:
+                        a = a_desc.load([start + tm * BLOCK_M, k0])
+                    else:
+                        a = tl.load(a_ptr + src[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                    if USE_TMA:
+                        b = w_tile(w_desc, e, k0, tn * BLOCK_N, TRANS_W, BLOCK_K, BLOCK_N)
+                    else:
+                        w_ptrs = w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+                        w_mask = mask_k[:, None] & mask_n[None, :]
+                        b = tl.load(w_ptrs, mask=w_mask, other=0.0)
                     if DOT_FP32:
                         a = a.to(tl.float32)
                         b = b.to(tl.float32)
                     acc = tl.dot(a, b, acc, input_precision=PRECISION)
                     if SWIGLU:
-                        bu = tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0)
+                        if USE_TMA:  # up columns start at N (gate columns past N are masked)
+                            bu = w_tile(w_desc, e, k0, N + tn * BLOCK_N, TRANS_W, BLOCK_K, BLOCK_N)
+                        else:
+                            bu = tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0)
                         if DOT_FP32:
                             bu = bu.to(tl.float32)
                         acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
@@ -143,10 +165,15 @@ def _gg_dw_kernel(
     stride_am, stride_bm, stride_dwe, stride_dwk,
     HAS_A_IDX: tl.constexpr, HAS_B_IDX: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dW[e, k, n] = sum_{r in group e} A[srcA(r), k] * B[srcB(r), n]; persistent over
-    (e, k-tile, n-tile) tiles, each reducing over its group's rows (zeros if empty)."""
+    (e, k-tile, n-tile) tiles, each reducing over its group's rows (zeros if empty).
+
+    A gathered operand's row indices are loaded one step ahead (``*_next``): an index load
+    feeding the tile load in the same iteration made the pipeliner keep only 2 buffers
+    whatever ``num_stages`` said. USE_TMA loads the non-gathered operands through
+    descriptors that end at the group's last row."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     tiles_k = tl.cdiv(K, BLOCK_K)
@@ -167,21 +194,43 @@ def _gg_dw_kernel(
         offs_n = tn * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        if USE_TMA:
+            rows = tl.maximum(end - start, 1)  # an empty group: never loaded, keep it valid
+            if not HAS_A_IDX:
+                a_desc = tl.make_tensor_descriptor(a_ptr + start.to(tl.int64) * stride_am, [rows, K],
+                                                   [stride_am, 1], [BLOCK_M, BLOCK_K])
+            if not HAS_B_IDX:
+                b_desc = tl.make_tensor_descriptor(b_ptr + start.to(tl.int64) * stride_bm, [rows, N],
+                                                   [stride_bm, 1], [BLOCK_M, BLOCK_N])
+        nxt = start + tl.arange(0, BLOCK_M)
+        if HAS_A_IDX:
+            sa_next = tl.load(a_idx_ptr + nxt, mask=nxt < end, other=0)
+        if HAS_B_IDX:
+            sb_next = tl.load(b_idx_ptr + nxt, mask=nxt < end, other=0)
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < end
+            nxt = offs_m + BLOCK_M
             if HAS_A_IDX:
-                sa = tl.load(a_idx_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+                sa = sa_next.to(tl.int64)
+                sa_next = tl.load(a_idx_ptr + nxt, mask=nxt < end, other=0)
             else:
                 sa = offs_m.to(tl.int64)
             if HAS_B_IDX:
-                sb = tl.load(b_idx_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+                sb = sb_next.to(tl.int64)
+                sb_next = tl.load(b_idx_ptr + nxt, mask=nxt < end, other=0)
             else:
                 sb = offs_m.to(tl.int64)
-            at = tl.load(a_ptr + sa[None, :] * stride_am + offs_k[:, None],
-                         mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BK, BM]
-            b = tl.load(b_ptr + sb[:, None] * stride_bm + offs_n[None, :],
-                        mask=mask_m[:, None] & mask_n[None, :], other=0.0)  # [BM, BN]
+            if USE_TMA and not HAS_A_IDX:
+                at = a_desc.load([m0 - start, tk * BLOCK_K]).T  # [BK, BM]
+            else:
+                at = tl.load(a_ptr + sa[None, :] * stride_am + offs_k[:, None],
+                             mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BK, BM]
+            if USE_TMA and not HAS_B_IDX:
+                b = b_desc.load([m0 - start, tn * BLOCK_N])  # [BM, BN]
+            else:
+                b = tl.load(b_ptr + sb[:, None] * stride_bm + offs_n[None, :],
+                            mask=mask_m[:, None] & mask_n[None, :], other=0.0)  # [BM, BN]
             if DOT_FP32:
                 at = at.to(tl.float32)
                 b = b.to(tl.float32)
@@ -192,46 +241,43 @@ def _gg_dw_kernel(
                  mask=mask_k[:, None] & mask_n[None, :])
 
 
-def _gpu_configs(swiglu: bool) -> list[triton.Config]:
-    """Autotune space for H100-class GPUs (SwiGLU tiles hold two accumulators)."""
-    shapes = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-              (64, 64, 64, 4, 4), (128, 128, 32, 4, 4)]
-    if swiglu:
-        shapes = [s for s in shapes if s[0] * s[1] <= 128 * 128]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
-
-
 _INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
-_tuned: dict[tuple[str, bool], object] = {}
+_tuned: dict[tuple[str, str, int, bool], object] = {}
+# Each variant tunes apart: gathered rows, a row scale, a transposed weight (stride_wn != 1)
+# or fp32's dot precision change the kernel's speed, so one tile choice need not fit all.
+_TUNE_KEYS = {"gg": ["N", "K", "stride_wn", "HAS_A_IDX", "HAS_SCALE", "PRECISION"],
+              "dw": ["K", "N", "HAS_A_IDX", "HAS_B_IDX", "PRECISION"]}
 
 
-def _kernel(name: str, swiglu: bool = False):
-    """The kernel to launch: autotuned on GPU (cached per variant), plain in the interpreter.
+def _kernel(space: str, a: Tensor, tma_ok: bool = False) -> tuple[object, dict, list[triton.Config]]:
+    """(kernel, launch kwargs, configs it may run) for ``space`` (gg, swiglu, dw; ``a`` is the
+    first operand, for its dtype and device). On GPU: autotuned, cached per space, TMA
+    mode, element size and fp32 precision. In the interpreter: one small config, with TMA
+    only when asked for (``TRITON_KERNELS_TMA=1``) and the operands allow it (``tma_ok``).
 
     Under ``torch.use_deterministic_algorithms(True)`` the autotuner is bypassed for the
-    first config of the space: tile sizes set the order of the fp32 accumulation (BLOCK_K
-    for the forward, BLOCK_M for dw), and a timing-based choice may differ between runs."""
-    base = {"gg": _gg_kernel, "dw": _gg_dw_kernel}[name]
+    first config of the space that fits the device: tile sizes set the order of the fp32
+    accumulation (BLOCK_K for the forward, BLOCK_M for dw), and a timing-based choice may
+    differ between runs."""
+    base = _gg_dw_kernel if space == "dw" else _gg_kernel
     if interpreting():
-        return base, dict(_INTERPRET_BLOCKS)
+        use_tma = tma_ok and tuning.tma_mode() == "on"
+        return base, {**_INTERPRET_BLOCKS, "USE_TMA": use_tma}, []
+    # fp32 in ieee precision runs FMA dots: a space of its own, and no TMA (FMA dots fed
+    # by TMA spilled hundreds of bytes per thread)
+    fma = a.dtype == torch.float32 and tuning.dot_args(a.dtype)["PRECISION"] == "ieee"
+    mode = tuning.tma_mode() if tma_ok and not fma else "off"
+    if mode != "off" and a.is_cuda:
+        ensure_allocator()
+    cfgs = tuning.configs(space, a.element_size(), fma, mode)
     if torch.are_deterministic_algorithms_enabled():
-        cfg = _gpu_configs(swiglu)[0]
-        return base, {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    key = (name, swiglu)
+        cfg = tuning.pruner(space)(cfgs, {"a_ptr": a})[0]
+        return base, {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, [cfg]
+    key = (space, mode, a.element_size(), fma)
     if key not in _tuned:
-        # Each variant tunes apart: gathered rows, a row scale or a transposed weight
-        # (stride_wn != 1) change the memory access, so one tile choice need not fit all.
-        tune_key = ["N", "K", "stride_wn", "HAS_A_IDX", "HAS_SCALE"] if name == "gg" else \
-            ["K", "N", "HAS_A_IDX", "HAS_B_IDX"]
-        _tuned[key] = triton.autotune(configs=_gpu_configs(swiglu), key=tune_key)(base)
-    return _tuned[key], {}
-
-
-def _dot_args(dtype: torch.dtype) -> dict:
-    interp = interpreting()
-    fp32 = dtype == torch.float32 or interp
-    return {"DOT_FP32": interp and dtype != torch.float32, "PRECISION": "ieee" if fp32 else "tf32"}
+        _tuned[key] = triton.autotune(configs=cfgs, key=_TUNE_KEYS["dw" if space == "dw" else "gg"],
+                                      prune_configs_by={"early_config_prune": tuning.pruner(space)})(base)
+    return _tuned[key], {}, cfgs
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -256,8 +302,11 @@ def gg_forward(a: Tensor, w: Tensor, offsets: Tensor, *, a_idx: Optional[Tensor]
     c = torch.empty(rows, n, device=a.device, dtype=a.dtype)  # [R, N]
     h = torch.empty(rows, 2 * n, device=a.device, dtype=a.dtype) if swiglu else None  # [R, 2N]
     dummy = offsets
-    kern, blocks = _kernel("gg", swiglu)
-    grid = (n_programs(a.device),)
+    space = "swiglu" if swiglu else "gg"
+    kern, blocks, cfgs = _kernel(space, a, gg_tma_ok(a, w, a_idx, transpose_w, swiglu))
+    # tiles: each group's row tiles (at most one partial per group) and the tail's
+    grid = tuning.persistent_grid(space, cfgs, a.device, lambda m: (
+        triton.cdiv(rows, m["BLOCK_M"]) + e + 1) * triton.cdiv(n, m["BLOCK_N"]))
     kern[grid](
         a, a_idx if a_idx is not None else dummy, scale if scale is not None else dummy,
         w, c, h if h is not None else c, offsets,
@@ -265,7 +314,7 @@ def gg_forward(a: Tensor, w: Tensor, offsets: Tensor, *, a_idx: Optional[Tensor]
         a.stride(0), a.stride(1), w.stride(0), s_wk, s_wn, c.stride(0),
         h.stride(0) if h is not None else 0,
         HAS_A_IDX=a_idx is not None, HAS_SCALE=scale is not None, SWIGLU=swiglu,
-        **_dot_args(a.dtype), **blocks)
+        TRANS_W=transpose_w, **tuning.dot_args(a.dtype), **blocks)
     return c, h
 
 
@@ -277,14 +326,15 @@ def gg_weight_grad(a: Tensor, b: Tensor, offsets: Tensor, n_experts: int, *,
     kdim, n = a.shape[1], b.shape[1]
     dw = torch.empty(n_experts, kdim, n, device=a.device, dtype=out_dtype or a.dtype)  # [E, K, N]
     dummy = offsets
-    kern, blocks = _kernel("dw")
-    grid = (n_programs(a.device, per_sm=2),)
+    kern, blocks, cfgs = _kernel("dw", a, dw_tma_ok(a, b, a_idx, b_idx))
+    grid = tuning.persistent_grid("dw", cfgs, a.device, lambda m: (
+        n_experts * triton.cdiv(kdim, m["BLOCK_K"]) * triton.cdiv(n, m["BLOCK_N"])))
     kern[grid](
         a, a_idx if a_idx is not None else dummy, b, b_idx if b_idx is not None else dummy,
         dw, offsets, n_experts, kdim, n,
         a.stride(0), b.stride(0), dw.stride(0), dw.stride(1),
         HAS_A_IDX=a_idx is not None, HAS_B_IDX=b_idx is not None,
-        **_dot_args(a.dtype), **blocks)
+        **tuning.dot_args(a.dtype), **blocks)
     return dw
 
 

@@ -188,12 +188,24 @@ def _unpermute_bwd_kernel(dy_ptr, rows_ptr, row_of_ptr, tok_ptr, w_ptr, drows_pt
 
 # ----------------------------------------------------------------------------- launchers
 
-def _blocks(d: int) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_D): ~8K elements per program on GPU, bigger-but-fewer when
-    interpreting (each program costs Python time there)."""
-    bd = min(triton.next_power_of_2(max(d, 1)), 128 if interpreting() else 1024)
-    bt = 16 if interpreting() else max(1, 8192 // bd)
-    return bt, bd
+# Sized by registers (sm90_compile_check, bf16, D=2048): 8192 elements on 4 warps held 64 per
+# thread in 54-226 registers (combine: 4 blocks of 4 warps per SM; unpermute backward: 2);
+# 4096 on 8 warps hold 16 per thread (two 16-byte vectors of bf16) in 32-63 registers:
+# 40 resident warps per SM for the combine, 32 for the unpermute backward.
+_PROGRAM_ELEMS = 4096
+_THREAD_ELEMS = 16
+
+
+def _blocks(d: int, max_d: int = 1024) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps) on GPU: ``_PROGRAM_ELEMS`` per program, rows of up to
+    ``max_d`` columns, warps so that each thread holds ``_THREAD_ELEMS``. Interpreting:
+    bigger-but-fewer programs (each costs Python time there)."""
+    if interpreting():
+        return 16, min(triton.next_power_of_2(max(d, 1)), 128), 4
+    bd = min(triton.next_power_of_2(max(d, 1)), max_d)
+    bt = max(1, _PROGRAM_ELEMS // bd)
+    warps = min(16, max(1, bt * bd // (32 * _THREAD_ELEMS)))
+    return bt, bd, warps
 
 
 def scatter_rows(x: Tensor, row_of: Tensor, idx: TokenIndex, n_rows: int) -> Tensor:
@@ -203,11 +215,11 @@ def scatter_rows(x: Tensor, row_of: Tensor, idx: TokenIndex, n_rows: int) -> Ten
     rows = torch.empty(n_rows, d, device=x.device, dtype=x.dtype)  # [N, D]
     if t == 0 or n_rows == 0:
         return rows
-    bt, bd = _blocks(d)
+    bt, bd, warps = _blocks(d)
     tok_ptr, k = idx.launch_args()
     _scatter_rows_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](
         x, row_of, tok_ptr if tok_ptr is not None else row_of, rows, t, d, x.stride(0),
-        rows.stride(0), FIXED_K=k, BLOCK_T=bt, BLOCK_D=bd)
+        rows.stride(0), FIXED_K=k, BLOCK_T=bt, BLOCK_D=bd, num_warps=warps)
     return rows
 
 
@@ -218,12 +230,12 @@ def combine_rows(rows: Tensor, row_of: Tensor, idx: TokenIndex, weights: Optiona
     y = torch.empty(t, d, device=rows.device, dtype=out_dtype or rows.dtype)  # [T, D]
     if t == 0:
         return y
-    bt, bd = _blocks(d)
+    bt, bd, warps = _blocks(d)
     tok_ptr, k = idx.launch_args()
     _combine_rows_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](
         rows, row_of, tok_ptr if tok_ptr is not None else row_of,
         weights if weights is not None else row_of, y, t, d, rows.stride(0), y.stride(0),
-        HAS_W=weights is not None, FIXED_K=k, BLOCK_T=bt, BLOCK_D=bd)
+        HAS_W=weights is not None, FIXED_K=k, BLOCK_T=bt, BLOCK_D=bd, num_warps=warps)
     return y
 
 
@@ -235,12 +247,11 @@ def unpermute_backward(dy: Tensor, rows: Tensor, row_of: Tensor, idx: TokenIndex
     dw = torch.empty(row_of.numel(), device=dy.device, dtype=weights.dtype)  # [N]
     if t == 0 or row_of.numel() == 0:
         return drows.zero_(), dw.zero_()
-    bt, bd = _blocks(d)
-    bd = min(bd, 256)
+    bt, bd, warps = _blocks(d, max_d=256)
     tok_ptr, k = idx.launch_args()
     _unpermute_bwd_kernel[(triton.cdiv(t, bt),)](
         dy, rows, row_of, tok_ptr if tok_ptr is not None else row_of, weights, drows, dw,
-        t, d, dy.stride(0), rows.stride(0), FIXED_K=k, BLOCK_T=bt, BLOCK_D=bd)
+        t, d, dy.stride(0), rows.stride(0), FIXED_K=k, BLOCK_T=bt, BLOCK_D=bd, num_warps=warps)
     return drows, dw
 
 

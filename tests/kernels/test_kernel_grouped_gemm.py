@@ -106,21 +106,25 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
 
 def test_deterministic_mode_bypasses_autotuning(monkeypatch):
     """Under torch.use_deterministic_algorithms the GPU launch uses one fixed tile config
-    (tile sizes set the accumulation order), not the autotuner's timing-based pick."""
+    (tile sizes set the accumulation order), not the autotuner's timing-based pick: the
+    first config of the space that fits the device."""
     import importlib
 
     gg_mod = importlib.import_module("triton_kernels.grouped_gemm")  # the module, not the op
+    tuning = importlib.import_module("triton_kernels.tuning")
     monkeypatch.setattr(gg_mod, "interpreting", lambda: False)  # the GPU code path
-    tuned, blocks = gg_mod._kernel("gg", swiglu=True)
-    assert blocks == {} and tuned is not gg_mod._gg_kernel  # autotuned
+    a = torch.empty(8, 16, dtype=torch.bfloat16)
+    tuned, blocks, cfgs = gg_mod._kernel("swiglu", a)
+    assert blocks == {} and tuned is not gg_mod._gg_kernel and cfgs == tuning.configs("swiglu")
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        for name, swiglu in (("gg", False), ("gg", True), ("dw", False)):
-            kern, blocks = gg_mod._kernel(name, swiglu)
-            first = gg_mod._gpu_configs(swiglu)[0]
-            assert kern is {"gg": gg_mod._gg_kernel, "dw": gg_mod._gg_dw_kernel}[name]
+        for space in ("gg", "swiglu", "dw"):
+            kern, blocks, cfgs = gg_mod._kernel(space, a)
+            first = tuning.configs(space)[0]
+            assert kern is (gg_mod._gg_dw_kernel if space == "dw" else gg_mod._gg_kernel)
             assert blocks == {**first.kwargs, "num_warps": first.num_warps,
                               "num_stages": first.num_stages}
+            assert cfgs == [first]
     finally:
         torch.use_deterministic_algorithms(prev)
