@@ -74,8 +74,9 @@ def count_ids(ids: Tensor, n: int, op: str, what: str = "expert ids") -> Tensor:
     """Occurrences of each value of ``ids`` [N] (values in ``[0, n)``) -> int64 ``[n]``,
     equal to ``torch.bincount(ids, minlength=n)`` but without its host sync: bincount sizes
     its output by the largest id, which on CUDA it reads back to the host. An id outside
-    ``[0, n)`` is refused here on the CPU, and is a device-side index error on CUDA."""
-    if ids.device.type == "cpu" and ids.numel():
+    ``[0, n)`` is refused here on the CPU (not while ``torch.compile`` traces: reading a
+    value would break the graph), and is a device-side index error on CUDA."""
+    if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
         # Read through numpy: on the CPU there is no device to wait for, and the ATen
         # reads (``int(t.max())``) are what tests/model/test_host_syncs.py flags as syncs.
         vals = ids.detach().numpy()
