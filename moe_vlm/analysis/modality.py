@@ -3,6 +3,8 @@
 Reads ``metrics.jsonl`` of a VLM run (rows carry ``routing.layer_<i>.tokens_per_expert_image``
 and ``..._text``), sums the logged steps (all, or the last N), and draws one heatmap row
 pair per MoE layer: for each modality, the fraction of its tokens each expert received.
+A vision tower's MoE layers (``routing.vision_layer_<i>``, image tokens only) come after
+the decoder's where all loads are read (``analysis.plots.expert_load``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,18 @@ def _is_count(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < float("inf")
 
 
+_PREFIXES = ("layer_", "vision_layer_")  # decoder layers, then vision blocks (V-MoE)
+
+
+def layer_order(name: str) -> tuple[int, int] | None:
+    """Where a ``routing`` key sorts: (0, i) for ``layer_<i>``, (1, i) for
+    ``vision_layer_<i>``; None for anything else."""
+    for rank, prefix in enumerate(_PREFIXES):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return rank, int(name[len(prefix):])
+    return None
+
+
 def _layer_counts(routing: Any, fields: Sequence[str]) -> dict[str, np.ndarray] | None:
     """``{layer: counts [len(fields), E]}`` of one row's ``routing`` object; None if a row
     has no layer with ``fields`` at all (e.g. a text-only row for the modality fields).
@@ -30,9 +44,8 @@ def _layer_counts(routing: Any, fields: Sequence[str]) -> dict[str, np.ndarray] 
         raise ValueError(f"'routing' should be a non-empty object, got {type(routing).__name__}")
     out: dict[str, np.ndarray] = {}
     for layer, v in routing.items():
-        if not (isinstance(layer, str) and layer.startswith("layer_")
-                and layer[len("layer_"):].isdigit()):
-            raise ValueError(f"routing key {layer!r} is not layer_<index>")
+        if not (isinstance(layer, str) and layer_order(layer) is not None):
+            raise ValueError(f"routing key {layer!r} is not layer_<index> or vision_layer_<index>")
         if not isinstance(v, dict):
             raise ValueError(f"routing.{layer} should be an object, got {type(v).__name__}")
         if not any(f in v for f in fields):
@@ -103,7 +116,7 @@ def routing_counts(run_dir: str | Path, fields: Sequence[str], last: Optional[in
     for r in rows[-last:] if last else rows:
         for layer, c in r.items():
             out[layer] = out.get(layer, 0) + c
-    return dict(sorted(out.items(), key=lambda kv: int(kv[0][len("layer_"):])))
+    return dict(sorted(out.items(), key=lambda kv: layer_order(kv[0])))
 
 
 def modality_load(run_dir: str | Path, last: Optional[int] = None) -> dict[str, np.ndarray]:

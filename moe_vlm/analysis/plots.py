@@ -133,15 +133,19 @@ def expert_load(run_dir: str | Path, last: Optional[int] = None) -> dict[str, np
 
 def plot_expert_load(run_dir: str | Path, out: str | Path, last: Optional[int] = None) -> Path:
     """Heatmap, layers x experts, of each expert's share of the layer's assignments
-    (uniform = 1/E); the title gives the worst layer's max/mean violation."""
+    (uniform = 1/E); the title gives the worst layer's max/mean violation. Layers with
+    fewer experts (a vision tower's MoE layers) are padded blank on the right."""
     load = expert_load(run_dir, last)
-    mat = np.stack(list(load.values()))  # [L, E]
+    width = max(len(v) for v in load.values())
+    mat = np.full((len(load), width), np.nan)  # [L, E]
+    for i, v in enumerate(load.values()):
+        mat[i, :len(v)] = v
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(4, mat.shape[1] * 0.3 + 2), 0.5 * mat.shape[0] + 1.5))
     im = ax.imshow(mat, aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(load)), list(load))
     ax.set_xlabel("expert")
-    viol = float((mat.max(1) * mat.shape[1] - 1).max())
+    viol = max(float(v.max() * len(v) - 1) for v in load.values())
     ax.set_title(f"{Path(run_dir).name}: expert load share (max violation {viol:.2f})")
     fig.colorbar(im, ax=ax)
     return _save(fig, out)

@@ -43,7 +43,7 @@ def _choices(name: str, values: str) -> type[Choice]:
 
 
 RopeScaling = _choices("RopeScaling", "none linear llama3")
-VisionName = _choices("VisionName", "none vit hf")
+VisionName = _choices("VisionName", "none vit hf patch")
 Activation = _choices("Activation", "gelu gelu_tanh quick_gelu")
 PosEmb = _choices("PosEmb", "learned rope2d")
 ProjectorType = _choices("ProjectorType", "mlp2x_gelu")
@@ -110,9 +110,18 @@ class ModelConfig(_Section):
 class VisionConfig(_Section):
     """Vision tower. ``name``: ``none`` (text-only model), ``vit`` (built from this
     config), ``hf`` (a local Hugging Face SigLIP/CLIP vision checkpoint at ``hf_path``;
-    its own config then overrides the sizes here)."""
+    its own config then overrides the sizes here), ``patch`` (encoder-free, SOLO: each
+    image_size/patch_size patch goes through one linear map into the decoder, no tower
+    and no projector; the keys of the tower's shape are unused).
 
-    name: VisionName = VisionName.none  # none: text-only; vit: built from this config; hf: hf_path
+    ``moe_every > 0`` makes the tower's MLPs MoE layers (V-MoE), with the decoder's router,
+    experts and backends (``moe.backend``); their router is ``routing.*`` with the
+    ``moe_*`` keys below in place of gate, top_k, renormalize and aux_loss_coef, and no
+    routed scaling. ``vision.name=hf`` then upcycles: every expert starts as the
+    checkpoint's MLP of its block."""
+
+    # none: text-only; vit: built from this config; hf: hf_path; patch: encoder-free
+    name: VisionName = VisionName.none
     hf_path: Optional[str] = None  # name=hf: a local SigLIP/CLIP checkpoint directory
     image_size: int = 32  # images are resized to image_size x image_size
     patch_size: int = 8  # square patches; divides image_size
@@ -130,6 +139,17 @@ class VisionConfig(_Section):
     drop_cls: bool = True  # drop the class token from the features (if any)
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # RGB, subtracted
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # RGB, divided by
+    # V-MoE: every k-th block's MLP is an MoE layer (the last of each k: blocks k-1, 2k-1,
+    # ...; V-MoE uses 2); 0 = a dense ViT
+    moe_every: int = 0
+    moe_experts: int = 8  # routed experts per vision MoE layer
+    moe_top_k: int = 2  # experts per image token (capacity per expert for expert_choice)
+    moe_d_expert: Optional[int] = None  # width of a vision expert (null: vision.d_ff, the MLP's)
+    moe_gate: Gate = Gate.softmax_topk  # the vision routers' gate (routing.gate's choices)
+    # Renormalise the k kept softmax weights to sum 1 (false: V-MoE's raw softmax weights;
+    # true: experts copied from one MLP then compute it exactly, e.g. when upcycling)
+    moe_renormalize: bool = False
+    moe_aux_loss_coef: float = 0.01  # weight of the vision layers' Switch balance loss
 
 
 @dataclass
@@ -138,7 +158,8 @@ class ProjectorConfig(_Section):
     neighbourhood first (pixel shuffle), giving 4x fewer image tokens."""
 
     type: ProjectorType = ProjectorType.mlp2x_gelu  # LLaVA-1.5's two-layer GELU MLP
-    merge: int = 1  # concatenate merge x merge patches first (1 = off)
+    # concatenate merge x merge patches first (1 = off); vision=patch: patches merge*patch_size wide
+    merge: int = 1
 
 
 @dataclass

@@ -12,6 +12,7 @@ from typing import Any, Optional, get_type_hints
 
 from moe_vlm.config.schema import Choice, Config, DataName, ModelConfig, v2pe_enabled
 from moe_vlm.config.sizes import MoESizes, image_experts, resolve_moe_sizes
+from moe_vlm.config.vision_moe import vision_moe_schedule, vision_moe_sizes
 from moe_vlm.errors import ConfigError
 
 # Sanity limits for sizes: beyond them a run only ends in an allocation failure (or an
@@ -175,6 +176,7 @@ def _validate_vision(cfg: Config) -> None:
               f"data.name={d.name} needs a vision tower; pick e.g. vision=vit_tiny or vision=hf")
     _need(cfg.projector.merge >= 1, "projector.merge", f"must be >= 1, got {cfg.projector.merge}")
     _need(d.max_images_per_seq >= 1, "data.max_images_per_seq", "must be >= 1")
+    _validate_vision_moe(cfg)
     if v.name == "hf":  # sizes, statistics and layer count come from the checkpoint
         _need(bool(v.hf_path), "vision.hf_path", "vision.name=hf needs a local SigLIP/CLIP directory")
         return
@@ -188,6 +190,10 @@ def _validate_vision(cfg: Config) -> None:
           f"{v.image_size} is not a multiple of vision.patch_size={v.patch_size}")
     _need(v.d_model % v.n_heads == 0, "vision.d_model",
           f"{v.d_model} is not divisible by vision.n_heads={v.n_heads}")
+    if v.name == "patch":
+        _need(v.pos_emb == "learned", "vision.pos_emb", "vision.name=patch has no attention of "
+              "its own for 2-D rotary positions: use learned (a table added to the patch "
+              "embeddings; the decoder's rotary positions apply too)")
     if v.pos_emb == "rope2d":
         _need((v.d_model // v.n_heads) % 4 == 0, "vision.pos_emb",
               f"rope2d splits the head dim over rows and columns and needs it divisible by 4, "
@@ -205,6 +211,44 @@ def _validate_vision(cfg: Config) -> None:
         _need(side % cfg.projector.merge == 0 and (v.drop_cls or not v.cls_token), "projector.merge",
               f"merge {cfg.projector.merge} needs the {side}x{side} patch grid side to divide by it "
               "and the class token dropped")
+
+
+def _validate_vision_moe(cfg: Config) -> None:
+    """``vision.moe_*``: MoE layers in the vision tower (``moe_vlm.config.vision_moe``)."""
+    v, r = cfg.vision, cfg.routing
+    _at_least(0, [("vision.moe_every", v.moe_every), ("vision.moe_aux_loss_coef", v.moe_aux_loss_coef)])
+    _at_least(1, [("vision.moe_experts", v.moe_experts), ("vision.moe_top_k", v.moe_top_k)])
+    if v.moe_d_expert is not None:
+        _at_least(1, [("vision.moe_d_expert", v.moe_d_expert)])
+    if v.moe_every == 0:
+        return
+    _need(v.name in ("vit", "hf"), "vision.moe_every",
+          f"vision.name={v.name} has no vision tower to put MoE layers in (vision=patch sends "
+          "patches straight to the decoder's MoE layers); set vision.moe_every=0")
+    if v.moe_gate != "expert_choice":
+        _need(v.moe_top_k <= v.moe_experts, "vision.moe_top_k",
+              f"{v.moe_top_k} exceeds vision.moe_experts={v.moe_experts}")
+    else:
+        _need(r.bias_update_rate == 0, "vision.moe_gate",
+              "expert_choice is balanced by construction, but the vision routers take "
+              "routing.bias_update_rate > 0; use another vision.moe_gate or routing.bias_update_rate=0")
+    _need(cfg.moe.backend != "triton", "moe.backend",
+          "triton runs the decoder's fused SwiGLU experts only, not the vision tower's GELU "
+          "MLP experts (vision.moe_every > 0): use moe.backend=auto (triton for the decoder "
+          "where it runs, grouped_mm or torch for the vision experts)")
+    if v.name == "vit":  # an hf tower's depth comes from its checkpoint (checked on loading)
+        _need(v.moe_every <= v.n_layers, "vision.moe_every",
+              f"{v.moe_every} exceeds vision.n_layers={v.n_layers}: no block would be MoE")
+        runs = v.select_layer % v.n_layers + 1 if -v.n_layers <= v.select_layer < v.n_layers else 0
+        _need(any(vision_moe_schedule(runs, v.moe_every)), "vision.moe_every",
+              f"every MoE block comes after vision.select_layer={v.select_layer}, whose output "
+              "the decoder reads, so none would run; lower vision.moe_every")
+    if v.moe_gate != "expert_choice" and v.moe_top_k == 1 and r.normalize_top1 and (
+            v.moe_renormalize or v.moe_gate == "sigmoid_topk"):
+        warnings.warn(f"vision.moe_top_k=1 with {v.moe_gate} weights normalised: every weight "
+                      "is 1, so the vision routers get no gradient from the LM loss (only from "
+                      "the balance losses). Set vision.moe_renormalize=false (softmax) or "
+                      "routing.normalize_top1=false", stacklevel=3)
 
 
 def n_moe_layers(m: ModelConfig) -> int:
@@ -244,8 +288,19 @@ def _validate_sizes(cfg: Config, head_dim: int, sizes: MoESizes) -> None:
         tensors += [("vision.image_size", "the patch positions ((image_size / patch_size)**2 x d_model)",
                      patches * v.d_model),
                     ("vision.d_ff", "a vision MLP weight (d_model x d_ff)", v.d_model * v.d_ff)]
+        n_vmoe = sum(vision_moe_schedule(v.n_layers, v.moe_every))
+        vmoe = vision_moe_sizes(v)
+        tensors.append(("vision.moe_experts", "the stacked vision expert weights (moe_experts x "
+                        "d_model x moe_d_expert)", vmoe.n_experts * v.d_model * vmoe.d_expert))
         vision = 3 * v.patch_size**2 * v.d_model + patches * v.d_model \
-            + v.n_layers * (4 * v.d_model**2 + 2 * v.d_model * v.d_ff)
+            + v.n_layers * 4 * v.d_model**2 + (v.n_layers - n_vmoe) * 2 * v.d_model * v.d_ff \
+            + n_vmoe * 2 * v.d_model * vmoe.d_expert * vmoe.n_experts
+    elif v.name == "patch":
+        side = v.patch_size * cfg.projector.merge
+        patches = (v.image_size // side) ** 2
+        vision = (3 * side**2 + patches) * m.d_model
+        tensors.append(("vision.image_size", "the patch embedding and positions ((3 * patch_size**2 "
+                        "+ (image_size / patch_size)**2) x model.d_model)", vision))
     for key, what, n in tensors:
         _need(4 * n <= MAX_TENSOR_BYTES, key,
               f"{what} would take ~{4 * n:.3g} bytes in fp32, beyond the 1 TiB (2**40 bytes) "

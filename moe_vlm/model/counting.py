@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from moe_vlm.model.decoder import DecoderLM
+from moe_vlm.model.vision_moe import vision_moe_layers
 
 
 def _decoder(model: nn.Module) -> DecoderLM:
@@ -23,18 +24,19 @@ class ParamCounts:
     total: int  # every parameter (tied head counted once)
     active: int  # parameters used per token: total minus the unchosen routed experts
     embedding: int  # token embedding (+ untied head)
-    routed_expert: int  # all routed expert parameters
+    routed_expert: int  # all routed expert parameters (the vision tower's MoE layers' too)
 
 
 def count_params(model: nn.Module) -> ParamCounts:
     """Counts of a ``DecoderLM`` or a ``VisionLanguageModel`` (vision tower and projector
-    included in total and active)."""
+    included in total and active; a vision MoE layer's unchosen experts are inactive, per
+    image token)."""
     total = sum(p.numel() for p in model.parameters())
     dec = _decoder(model)
     emb = dec.embed.weight.numel() + (dec.head.weight.numel() if dec.head is not None else 0)
     routed, inactive = 0, 0
-    for moe in model.moe_layers():
-        per_expert = (moe.experts.w_in.numel() + moe.experts.w_out.numel()) // moe.sizes.n_experts
+    for moe in [*model.moe_layers(), *vision_moe_layers(model)]:
+        per_expert = sum(p.numel() for p in moe.experts.parameters()) // moe.sizes.n_experts
         routed += per_expert * moe.sizes.n_experts
         inactive += per_expert * (moe.sizes.n_experts - moe.sizes.top_k)
     return ParamCounts(total=total, active=total - inactive, embedding=emb, routed_expert=routed)

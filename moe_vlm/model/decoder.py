@@ -72,6 +72,9 @@ class ModelOutput:
     lm_loss: Optional[Tensor] = None
     routing_loss: Optional[Tensor] = None  # sum of the MoE layers' weighted aux + z losses
     routing: list[RouterOutput] = field(default_factory=list)  # one per MoE layer, in order
+    # a VLM's vision MoE layers (V-MoE), one per layer that ran, in block order; their
+    # losses are in routing_loss
+    vision_routing: list[RouterOutput] = field(default_factory=list)
 
 
 class DecoderLM(nn.Module):

@@ -5,6 +5,13 @@ Legend: N rows (one per assignment), D model width, F expert width, E experts.
 Weights are stacked so grouped kernels and expert parallelism use them directly:
 ``w_in [E, D, 2F]`` (columns ``:F`` gate, ``F:`` up) and ``w_out [E, F, D]``.
 
+The decoder's experts are SwiGLU without biases. Experts may instead be a ViT's MLP,
+``act(x W_in + b_in) W_out + b_out`` (``act`` one of ``layers.GELU_ACTS``, biases
+optional: ``b_in [E, F]``, ``b_out [E, D]``, ``w_in [E, D, F]``), so MoE layers in the
+vision tower (V-MoE) can start from, and equal, its dense MLPs. Those run on the ``torch``
+and ``grouped_mm`` backends (``mlp_torch``, ``mlp_grouped_mm``); the Triton kernels are
+fused SwiGLU only.
+
 Experts are pure compute: ``rows [N, D]`` sorted by expert with ``offsets [E]`` (int32
 cumulative group ends) -> ``out [N, D]``, row i through the expert whose group holds it.
 Getting tokens into that order and the outputs back, weighted, is a dispatcher's job
@@ -18,11 +25,13 @@ Backends (identical results within dtype tolerance), all ``(rows, offsets, w_in,
 - ``triton``: ours, ``triton_kernels.sorted_experts`` (grouped GEMMs, SwiGLU in the first
   one's epilogue). CUDA; CPU only under ``TRITON_INTERPRET=1`` (tests). With the local
   dispatcher the ``triton`` backend runs the fused pair instead (``dispatch.fused_triton``).
-- ``auto``: ``triton`` on CUDA, else ``grouped_mm`` where it runs, else ``torch``.
+- ``auto``: ``triton`` on CUDA (SwiGLU experts without biases), else ``grouped_mm`` where
+  it runs, else ``torch``.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
@@ -30,7 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from moe_vlm.model.layers import GELU_ACTS, gelu_act
+
 ExpertFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+EXPERT_ACTS = ("swiglu", *GELU_ACTS)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -45,22 +57,37 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _expert_loop(rows: Tensor, offsets: Tensor, d_out: int, expert: Callable[[int, Tensor], Tensor],
+                 *params: Tensor) -> Tensor:
+    """Each group of rows [n, D] (in the compute dtype) through ``expert(e, rows)`` ->
+    [n, d_out], concatenated: [N, d_out]. One host sync (the offsets). ``params``, the
+    stacked weights, are kept in the graph by an exact zero, so their gradients are zeros
+    (not None) when no row reaches an expert."""
+    dt = compute_dtype(rows)
+    bounds = [0, *offsets.tolist()]  # host sync
+    outs = []
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi == lo:
+            continue
+        outs.append(expert(e, rows[lo:hi].to(dt)))
+    out = torch.cat(outs) if outs else rows.new_zeros((0, d_out), dtype=dt)
+    keep = rows[:0].sum()
+    for p in params:
+        keep = keep + p[:0].sum()
+    return out + keep.to(dt)
+
+
 def swiglu_torch(rows: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
     """Reference: each group of rows through its expert's SwiGLU, one matmul pair per
     expert. rows [N, D] -> [N, D] in the compute dtype. One host sync (the offsets)."""
     dt = compute_dtype(rows)
-    bounds = [0, *offsets.tolist()]  # host sync
-    outs = []
-    for e in range(w_in.shape[0]):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi == lo:
-            continue
-        gate, up = (rows[lo:hi].to(dt) @ w_in[e].to(dt)).chunk(2, dim=-1)  # [n, F] each
-        outs.append((F.silu(gate) * up) @ w_out[e].to(dt))  # [n, D]
-    out = torch.cat(outs) if outs else rows.new_zeros((0, w_out.shape[2]), dtype=dt)
-    # an exact zero that keeps the rows and both weights in the graph, so their gradients
-    # are zeros (not None) when no row reaches an expert
-    return out + (rows[:0].sum() + w_in[:0].sum() + w_out[:0].sum()).to(dt)
+
+    def expert(e: int, x: Tensor) -> Tensor:
+        gate, up = (x @ w_in[e].to(dt)).chunk(2, dim=-1)  # [n, F] each
+        return (F.silu(gate) * up) @ w_out[e].to(dt)  # [n, D]
+
+    return _expert_loop(rows, offsets, w_out.shape[2], expert, w_in, w_out)
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, d_model: int,
@@ -85,6 +112,58 @@ def swiglu_grouped_mm(rows: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor
     dt = compute_dtype(rows)
     gate, up = torch._grouped_mm(rows.to(dt), w_in.to(dt), offs=offsets).chunk(2, dim=-1)  # [N, F]
     return torch._grouped_mm(F.silu(gate) * up, w_out.to(dt), offs=offsets)  # [N, D]
+
+
+def _hidden(h: Tensor, act: str) -> Tensor:
+    """The activation of the first GEMM's output h [n, 2F] (SwiGLU) or [n, F] (a GELU)."""
+    if act == "swiglu":
+        gate, up = h.chunk(2, dim=-1)  # [n, F] each
+        return F.silu(gate) * up
+    return gelu_act(act)(h)
+
+
+def mlp_torch(rows: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor,
+              b_in: Optional[Tensor], b_out: Optional[Tensor], act: str) -> Tensor:
+    """Reference for any expert MLP (``act``, optional biases): each group of rows through
+    ``act(x w_in[e] + b_in[e]) w_out[e] + b_out[e]``, one ``F.linear`` pair per expert,
+    i.e. as ``nn.Linear`` computes it, so an expert holding a ViT MLP's weights gives that
+    MLP's outputs (bit for bit on the CPUs we test). rows [N, D] -> [N, D] in the compute
+    dtype. One host sync (the offsets)."""
+    dt = compute_dtype(rows)
+
+    def expert(e: int, x: Tensor) -> Tensor:
+        bi = None if b_in is None else b_in[e].to(dt)
+        bo = None if b_out is None else b_out[e].to(dt)
+        h = F.linear(x, w_in[e].to(dt).t(), bi)  # [n, F] (or [n, 2F])
+        return F.linear(_hidden(h, act), w_out[e].to(dt).t(), bo)  # [n, D]
+
+    params = [p for p in (w_in, w_out, b_in, b_out) if p is not None]
+    return _expert_loop(rows, offsets, w_out.shape[2], expert, *params)
+
+
+def expert_of_rows(offsets: Tensor, n_rows: int) -> Tensor:
+    """The expert [N] (int64) of each expert-sorted row, from the group ends ``offsets``
+    [E]: row i belongs to the first group whose end exceeds i. No host sync."""
+    rows = torch.arange(n_rows, device=offsets.device)  # [N]
+    return torch.searchsorted(offsets.long(), rows, right=True)
+
+
+def mlp_grouped_mm(rows: Tensor, offsets: Tensor, w_in: Tensor, w_out: Tensor,
+                   b_in: Optional[Tensor], b_out: Optional[Tensor], act: str) -> Tensor:
+    """``mlp_torch`` as two ``torch._grouped_mm`` calls, each row's expert bias gathered
+    and added after its GEMM: rows [N, D] -> [N, D]. No host sync."""
+    dt = compute_dtype(rows)
+    h = torch._grouped_mm(rows.to(dt), w_in.to(dt), offs=offsets)  # [N, F] (or [N, 2F])
+    eid = expert_of_rows(offsets, rows.shape[0]) if b_in is not None or b_out is not None else None
+    if b_in is not None:
+        h = h + b_in.to(dt).index_select(0, eid)
+    y = torch._grouped_mm(_hidden(h, act), w_out.to(dt), offs=offsets)  # [N, D]
+    if b_out is not None:
+        y = y + b_out.to(dt).index_select(0, eid)
+    return y
+
+
+MLP_BACKENDS = {"torch": mlp_torch, "grouped_mm": mlp_grouped_mm}
 
 
 def triton_supported(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -125,14 +204,22 @@ BACKENDS: dict[str, Callable[[], ExpertFn]] = {
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, d_model: int,
-                    d_expert: int) -> str:
-    """Pick a concrete backend name; ``auto`` prefers triton (CUDA), then grouped_mm."""
+                    d_expert: int, act: str = "swiglu", bias: bool = False) -> str:
+    """Pick a concrete backend name; ``auto`` prefers triton (CUDA, SwiGLU experts without
+    biases: what its fused kernels compute), then grouped_mm."""
+    fused = act == "swiglu" and not bias
     if name == "auto":
-        if device.type == "cuda" and triton_supported(device, dtype) is None:
+        if fused and device.type == "cuda" and triton_supported(device, dtype) is None:
             return "triton"
         if grouped_mm_supported(device, dtype, d_model, d_expert) is None:
             return "grouped_mm"
         return "torch"
+    if name == "triton" and not fused:
+        raise ValueError(f"moe.backend=triton runs fused SwiGLU experts without biases; these "
+                         f"experts are {act} MLPs{' with biases' if bias else ''} (the vision "
+                         "tower's MoE layers, vision.moe_every > 0): use moe.backend=auto (triton "
+                         "for the decoder where it runs, grouped_mm or torch for these), "
+                         "grouped_mm or torch")
     if name == "triton":
         why = triton_supported(device, dtype)
         if why:
@@ -149,16 +236,25 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, d_model
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored stacked; ``forward`` runs the chosen backend on expert-sorted
-    rows. Under expert parallelism it holds this rank's slice of the experts (``n_experts``
-    is then the local count) and the dispatcher does the rest."""
+    """E experts stored stacked; ``forward`` runs the chosen backend on expert-sorted rows.
+    SwiGLU without biases by default (the decoder's); ``act`` a GELU and ``bias=True`` give
+    ViT MLPs (the vision tower's MoE layers). Under expert parallelism it holds this rank's
+    slice of the experts (``n_experts`` is then the local count) and the dispatcher does
+    the rest."""
 
-    def __init__(self, n_experts: int, d_model: int, d_expert: int, backend: str = "auto"):
+    def __init__(self, n_experts: int, d_model: int, d_expert: int, backend: str = "auto",
+                 act: str = "swiglu", bias: bool = False):
         super().__init__()
+        if act not in EXPERT_ACTS:
+            raise ValueError(f"expert activation {act!r} is unknown; choose one of {list(EXPERT_ACTS)}")
         self.n_experts, self.d_model, self.d_expert = n_experts, d_model, d_expert
+        self.act, self.has_bias = act, bias
         self.backend = backend  # requested; resolved lazily per device/dtype
-        self.w_in = nn.Parameter(torch.empty(n_experts, d_model, 2 * d_expert))  # [E, D, 2F]
+        width = 2 * d_expert if act == "swiglu" else d_expert
+        self.w_in = nn.Parameter(torch.empty(n_experts, d_model, width))  # [E, D, 2F] or [E, D, F]
         self.w_out = nn.Parameter(torch.empty(n_experts, d_expert, d_model))  # [E, F, D]
+        self.b_in = nn.Parameter(torch.empty(n_experts, width)) if bias else None  # [E, F]
+        self.b_out = nn.Parameter(torch.empty(n_experts, d_model)) if bias else None  # [E, D]
         self._resolved: dict[tuple, ExpertFn] = {}
         # parallel.activation_checkpointing=moe: the compute is recomputed in the backward
         # (only the rows and offsets are kept), set by moe_vlm.parallel.parallelize
@@ -171,15 +267,29 @@ class GroupedExperts(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
+    @property
+    def stacked_names(self) -> tuple[str, ...]:
+        """The names of the stacked ``[E, ...]`` parameters (what expert parallelism slices)."""
+        return ("w_in", "w_out", "b_in", "b_out") if self.has_bias else ("w_in", "w_out")
+
+    @property
+    def plain_swiglu(self) -> bool:
+        """SwiGLU without biases: the decoder's experts, which every backend runs."""
+        return self.act == "swiglu" and not self.has_bias
+
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float,
                      generator: Optional[torch.Generator] = None) -> None:
+        """Normal weights (``w_out`` with ``out_std``), zero biases."""
         self.w_in.normal_(0.0, std, generator=generator)
         self.w_out.normal_(0.0, out_std, generator=generator)
+        for b in (self.b_in, self.b_out):
+            if b is not None:
+                b.zero_()
 
     def backend_name(self, x: Tensor) -> str:
         return resolve_backend(self.backend, x.device, compute_dtype(x), self.d_model,
-                               self.d_expert)
+                               self.d_expert, self.act, self.has_bias)
 
     def forward(self, rows: Tensor, offsets: Tensor) -> Tensor:
         """rows [N, D] sorted by expert, offsets [E] int32 group ends -> out [N, D] in the
@@ -187,10 +297,14 @@ class GroupedExperts(nn.Module):
         key = (self.backend, rows.device, compute_dtype(rows))
         fn = self._resolved.get(key)
         if fn is None:
-            fn = BACKENDS[self.backend_name(rows)]()
+            name = self.backend_name(rows)
+            fn = BACKENDS[name]() if self.plain_swiglu else partial(MLP_BACKENDS[name], act=self.act)
             self._resolved[key] = fn
-        return self.run(fn, rows, offsets, self.w_in, self.w_out)
+        if self.plain_swiglu:
+            return self.run(fn, rows, offsets, self.w_in, self.w_out)
+        return self.run(fn, rows, offsets, self.w_in, self.w_out, self.b_in, self.b_out)
 
     def extra_repr(self) -> str:
+        extra = "" if self.plain_swiglu else f", act={self.act}, bias={self.has_bias}"
         return (f"n_experts={self.n_experts}, d_model={self.d_model}, "
-                f"d_expert={self.d_expert}, backend={self.backend}")
+                f"d_expert={self.d_expert}, backend={self.backend}{extra}")

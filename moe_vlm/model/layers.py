@@ -1,4 +1,5 @@
-"""Dense building blocks: RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP.
+"""Dense building blocks: RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP, the GELU
+activations of ViT MLPs.
 
 Legend: B batch, S sequence, D model width, H query heads, G key/value heads,
 Hd head dim, F MLP width.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -120,3 +121,20 @@ class SwiGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w_in(x).chunk(2, dim=-1)  # [..., F] each
         return self.w_out(F.silu(gate) * up)
+
+
+GELU_ACTS = ("gelu", "gelu_tanh", "quick_gelu")  # ViT MLP activations (SigLIP, CLIP)
+
+
+def gelu_act(name: str) -> Callable[[Tensor], Tensor]:
+    """The elementwise activation ``name`` of a ViT MLP: ``gelu`` (erf), ``gelu_tanh``
+    (SigLIP's tanh approximation), ``quick_gelu`` (CLIP's sigmoid approximation). One
+    definition for the vision tower's dense MLPs and the experts that copy them, so an
+    expert holding an MLP's weights computes its function exactly."""
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    raise ValueError(f"unknown activation {name!r}; choose one of {list(GELU_ACTS)}")

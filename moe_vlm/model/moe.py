@@ -37,11 +37,15 @@ class MoELayer(nn.Module):
     tokens to the experts and back: ``LocalDispatcher`` here, an all-to-all one under expert
     parallelism (``moe_vlm.parallel.expert_parallel``)."""
 
-    def __init__(self, d_model: int, sizes: MoESizes, routing: RoutingConfig, backend: str):
+    def __init__(self, d_model: int, sizes: MoESizes, routing: RoutingConfig, backend: str,
+                 act: str = "swiglu", bias: bool = False):
+        """``act``, ``bias``: the routed experts' MLP (``GroupedExperts``); the decoder's
+        are SwiGLU without biases, the vision tower's copy its GELU MLPs with biases."""
         super().__init__()
         self.sizes = sizes
         self.router = Router(d_model, sizes.n_experts, sizes.top_k, routing)
-        self.experts = GroupedExperts(sizes.n_experts, d_model, sizes.d_expert, backend)
+        self.experts = GroupedExperts(sizes.n_experts, d_model, sizes.d_expert, backend,
+                                      act=act, bias=bias)
         self.dispatcher: nn.Module = LocalDispatcher()
         self.shared: Optional[SwiGLU] = SwiGLU(d_model, sizes.d_shared) if sizes.d_shared else None
 

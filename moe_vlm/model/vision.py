@@ -8,7 +8,9 @@ L blocks.
 
 Build with ``build_vision`` (meta device, then ``init_weights`` in one place; or the
 checkpoint's weights for ``vision.name=hf``). ``forward`` returns the output of block
-``cfg.select_layer`` as ``[N, n_output_tokens, Dv]``.
+``cfg.select_layer`` as ``[N, n_output_tokens, Dv]``; ``forward_routed`` also returns the
+router outputs of the blocks whose MLP is an MoE layer (``vision.moe_every``, V-MoE:
+``moe_vlm.model.vision_moe``).
 
 Hugging Face parity: our ``select_layer=k`` (python index into the L block outputs)
 equals HF's ``hidden_states[k]`` for ``-L <= k < -1`` (HF's tuple has the embeddings
@@ -19,6 +21,7 @@ output). The attention-pooling head of SigLIP and CLIP's projection are not load
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -26,14 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_vlm.config.schema import ConfigError, VisionConfig
+from moe_vlm.config.schema import ConfigError, RoutingConfig, VisionConfig
+from moe_vlm.config.vision_moe import vision_moe_schedule
 from moe_vlm.hf_io import read_json, weight_files
-from moe_vlm.model.layers import apply_rotary
+from moe_vlm.model.layers import GELU_ACTS, apply_rotary, gelu_act
+from moe_vlm.model.moe import MoELayer
+from moe_vlm.model.vision_moe import upcycle_tower_state, vision_moe_layer
+from moe_vlm.routing.loss_norm import LossNorm
+from moe_vlm.routing.router import RouterOutput
 
 IN_CHANNELS = 3  # RGB; grayscale / RGBA images are converted before the tower
 INIT_STD = 0.02  # truncated normal at +-2 std, as ViT / timm
 ROPE2D_THETA = 10000.0
-ACTS = ("gelu", "gelu_tanh", "quick_gelu")
+ACTS = GELU_ACTS
 POS_EMBS = ("learned", "rope2d")
 
 # Hugging Face ``hidden_act`` -> our ``act``. ``gelu_new`` is the same tanh approximation.
@@ -60,13 +68,9 @@ _PATCH_ANCHOR = "embeddings.patch_embedding.weight"  # finds the tower's key pre
 
 
 def _act_fn(name: str) -> Callable[[Tensor], Tensor]:
-    if name == "gelu":
-        return F.gelu
-    if name == "gelu_tanh":
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "quick_gelu":  # CLIP's sigmoid approximation of GELU
-        return lambda x: x * torch.sigmoid(1.702 * x)
-    raise ConfigError(f"vision.act: unknown value {name!r}; choose one of {list(ACTS)}")
+    if name not in ACTS:
+        raise ConfigError(f"vision.act: unknown value {name!r}; choose one of {list(ACTS)}")
+    return gelu_act(name)
 
 
 def rope2d_tables(head_dim: int, grid: int, n_prefix: int = 0, theta: float = ROPE2D_THETA,
@@ -106,7 +110,7 @@ class VisionAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         y = F.scaled_dot_product_attention(q, k, v)  # [N, Hh, T, Hd], no mask: all see all
-        return self.out_proj(y.transpose(1, 2).reshape(n, t, -1))  # [N, T, Dv]
+        return self.out_proj(y.transpose(1, 2).reshape(n, t, self.n_heads * self.head_dim))  # [N, T, Dv]
 
 
 class VisionMLP(nn.Module):
@@ -121,18 +125,26 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    """Pre-norm encoder block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``."""
+    """Pre-norm encoder block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``; the MLP is
+    dense, or an MoE layer of MLP experts (``moe``, V-MoE)."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, moe: Optional[MoELayer] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = VisionAttention(cfg.d_model, cfg.n_heads)
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = VisionMLP(cfg.d_model, cfg.d_ff, cfg.act)
+        self.mlp: Union[VisionMLP, MoELayer] = moe if moe is not None else \
+            VisionMLP(cfg.d_model, cfg.d_ff, cfg.act)
 
-    def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None,
+                loss_norm: Optional[LossNorm] = None) -> tuple[Tensor, Optional[RouterOutput]]:
+        """x [N, T, Dv] -> ([N, T, Dv], the MoE layer's router output or None). Image
+        tokens have no padding: every token is routed."""
         x = x + self.attn(self.norm1(x), rope)  # [N, T, Dv]
-        return x + self.mlp(self.norm2(x))  # [N, T, Dv]
+        if isinstance(self.mlp, MoELayer):
+            y, r = self.mlp(self.norm2(x), loss_norm=loss_norm)
+            return x + y, r
+        return x + self.mlp(self.norm2(x)), None  # [N, T, Dv]
 
 
 def _check_vision_config(cfg: VisionConfig) -> None:
@@ -162,6 +174,14 @@ def _check_vision_config(cfg: VisionConfig) -> None:
                           f"(-1 = last block)")
     if cfg.norm_eps <= 0:
         raise ConfigError(f"vision.norm_eps: must be > 0, got {cfg.norm_eps}")
+    if cfg.moe_every > cfg.n_layers:
+        raise ConfigError(f"vision.moe_every: {cfg.moe_every} exceeds the tower's "
+                          f"{cfg.n_layers} blocks: no block would be MoE")
+    runs = vision_moe_schedule(cfg.select_layer % cfg.n_layers + 1, cfg.moe_every)
+    if cfg.moe_every and not any(runs):
+        raise ConfigError(f"vision.moe_every: every MoE block comes after vision.select_layer="
+                          f"{cfg.select_layer}, whose output the decoder reads, so none would "
+                          "run; lower vision.moe_every")
 
 
 class VisionTransformer(nn.Module):
@@ -170,12 +190,19 @@ class VisionTransformer(nn.Module):
 
     Only blocks ``0 .. select_layer`` run: the later blocks (and ``post_norm`` unless
     the last block is selected) get no gradient, which matters for DDP's
-    ``find_unused_parameters`` and for optimiser param groups."""
+    ``find_unused_parameters`` and for optimiser param groups.
 
-    def __init__(self, cfg: VisionConfig):
+    With ``cfg.moe_every > 0`` the MLPs of the blocks ``moe_vlm.config.vision_moe`` names
+    are MoE layers routed by ``routing`` (the decoder's ``routing.*``, with the
+    ``vision.moe_*`` keys in place) on the experts backend ``backend``."""
+
+    def __init__(self, cfg: VisionConfig, routing: Optional[RoutingConfig] = None,
+                 backend: str = "auto"):
         super().__init__()
         _check_vision_config(cfg)
         self.cfg = cfg
+        self.schedule = vision_moe_schedule(cfg.n_layers, cfg.moe_every)  # is_moe per block
+        routing = routing if routing is not None else RoutingConfig()
         self.grid = cfg.image_size // cfg.patch_size
         self.n_patches = self.grid * self.grid
         self.head_dim = cfg.d_model // cfg.n_heads
@@ -186,7 +213,9 @@ class VisionTransformer(nn.Module):
         self.cls_embed = nn.Parameter(torch.empty(cfg.d_model)) if cfg.cls_token else None
         self.pos_embed = nn.Embedding(n_tokens, cfg.d_model) if cfg.pos_emb == "learned" else None
         self.pre_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.pre_norm else None
-        self.blocks = nn.ModuleList([VisionBlock(cfg) for _ in range(cfg.n_layers)])
+        self.blocks = nn.ModuleList([
+            VisionBlock(cfg, vision_moe_layer(cfg, routing, backend) if is_moe else None)
+            for is_moe in self.schedule])
         self.post_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.post_norm else None
         if cfg.pos_emb == "rope2d":
             cos, sin = rope2d_tables(self.head_dim, self.grid, int(cfg.cls_token))
@@ -204,6 +233,21 @@ class VisionTransformer(nn.Module):
     def d_model(self) -> int:
         return self.cfg.d_model
 
+    @property
+    def n_tokens(self) -> int:
+        """Tokens per image inside the tower (its MoE layers route them): P, plus 1 with
+        a class token."""
+        return self.n_patches + int(self.cfg.cls_token)
+
+    @property
+    def moe_block_ids(self) -> list[int]:
+        """Indices of the blocks whose MLP is an MoE layer and runs (``select_layer``)."""
+        return [i for i, is_moe in enumerate(self.schedule[: self.layer_index + 1]) if is_moe]
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers that run, in block order (``forward_routed``'s router outputs)."""
+        return [self.blocks[i].mlp for i in self.moe_block_ids]
+
     def _norms(self) -> list[nn.LayerNorm]:
         norms = [n for blk in self.blocks for n in (blk.norm1, blk.norm2)]
         return norms + [n for n in (self.pre_norm, self.post_norm) if n is not None]
@@ -213,7 +257,9 @@ class VisionTransformer(nn.Module):
         """Every parameter and buffer is initialised here, deterministically from seed.
 
         Truncated normal (std 0.02, cut at +-2 std) for the patch, class, position and
-        linear weights; all biases 0; LayerNorms to weight 1, bias 0."""
+        linear weights, the experts' weights included; all biases 0; LayerNorms to weight
+        1, bias 0; routers normal (std 0.02) with zero balance bias. A dense tower draws
+        exactly as before MoE blocks existed."""
         g = torch.Generator(device=self.patch_embed.weight.device).manual_seed(seed)
 
         def trunc(t: Tensor) -> None:
@@ -226,10 +272,17 @@ class VisionTransformer(nn.Module):
         if self.pos_embed is not None:
             trunc(self.pos_embed.weight)
         for blk in self.blocks:
-            for lin in (blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj, blk.attn.out_proj,
-                        blk.mlp.fc1, blk.mlp.fc2):
+            moe = blk.mlp if isinstance(blk.mlp, MoELayer) else None
+            mlp = () if moe is not None else (blk.mlp.fc1, blk.mlp.fc2)
+            for lin in (blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj, blk.attn.out_proj, *mlp):
                 trunc(lin.weight)
                 lin.bias.zero_()
+            if moe is not None:
+                moe.router.init_weights(INIT_STD, generator=g)
+                trunc(moe.experts.w_in)
+                trunc(moe.experts.w_out)
+                moe.experts.b_in.zero_()
+                moe.experts.b_out.zero_()
         for norm in self._norms():
             norm.weight.fill_(1.0)
             norm.bias.zero_()
@@ -239,26 +292,17 @@ class VisionTransformer(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
-    def _check_input(self, pixel_values: Tensor) -> None:
-        if not isinstance(pixel_values, Tensor) or pixel_values.ndim != 4:
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values)
-            raise ValueError(f"pixel_values must be a [N, {IN_CHANNELS}, H, W] tensor, got {shape}")
-        if not pixel_values.is_floating_point():
-            raise ValueError(f"pixel_values has dtype {pixel_values.dtype}; convert images to "
-                             f"float and normalise them with vision.image_mean / image_std first")
-        c, h, w = pixel_values.shape[1:]
-        if c != IN_CHANNELS:
-            raise ValueError(f"pixel_values has {c} channels; the vision tower takes "
-                             f"{IN_CHANNELS} (RGB): convert grayscale / RGBA images to RGB")
-        s = self.cfg.image_size
-        if (h, w) != (s, s):
-            raise ValueError(f"pixel_values are {h}x{w} pixels; this vision tower takes {s}x{s} "
-                             f"(vision.image_size={s}): resize / crop the images to {s}x{s}")
-
     def forward(self, pixel_values: Tensor) -> Tensor:
         """pixel_values [N, 3, H, W] (normalised floats) -> features [N, n_output_tokens, Dv]
         from block ``select_layer`` (post-normed only if that is the last block)."""
-        self._check_input(pixel_values)
+        return self.forward_routed(pixel_values)[0]
+
+    def forward_routed(self, pixel_values: Tensor, loss_norm: Optional[LossNorm] = None
+                       ) -> tuple[Tensor, list[RouterOutput]]:
+        """``forward``, plus the router output of each MoE layer that ran (in block order,
+        [] for a dense tower). ``loss_norm``: the step's totals as the vision routers count
+        them (``vision_moe.vision_loss_norm``), so their losses are shares of the step's."""
+        check_pixel_values(pixel_values, self.cfg.image_size)
         n = pixel_values.shape[0]
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [N, Dv, g, g]
         x = x.flatten(2).transpose(1, 2)  # [N, P, Dv], row-major patches
@@ -270,24 +314,49 @@ class VisionTransformer(nn.Module):
         if self.pre_norm is not None:
             x = self.pre_norm(x)
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+        routing: list[RouterOutput] = []
         for blk in self.blocks[: self.layer_index + 1]:
-            x = blk(x, rope)  # [N, T, Dv]
+            x, r = blk(x, rope, loss_norm)  # [N, T, Dv]
+            if r is not None:
+                routing.append(r)
         if self.post_norm is not None and self.layer_index == len(self.blocks) - 1:
             x = self.post_norm(x)
         if self.cls_embed is not None and self.cfg.drop_cls:
             x = x[:, 1:]  # [N, P, Dv]
-        return x
+        return x, routing
+
+
+def check_pixel_values(pixel_values: Tensor, image_size: int) -> None:
+    """Refuse what an image input [N, 3, image_size, image_size] of floats is not, saying
+    how to fix it."""
+    if not isinstance(pixel_values, Tensor) or pixel_values.ndim != 4:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values)
+        raise ValueError(f"pixel_values must be a [N, {IN_CHANNELS}, H, W] tensor, got {shape}")
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"pixel_values has dtype {pixel_values.dtype}; convert images to "
+                         f"float and normalise them with vision.image_mean / image_std first")
+    c, h, w = pixel_values.shape[1:]
+    if c != IN_CHANNELS:
+        raise ValueError(f"pixel_values has {c} channels; the vision tower takes "
+                         f"{IN_CHANNELS} (RGB): convert grayscale / RGBA images to RGB")
+    s = image_size
+    if (h, w) != (s, s):
+        raise ValueError(f"pixel_values are {h}x{w} pixels; this vision tower takes {s}x{s} "
+                         f"(vision.image_size={s}): resize / crop the images to {s}x{s}")
 
 
 def build_vision(cfg: VisionConfig, device: Union[str, torch.device] = "cpu",
-                 seed: int = 0) -> VisionTransformer:
+                 seed: int = 0, routing: Optional[RoutingConfig] = None,
+                 backend: str = "auto") -> VisionTransformer:
     """``vision.name=vit``: construct on the meta device, materialise on ``device``, then
     initialise every weight once in ``init_weights``. ``vision.name=hf``: load the local
     checkpoint at ``vision.hf_path`` (its config.json overrides the sizes in ``cfg``;
-    ``select_layer`` and ``drop_cls`` are kept); the resolved config is ``model.cfg``."""
+    ``select_layer``, ``drop_cls`` and the ``moe_*`` keys are kept; with ``moe_every > 0``
+    the dense tower is upcycled, ``upcycle_vision``); the resolved config is ``model.cfg``.
+    ``routing``, ``backend``: the vision MoE layers' (``routing.*``, ``moe.backend``)."""
     if cfg.name == "vit":
         with torch.device("meta"):
-            model = VisionTransformer(cfg)
+            model = VisionTransformer(cfg, routing, backend)
         model.to_empty(device=device)
         model.init_weights(seed)
         return model
@@ -296,12 +365,40 @@ def build_vision(cfg: VisionConfig, device: Union[str, torch.device] = "cpu",
             raise ConfigError("vision.hf_path: vision.name=hf needs the path of a local "
                               "Hugging Face SigLIP/CLIP checkpoint directory")
         model, _ = load_hf_vision(cfg.hf_path, cfg.select_layer, cfg.drop_cls, device=device)
+        if cfg.moe_every > 0:
+            model = upcycle_vision(model, cfg, routing, backend, seed)
         return model
     if cfg.name == "none":
         raise ConfigError("vision.name: 'none' is a text-only model; there is no vision "
                           "tower to build (use 'vit' or 'hf')")
+    if cfg.name == "patch":
+        raise ConfigError("vision.name: 'patch' is encoder-free: there is no vision tower "
+                          "(moe_vlm.model.patch_embed.PatchEmbed, built by build_vlm)")
     raise ConfigError(f"vision.name: unknown value {cfg.name!r}; choose one of "
-                      f"['none', 'vit', 'hf']")
+                      f"['none', 'vit', 'hf', 'patch']")
+
+
+def upcycle_vision(dense: VisionTransformer, cfg: VisionConfig,
+                   routing: Optional[RoutingConfig] = None, backend: str = "auto",
+                   seed: int = 0) -> VisionTransformer:
+    """Sparse upcycling of a dense tower (ours or a loaded SigLIP/CLIP one): the same tower
+    with the MoE blocks ``cfg.moe_*`` asks for, every expert a copy of its block's MLP, the
+    routers initialised from ``seed``, everything else copied. At step 0 it computes the
+    dense tower's function where the kept weights sum to 1 (one expert, or
+    ``vision.moe_renormalize=true``). Same device, dtype and train/eval mode as ``dense``."""
+    moe_keys = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name.startswith("moe_")}
+    moe_cfg = replace(dense.cfg, **moe_keys)
+    if moe_cfg.moe_d_expert not in (None, moe_cfg.d_ff):
+        raise ConfigError(f"vision.moe_d_expert: upcycling copies the tower's MLP (width "
+                          f"{moe_cfg.d_ff}) into each expert; leave it null or set it to {moe_cfg.d_ff}")
+    w = dense.patch_embed.weight
+    with torch.device("meta"):
+        model = VisionTransformer(moe_cfg, routing, backend)
+    model.to_empty(device=w.device)
+    model.init_weights(seed)
+    model.load_state_dict(upcycle_tower_state(dense.state_dict(), model.state_dict(),
+                                              [i for i, m in enumerate(model.schedule) if m]))
+    return model.to(w.dtype).train(dense.training)
 
 
 # --------------------------------------------------------------------------------------

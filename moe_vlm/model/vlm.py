@@ -8,6 +8,11 @@ D decoder width.
 Attention stays causal over the whole sequence (image tokens included); each sample may
 hold any number of images (0 too): the ``N`` images of a batch fill its placeholder runs
 in row-major order (sample by sample, left to right).
+
+Two variants: a vision tower with MoE layers (V-MoE, ``vision.moe_every``; their router
+outputs come back as ``ModelOutput.vision_routing`` and their losses join
+``routing_loss``), and an encoder-free model (``vision=patch``, SOLO: a linear patch
+embedding, ``moe_vlm.model.patch_embed``, and no projector).
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from torch import Tensor, nn
 from moe_vlm.config.schema import Config, ProjectorConfig
 from moe_vlm.model.decoder import DecoderLM, ModelOutput, build_model
 from moe_vlm.model.moe import MoELayer
-from moe_vlm.model.vision import VisionTransformer, build_vision
+from moe_vlm.model.patch_embed import PatchEmbed, build_patch_embed
+from moe_vlm.model.vision import IN_CHANNELS, VisionTransformer, build_vision
+from moe_vlm.model.vision_moe import vision_loss_norm
 from moe_vlm.routing.loss_norm import LossNorm
+from moe_vlm.routing.router import RouterOutput
 
 
 class Projector(nn.Module):
@@ -66,14 +74,21 @@ class Projector(nn.Module):
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, decoder: DecoderLM, vision: VisionTransformer, projector_cfg: ProjectorConfig,
-                 image_token_id: int):
+    """``vision``: a ViT (then a projector maps its features to the decoder) or, encoder-free,
+    a ``PatchEmbed`` already in the decoder's width (no projector: ``projector`` is None)."""
+
+    def __init__(self, decoder: DecoderLM, vision: Union[VisionTransformer, PatchEmbed],
+                 projector_cfg: ProjectorConfig, image_token_id: int):
         super().__init__()
         self.decoder = decoder
         self.vision = vision
-        self.projector = Projector(vision.cfg.d_model, decoder.cfg.d_model, projector_cfg.merge)
+        if isinstance(vision, PatchEmbed):
+            self.projector: Optional[Projector] = None
+            self.n_image_tokens = vision.n_output_tokens
+        else:
+            self.projector = Projector(vision.cfg.d_model, decoder.cfg.d_model, projector_cfg.merge)
+            self.n_image_tokens = self.projector.n_tokens(vision.n_output_tokens)
         self.image_token_id = image_token_id
-        self.n_image_tokens = self.projector.n_tokens(vision.n_output_tokens)
 
     # The decoder's interface, so training code treats both models alike.
     @property
@@ -81,11 +96,28 @@ class VisionLanguageModel(nn.Module):
         return self.decoder.cfg
 
     def moe_layers(self) -> list[MoELayer]:
+        """The decoder's MoE layers (indexed by decoder layer everywhere they are used)."""
         return self.decoder.moe_layers()
+
+    def vision_moe_layers(self) -> list[MoELayer]:
+        """The vision tower's MoE layers that run, in block order ([] if none)."""
+        return self.vision.moe_layers()
 
     def image_embeddings(self, pixel_values: Tensor) -> Tensor:
         """pixel_values [N, 3, H, W] -> [N, P', D]."""
-        return self.projector(self.vision(pixel_values))
+        return self.encode_images(pixel_values)[0]
+
+    def encode_images(self, pixel_values: Tensor, loss_norm: Optional[LossNorm] = None
+                      ) -> tuple[Tensor, list[RouterOutput]]:
+        """pixel_values [N, 3, H, W] -> (image embeddings [N, P', D], the vision MoE layers'
+        router outputs, [] without them). ``loss_norm``: the step's totals (the decoder's;
+        turned into the vision routers' here)."""
+        if self.projector is None:  # encoder-free: patches straight to the decoder's width
+            return self.vision(pixel_values), []
+        norm = vision_loss_norm(loss_norm, self.vision.n_tokens, pixel_values.shape[0]) \
+            if self.vision.moe_layers() else loss_norm
+        feats, routing = self.vision.forward_routed(pixel_values, norm)  # [N, P, Dv]
+        return self.projector(feats), routing
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
                 pixel_values: Optional[Tensor] = None, token_mask: Optional[Tensor] = None,
@@ -108,21 +140,42 @@ class VisionLanguageModel(nn.Module):
                 raise ValueError(f"{msg} (found {n_slots})")
         else:  # checked on the device, so the host does not wait for the count
             torch._assert_async(is_image.sum() == want, msg)
-        if n_img:
-            feats = self.image_embeddings(pixel_values)  # [N, P', D]
-            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))
-        return self.decoder(inputs_embeds=embeds, labels=labels, token_mask=token_mask,
-                            loss_norm=loss_norm, token_rows=token_rows,
-                            position_ids=position_ids, image_mask=is_image)
+        vision_routing: list[RouterOutput] = []
+        if n_img or self.vision_moe_layers():
+            # A tower with MoE layers runs without images too (an empty batch): every
+            # micro-batch then has the same router outputs, and under expert parallelism
+            # every process joins its layers' all-to-alls.
+            if not n_img:
+                s = self.vision.cfg.image_size
+                pixel_values = embeds.new_zeros(0, IN_CHANNELS, s, s)
+            feats, vision_routing = self.encode_images(pixel_values, loss_norm)  # [N, P', D]
+            if n_img:
+                embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))
+        out = self.decoder(inputs_embeds=embeds, labels=labels, token_mask=token_mask,
+                           loss_norm=loss_norm, token_rows=token_rows, position_ids=position_ids,
+                           image_mask=is_image)
+        if vision_routing:
+            out.vision_routing = vision_routing
+            if labels is not None:
+                out.routing_loss = out.routing_loss + sum(r.loss for r in vision_routing)
+                out.loss = out.lm_loss + out.routing_loss
+        return out
 
 
 def build_vlm(cfg: Config, image_token_id: int, device: Union[str, torch.device] = "cpu",
               seed: int = 0) -> VisionLanguageModel:
     """Decoder from config (meta device, then one ``init_weights``), projector freshly
     initialised, and the vision tower from config or from a local Hugging Face checkpoint
-    (``vision.name=hf``, whose weights are kept)."""
+    (``vision.name=hf``, whose weights are kept; upcycled into MoE blocks when
+    ``vision.moe_every > 0``). ``vision.name=patch``: a freshly initialised patch
+    embedding and no projector."""
     decoder = build_model(cfg.model, cfg.moe, cfg.routing, device=device, seed=seed)
-    vision = build_vision(cfg.vision, device=device, seed=seed + 1)
+    if cfg.vision.name == "patch":
+        patches = build_patch_embed(cfg.vision, cfg.model.d_model, cfg.projector.merge,
+                                    cfg.model.init_std, device=device, seed=seed + 1)
+        return VisionLanguageModel(decoder, patches, cfg.projector, image_token_id)
+    vision = build_vision(cfg.vision, device=device, seed=seed + 1, routing=cfg.routing,
+                          backend=cfg.moe.backend)
     model = VisionLanguageModel(decoder, vision, cfg.projector, image_token_id)
     model.projector.to(device)
     g = torch.Generator(device=model.projector.fc1.weight.device).manual_seed(seed + 2)

@@ -120,9 +120,10 @@ class AllToAllDispatcher(nn.Module):
 
 
 def shard_experts(experts: GroupedExperts, dispatcher: AllToAllDispatcher) -> None:
-    """Keep only this rank's experts (in place): ``w_in/w_out [E, ...] -> [El, ...]``."""
+    """Keep only this rank's experts (in place): ``w_in/w_out`` (and the biases of MLP
+    experts) ``[E, ...] -> [El, ...]``."""
     sl = slice(dispatcher.first_expert, dispatcher.first_expert + dispatcher.n_local)
-    for name in ("w_in", "w_out"):
+    for name in experts.stacked_names:
         p = getattr(experts, name)
         setattr(experts, name, nn.Parameter(p.detach()[sl].clone(), requires_grad=p.requires_grad))
     experts.n_experts = dispatcher.n_local
@@ -242,7 +243,7 @@ def full_state_dict(model: nn.Module, dst: Optional[int] = None) -> dict[str, Te
         if keep:
             sd[key] = value
     for name, (ex, disp) in sharded_experts(model).items():
-        for pname in ("w_in", "w_out"):
+        for pname in ex.stacked_names:
             full = gather_shards(getattr(ex, pname), disp, dst)  # [E, ...]
             if keep:
                 sd[f"{name}.{pname}"] = full
@@ -253,12 +254,12 @@ def full_state_dict(model: nn.Module, dst: Optional[int] = None) -> dict[str, Te
 def load_full_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Load a single-process state dict into a (possibly expert-parallel) model: each
     rank takes its slice of every expert tensor. Shapes and names must otherwise match."""
-    shards = {name: disp for name, (_, disp) in sharded_experts(model).items()}
+    shards = {name: (ex, disp) for name, (ex, disp) in sharded_experts(model).items()}
     local = {}
     for key, value in state.items():
         owner, _, pname = key.rpartition(".")
-        mod = shards.get(owner)
-        if mod is not None and pname in ("w_in", "w_out"):
+        ex, mod = shards.get(owner, (None, None))
+        if mod is not None and pname in ex.stacked_names:
             if value.shape[0] != mod.n_experts:
                 raise ValueError(f"{key}: the checkpoint has {value.shape[0]} experts, the model "
                                  f"{mod.n_experts}; the expert count must match across layouts")

@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_vlm.config.schema import Config, ConfigError
 from moe_vlm.model.dispatch import LocalDispatcher
+from moe_vlm.model.vision_moe import vision_moe_layers
 from moe_vlm.parallel.expert_parallel import (apply_expert_parallel, expert_parameters,
                                               set_count_reducers)
 from moe_vlm.parallel.runtime import Layout
@@ -68,7 +69,7 @@ def parallelize(model: nn.Module, layout: Layout, cfg: Config,
     needs. ``amp``: the autocast dtype the run trains in (None: the weights' dtype), which
     decides whether the experts' backend can be compiled."""
     pcfg = cfg.parallel
-    moes = model.moe_layers() if hasattr(model, "moe_layers") else []
+    moes = _all_moe_layers(model)
     if layout.ep > 1:
         apply_expert_parallel(model, layout.ep_group)
     elif layout.distributed and moes:
@@ -92,6 +93,12 @@ def parallelize(model: nn.Module, layout: Layout, cfg: Config,
     return par
 
 
+def _all_moe_layers(model: nn.Module) -> list:
+    """The decoder's MoE layers, then the vision tower's (V-MoE)."""
+    decoder = model.moe_layers() if hasattr(model, "moe_layers") else []
+    return [*decoder, *vision_moe_layers(model)]
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> None:
     """``full``: checkpoint every repeated block: its forward runs under non-reentrant
     ``torch.utils.checkpoint``, so only the block's inputs are kept and the rest is
@@ -102,7 +109,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> None
     ``moe``: only each MoE layer's routed-expert compute is checkpointed
     (``GroupedExperts.recompute``)."""
     if mode == "moe":
-        for moe in (model.moe_layers() if hasattr(model, "moe_layers") else []):
+        for moe in _all_moe_layers(model):
             moe.experts.recompute = True
         return
     if mode != "full":
@@ -140,13 +147,13 @@ def apply_compile(model: nn.Module, amp: Optional[torch.dtype] = None) -> None:
     compiling around the all-to-all is not tested yet). The
     ``torch`` backend traces, but its per-expert loop reads the offsets on the host: a
     graph break and a recompile per new set of sizes (minutes on a CPU)."""
-    moes = model.moe_layers() if hasattr(model, "moe_layers") else []
-    if moes:
-        w = moes[0].experts.w_in  # [E, D, 2F]
+    decoder = model.moe_layers() if hasattr(model, "moe_layers") else []
+    for moe in decoder[:1] + vision_moe_layers(model)[:1]:  # one of each kind of experts
+        w = moe.experts.w_in  # [E, D, 2F] or [E, D, F]
         probe = torch.empty(0, w.shape[1], device=w.device, dtype=w.dtype)  # an input like the layer's
         with torch.autocast(w.device.type, dtype=amp, enabled=amp is not None):
-            backend = moes[0].experts.backend_name(probe)
-        fused = isinstance(moes[0].dispatcher, LocalDispatcher)
+            backend = moe.experts.backend_name(probe)
+        fused = isinstance(moe.dispatcher, LocalDispatcher)
         if backend == "grouped_mm" and (amp or w.dtype) != torch.bfloat16:
             raise ConfigError("parallel.compile: the experts' grouped_mm backend does not compile "
                               "outside bf16 (autocast or bf16 weights); use train.precision=bf16, "

@@ -54,14 +54,18 @@ def check_layout(pcfg: ParallelConfig, world: int) -> None:
                           f"(experts are sharded over ep ranks, replicated over world/ep)")
 
 
-def check_experts(ep: int, n_experts: int) -> None:
-    """``n_experts`` routed experts per layer (after granularity; 0 for a dense model)
-    must split evenly over ``ep`` ranks."""
-    if ep > 1 and n_experts == 0:
+def check_experts(ep: int, n_experts: int, n_vision_experts: int = 0) -> None:
+    """``n_experts`` routed experts per decoder layer (after granularity; 0 for a dense
+    decoder) and ``n_vision_experts`` per vision MoE layer (0: none) must split evenly
+    over ``ep`` ranks: expert parallelism shards both."""
+    if ep > 1 and n_experts == 0 and n_vision_experts == 0:
         raise ConfigError("parallel.ep > 1 needs MoE layers; this model is dense (set parallel.ep=1)")
     if ep > 1 and n_experts % ep:
         raise ConfigError(f"parallel.ep={ep} must divide the {n_experts} routed experts "
                           f"(moe.n_experts x moe.granularity); pick an ep that divides it")
+    if ep > 1 and n_vision_experts % ep:
+        raise ConfigError(f"parallel.ep={ep} must divide the {n_vision_experts} experts of the "
+                          "vision MoE layers (vision.moe_experts); pick an ep that divides it")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -26,7 +26,8 @@ from moe_vlm.parallel.expert_parallel import (AllToAllDispatcher, full_tensor, g
 
 def _expert_shards(model: nn.Module) -> dict[int, AllToAllDispatcher]:
     """id(expert parameter) -> the dispatcher of its expert-parallel layer (EP group, slice)."""
-    return {id(p): disp for ex, disp in sharded_experts(model).values() for p in (ex.w_in, ex.w_out)}
+    return {id(p): disp for ex, disp in sharded_experts(model).values()
+            for p in (getattr(ex, n) for n in ex.stacked_names)}
 
 
 def _ordered_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:

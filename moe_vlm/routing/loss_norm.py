@@ -38,6 +38,9 @@ class LossNorm:
     n_seqs: float  # sequences holding at least one real token
     n_micro: int = 1  # micro-batches per process
     n_ranks: int = 1  # data-parallel processes
+    # images, the sequences the vision tower's MoE layers route (its tokens: images x tokens
+    # per image; ``moe_vlm.model.vision_moe.vision_loss_norm``)
+    n_images: float = 0.0
 
     def __post_init__(self) -> None:
         if self.n_micro < 1 or self.n_ranks < 1:

@@ -90,7 +90,8 @@ _SUMS = ("entropy_sum", "n_tokens", "n_requested", "n_kept", "aux_loss", "z_loss
 @torch.no_grad()
 def step_routing_metrics(layer_ids: Sequence[int], routing: Sequence[Sequence["RouterOutput"]],
                          modality: Sequence[Modality],
-                         reduce: Callable[[Tensor], Tensor] = lambda t: t) -> dict[str, dict]:
+                         reduce: Callable[[Tensor], Tensor] = lambda t: t,
+                         prefix: str = "layer_") -> dict[str, dict]:
     """One step's per-layer metrics over its real tokens, from the router outputs
     ``routing[micro-batch][j]`` of MoE layer ``layer_ids[j]``: loads summed, entropy the
     mean over all routed tokens, drop fraction over all requested assignments, aux/z losses
@@ -99,7 +100,8 @@ def step_routing_metrics(layer_ids: Sequence[int], routing: Sequence[Sequence["R
     on the layout.
 
     With ``modality`` masks (image-text data) each layer also reports its load split by
-    modality (``tokens_per_expert_image`` / ``_text``)."""
+    modality (``tokens_per_expert_image`` / ``_text``). Rows are keyed ``prefix + id``
+    (``layer_<i>``; the vision tower's MoE layers use ``vision_layer_<i>``)."""
     has_modality = modality[0] is not None
     out = {}
     for j, layer in enumerate(layer_ids):
@@ -127,5 +129,5 @@ def step_routing_metrics(layer_ids: Sequence[int], routing: Sequence[Sequence["R
         if has_modality:
             row["tokens_per_expert_image"] = flat[n_exp + 6:2 * n_exp + 6].tolist()
             row["tokens_per_expert_text"] = flat[2 * n_exp + 6:].tolist()
-        out[f"layer_{layer}"] = row
+        out[f"{prefix}{layer}"] = row
     return out

@@ -36,7 +36,8 @@ from moe_vlm.train.prefetch import Prefetcher
 from moe_vlm.train.resume import check_resume_config
 from moe_vlm.train.rundir import RunDirLock, clean_stale_temporaries, write_json
 from moe_vlm.train.setup import Run, resume_state, setup_run
-from moe_vlm.train.step import StepForward, forward_backward_step, layer_metrics
+from moe_vlm.train.step import (StepForward, forward_backward_step, layer_metrics,
+                                update_balance_biases)
 
 
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
@@ -224,9 +225,7 @@ def train_step(run: Run, step: int, collect: bool = True,
     fb = forward_backward_step(run.engine, batches, lay, run.amp, run.image_id, collect)
     result = run.engine.step(lr, fb.lm_loss + fb.routing_loss)
     if not result.skipped and cfg.routing.bias_update_rate > 0:
-        for j, moe in enumerate(run.model.moe_layers()):
-            counts = torch.stack([r[j].counts for r in fb.routing]).sum(0)  # [E] this rank's
-            moe.update_bias(lay.all_sum(counts), cfg.routing.bias_update_rate)
+        update_balance_biases(run.model, fb, lay, cfg.routing.bias_update_rate)
     return StepOutcome(lr, fb, result)
 
 

@@ -22,6 +22,7 @@ from moe_vlm.config.schema import Config, ConfigError
 from moe_vlm.data import build_data, build_tokenizer_for
 from moe_vlm.errors import CheckpointError, RunDirError
 from moe_vlm.model import build_model, count_params, flops_per_token
+from moe_vlm.model.vision_moe import vision_moe_layers
 from moe_vlm.parallel.engines import Engine
 from moe_vlm.parallel.parallelize import parallelize
 from moe_vlm.parallel.runtime import Layout, check_experts
@@ -149,7 +150,9 @@ def setup_run(cfg: Config, run_dir: Path, layout: Layout, state: Optional[dict[s
     torch.manual_seed(cfg.seed)
     tokenizer = _tokenizer(cfg, run_dir, layout)
     model, data = _model_and_data(cfg, tokenizer, device)
-    check_experts(cfg.parallel.ep, routed_experts(model))
+    vision_moes = vision_moe_layers(model)
+    check_experts(cfg.parallel.ep, routed_experts(model),
+                  vision_moes[0].sizes.n_experts if vision_moes else 0)
     upcycled = None
     if state is None and t_cfg.init_from:
         load_weights(model, t_cfg.init_from, map_location=device, trust=t_cfg.trust_checkpoint)

@@ -12,13 +12,14 @@ losses aside, whose scope is the micro-batch by design).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from moe_vlm.data.sample import IGNORE_INDEX
+from moe_vlm.model.vision_moe import vision_moe_layers
 from moe_vlm.parallel.runtime import Layout
 from moe_vlm.parallel.engines import Engine
 from moe_vlm.routing.loss_norm import LossNorm
@@ -37,22 +38,25 @@ class StepForward:
     modality: list[Modality]  # per micro-batch, None for text-only data (or not collected)
     norm: LossNorm  # the step's totals
     collected: bool = True  # the routers made their logging metrics (RouterOutput.stats)
+    # [micro-batch][vision MoE layer], this rank's (V-MoE; [] per micro-batch without them)
+    vision_routing: list[list[RouterOutput]] = field(default_factory=list)
 
 
 def step_loss_norm(batches: list[dict[str, Tensor]], layout: Layout) -> LossNorm:
     """The step's totals over this rank's micro-batches ``batches`` and every rank (one
-    all-reduce): target tokens, real tokens and sequences of the global batch."""
-    n_tgt = n_tok = n_seq = 0
+    all-reduce): target tokens, real tokens, sequences and images of the global batch."""
+    n_tgt = n_tok = n_seq = n_img = 0
     for b in batches:  # CPU tensors: no device sync
         mask = b.get("token_mask")
         mask = torch.ones_like(b["input_ids"], dtype=torch.bool) if mask is None else mask
         n_tgt += int((b["labels"] != IGNORE_INDEX).sum())
         n_tok += int(mask.sum())
         n_seq += int(mask.any(1).sum())
-    totals = torch.tensor([n_tgt, n_tok, n_seq], dtype=torch.float64, device=layout.device)
-    n_tgt, n_tok, n_seq = layout.all_sum(totals).tolist()  # host sync
+        n_img += int(b["pixel_values"].shape[0]) if "pixel_values" in b else 0
+    totals = torch.tensor([n_tgt, n_tok, n_seq, n_img], dtype=torch.float64, device=layout.device)
+    n_tgt, n_tok, n_seq, n_img = layout.all_sum(totals).tolist()  # host sync
     return LossNorm(n_targets=n_tgt, n_tokens=n_tok, n_seqs=n_seq, n_micro=len(batches),
-                    n_ranks=layout.world)
+                    n_ranks=layout.world, n_images=n_img)
 
 
 def forward_backward_step(engine: Engine, batches: list[dict[str, Tensor]], layout: Layout,
@@ -66,7 +70,7 @@ def forward_backward_step(engine: Engine, batches: list[dict[str, Tensor]], layo
     norm = step_loss_norm(batches, layout)
     lm = torch.zeros((), device=device)
     rt = torch.zeros((), device=device)
-    routing, modality = [], []
+    routing, modality, vision_routing = [], [], []
     for m, batch in enumerate(batches):
         inputs = model_inputs(batch, device)
         out = engine.forward_backward({**inputs, "loss_norm": norm}, m == len(batches) - 1,
@@ -76,14 +80,33 @@ def forward_backward_step(engine: Engine, batches: list[dict[str, Tensor]], layo
         lm += out.lm_loss.detach()  # shares: they add up to the step's means
         rt += out.routing_loss.detach()
         routing.append(out.routing)
+        vision_routing.append(out.vision_routing)
     if layout.distributed:  # the step's losses: the shares of every rank
         lm, rt = layout.all_sum(torch.stack([lm, rt]).double()).float().unbind()
-    return StepForward(lm, rt, routing, modality, norm, collect)
+    return StepForward(lm, rt, routing, modality, norm, collect, vision_routing)
 
 
 def layer_metrics(model: torch.nn.Module, fb: StepForward, layout: Layout) -> dict[str, dict]:
     """The step's per-layer routing metrics (``routing.metrics.step_routing_metrics``),
-    keyed by decoder layer, summed over the processes."""
+    summed over the processes: ``layer_<i>`` for decoder layer i, and
+    ``vision_layer_<i>`` for vision block i of a tower with MoE layers (image tokens only,
+    so no split by modality)."""
     decoder = getattr(model, "decoder", model)
     moe_ids = [i for i, is_moe in enumerate(decoder.schedule) if is_moe]
-    return step_routing_metrics(moe_ids, fb.routing, fb.modality, layout.all_sum)
+    rows = step_routing_metrics(moe_ids, fb.routing, fb.modality, layout.all_sum)
+    if vision_moe_layers(model):
+        rows.update(step_routing_metrics(model.vision.moe_block_ids, fb.vision_routing,
+                                         [None] * len(fb.vision_routing), layout.all_sum,
+                                         prefix="vision_layer_"))
+    return rows
+
+
+def update_balance_biases(model: torch.nn.Module, fb: StepForward, layout: Layout,
+                          rate: float) -> None:
+    """Aux-loss-free balancing after a step: every MoE layer's (decoder's, then the vision
+    tower's) selection bias moves by the step's loads, summed over the processes."""
+    layers = [(model.moe_layers(), fb.routing), (vision_moe_layers(model), fb.vision_routing)]
+    for moes, routing in layers:
+        for j, moe in enumerate(moes):
+            counts = torch.stack([r[j].counts for r in routing]).sum(0)  # [E] this rank's
+            moe.update_bias(layout.all_sum(counts), rate)

@@ -4,7 +4,9 @@ Every tensor that is not an FFN of a layer the target makes MoE is copied unchan
 (embeddings, attention, norms, head, dense FFN layers, and the vision tower and projector
 of a VLM). Each MoE layer's experts, router and shared expert come from that layer's dense
 FFN via ``methods.upcycle_ffn``. Which layers become MoE is the target's schedule
-(``model.n_dense_layers``, ``model.moe_every``).
+(``model.n_dense_layers``, ``model.moe_every``). A target whose vision tower has MoE
+blocks (``vision.moe_every``) gets the dense tower's MLPs copied into every expert of
+them (``model.vision_moe.upcycle_tower_state``), whatever ``upcycle.method``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 
 from moe_vlm.config.schema import Config, RoutingConfig, UpcycleConfig
 from moe_vlm.model.decoder import DecoderLM
+from moe_vlm.model.vision_moe import upcycle_tower_state
 from moe_vlm.routing.router import normalizes_weights
 from moe_vlm.upcycling.methods import (
     DenseFFN,
@@ -140,6 +143,7 @@ def upcycle_into(target: nn.Module, dense_state: dict[str, Tensor], ucfg: Upcycl
     dec.load_state_dict({k: v.to(own[k].dtype) for k, v in new.items()})
     copied_vision = False
     if prefix and src_rest:
+        src_rest = _upcycle_vision_mlps(target, src_rest)
         rest_own = {k: v for k, v in target.state_dict().items() if not k.startswith("decoder.")}
         diff = sorted(set(rest_own) ^ set(src_rest))
         shape = sorted(k for k in set(rest_own) & set(src_rest) if rest_own[k].shape != src_rest[k].shape)
@@ -159,6 +163,19 @@ def upcycle_into(target: nn.Module, dense_state: dict[str, Tensor], ucfg: Upcycl
     if ucfg.method == "noise":
         opts["noise_std"] = ucfg.noise_std
     return UpcycleReport(ucfg.method, base, shards, moe_ids, ok, why, copied_vision, opts)
+
+
+def _upcycle_vision_mlps(target: nn.Module, src_rest: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A dense VLM's vision/projector tensors ``src_rest``, with the target tower's MoE
+    blocks (if any, and if the source's are dense) filled from the source's MLPs."""
+    tower = getattr(target, "vision", None)
+    blocks = [i for i, m in enumerate(getattr(tower, "schedule", [])) if m]
+    dense = {k[len("vision."):]: v for k, v in src_rest.items() if k.startswith("vision.")}
+    if not blocks or any(".mlp.experts." in k for k in dense):
+        return src_rest
+    vision = upcycle_tower_state(dense, tower.state_dict(), blocks)
+    rest = {k: v for k, v in src_rest.items() if not k.startswith("vision.")}
+    return {**rest, **{f"vision.{k}": v for k, v in vision.items()}}
 
 
 def upcycle_from_config(target: nn.Module, cfg: Config) -> dict:
