@@ -10,8 +10,11 @@ applied (the model and optimizer are built from the new config) and recorded in
 
 from __future__ import annotations
 
+import functools
+from dataclasses import asdict
 from typing import Any, Mapping, Sequence
 
+from moe_vlm.config.schema import Config
 from moe_vlm.errors import ConfigError
 
 # Keys that drive the run without changing what a step computes (to float rounding), or
@@ -39,10 +42,20 @@ def _covered(key: str, names: Sequence[str]) -> bool:
     return any(n in ("all", "*") or key == n or key.startswith(n + ".") for n in names)
 
 
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict[str, Any]:
+    """Every config key's schema default, flattened."""
+    return flatten(asdict(Config()))
+
+
 def config_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{key: (saved value, new value)}`` for every key whose value differs."""
+    """``{key: (saved value, new value)}`` for every key whose value differs. A key the
+    saved config lacks (added to the schema after that run was made) at its default is
+    not a change: the default keeps what the code did before the key existed."""
     a, b = flatten(saved), flatten(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    defaults = _defaults()
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and not (k not in a and k in defaults and b.get(k) == defaults[k])}
 
 
 def check_resume_config(saved: Mapping[str, Any], new: Mapping[str, Any],

@@ -260,3 +260,18 @@ def test_a_refused_run_in_an_empty_job_dir_leaves_nothing(tiny_config, tmp_path)
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         train(cfg, cfg.run.dir)
     assert not Path(cfg.run.dir).exists()
+
+
+def test_keys_added_since_a_run_was_made_resume_at_their_default():
+    """A run directory from before a config key existed resumes when the key is at its
+    default (what the old code did); a non-default value is still a change."""
+    from dataclasses import asdict
+
+    from moe_vlm.config import load_config
+    from moe_vlm.train.resume import config_changes
+
+    new = asdict(load_config([]))
+    old = {**new, "data": {k: v for k, v in new["data"].items() if not k.startswith("v2pe")}}
+    assert config_changes(old, new) == {}
+    changed = asdict(load_config(["data.v2pe_delta=0.5"]))
+    assert config_changes(old, changed) == {"data.v2pe_delta": (None, 0.5)}
