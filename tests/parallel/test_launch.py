@@ -101,6 +101,9 @@ LAYOUTS = {
     "vlm_ep2_modality_v2pe": (2, ["parallel.ep=2", "train.micro_batch_size=2",
                                   "routing.modality=routers", "data.v2pe_delta=0.5",
                                   "data.v2pe_train_deltas=[1.0,0.5,0.25]"]),
+    # modality expert groups in an encoder-free VLM (raw patches reach the experts) under EP
+    "vlm_ep2_groups_encoder_free": (2, ["experiment=encoder_free", "parallel.ep=2",
+                                        "train.micro_batch_size=2", "routing.modality=groups"]),
     # 4 processes: experts over 2, replicated over 2 (expert-data-parallel gradient
     # averaging), with the aux-loss-free router (bias updates from counts summed over ranks).
     "dp4_ep2_aux_free": (4, [*TEXT, "parallel.ep=2", "train.micro_batch_size=1",
