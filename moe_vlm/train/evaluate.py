@@ -20,19 +20,27 @@ from moe_vlm.parallel.runtime import Layout
 from moe_vlm.train.inputs import autocast, model_inputs
 
 
-def answer_correct(logits: Tensor, labels: Tensor, answer_ids: Tensor) -> tuple[int, int]:
-    """(correct, total) answers: logits [B, S, V], labels/answer_ids [B, S]."""
+def _answers(logits: Tensor, labels: Tensor, answer_ids: Tensor, has: Tensor
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per (sample, answer) slot, ``answer_ids[has]``'s positions grouped: (key [P] the slot
+    of each such position, wrong [slots] mispredicted positions, present [slots] positions).
+    An answer is correct when all its positions are predicted (teacher-forced argmax)."""
     ok = (logits.argmax(-1) == labels) | (labels == IGNORE_INDEX)  # [B, S]
-    has = answer_ids >= 0
-    if not bool(has.any()):
-        return 0, 0
     n_ans = int(answer_ids.max()) + 1
     key = (torch.arange(labels.shape[0], device=labels.device)[:, None] * n_ans + answer_ids)[has]
     wrong = torch.zeros(labels.shape[0] * n_ans, device=labels.device)
     wrong.index_add_(0, key, (~ok[has]).float())
     present = torch.zeros_like(wrong).index_add_(0, key, torch.ones_like(key, dtype=torch.float))
-    total = int((present > 0).sum())
-    return int(((present > 0) & (wrong == 0)).sum()), total
+    return key, wrong, present
+
+
+def answer_correct(logits: Tensor, labels: Tensor, answer_ids: Tensor) -> tuple[int, int]:
+    """(correct, total) answers: logits [B, S, V], labels/answer_ids [B, S]."""
+    has = answer_ids >= 0
+    if not bool(has.any()):
+        return 0, 0
+    _, wrong, present = _answers(logits, labels, answer_ids, has)
+    return int(((present > 0) & (wrong == 0)).sum()), int((present > 0).sum())
 
 
 def correct_by_type(logits: Tensor, labels: Tensor, answer_ids: Tensor, answer_types: Tensor,
@@ -44,14 +52,9 @@ def correct_by_type(logits: Tensor, labels: Tensor, answer_ids: Tensor, answer_t
     has = (answer_ids >= 0) & (answer_types >= 0)
     if not bool(has.any()):
         return out
-    ok = (logits.argmax(-1) == labels) | (labels == IGNORE_INDEX)  # [B, S]
-    n_ans = int(answer_ids.max()) + 1
-    key = (torch.arange(labels.shape[0], device=labels.device)[:, None] * n_ans + answer_ids)[has]
-    n_keys = labels.shape[0] * n_ans
-    wrong = torch.zeros(n_keys, device=labels.device).index_add_(0, key, (~ok[has]).float())
-    present = torch.zeros(n_keys, device=labels.device).index_add_(0, key, torch.ones_like(key, dtype=torch.float))
-    kind = torch.zeros(n_keys, dtype=torch.long, device=labels.device).scatter_(0, key, answer_types[has])
-    real = present > 0  # [n_keys] answers that occur
+    key, wrong, present = _answers(logits, labels, answer_ids, has)
+    kind = key.new_zeros(present.shape).scatter_(0, key, answer_types[has])  # [slots] type
+    real = present > 0  # [slots] answers that occur
     out[1].index_add_(0, kind[real], torch.ones(int(real.sum()), dtype=torch.float64, device=labels.device))
     out[0].index_add_(0, kind[real], (wrong[real] == 0).double())
     return out
