@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moe_vlm.atomic import atomic_write
+
 ARMS = {"default": [], "vit_moe": ["experiment=vit_moe"], "encoder_free": ["experiment=encoder_free"]}
 T_CRIT = {2: 4.303, 3: 3.182, 4: 2.776}  # two-sided 95% Student t by degrees of freedom
 OUT = Path(__file__).parent / "results" / "multimodal_vision.md"
@@ -103,8 +105,9 @@ def main() -> None:
     for arm in ARMS:
         for s in a.seeds:
             run(a.root, arm, s)
-    OUT.write_text(table(a.root, a.seeds))
-    print(OUT.read_text())
+    md = table(a.root, a.seeds)
+    atomic_write(OUT, lambda f: f.write(md))  # a killed run never leaves half a table
+    print(md)
 
 
 if __name__ == "__main__":
