@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Any
 
+from moe_vlm.analysis.paired import mean_std, paired_cell
 from moe_vlm.atomic import atomic_write
 from moe_vlm.data.synthetic_vlm import QUESTION_TYPES
 
@@ -38,7 +38,6 @@ ARMS: dict[str, list[str]] = {
     "vit_moe": ["experiment=vit_moe"],
     "encoder_free": ["experiment=encoder_free"],
 }
-T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 8: 2.365, 10: 2.262}  # by n
 
 
 def run_arm(arm: str, seed: int, steps: int, root: Path) -> dict[str, Any]:
@@ -78,26 +77,6 @@ def modality_load(routing: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
-
-
-def _paired(arm_rows: list[dict], base_rows: list[dict], key: str) -> str:
-    """Same-seed difference arm - default: mean ± std, and * when beyond seed noise."""
-    base = {r["seed"]: r.get(key) for r in base_rows}
-    diffs = [r[key] - base[r["seed"]] for r in arm_rows
-             if r.get(key) is not None and base.get(r["seed"]) is not None]
-    if len(diffs) < 2:
-        return "-"
-    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    t = T_975.get(len(diffs), 2.0)
-    beyond = abs(mean) >= 5e-4 and abs(mean) > t * sd / math.sqrt(len(diffs))
-    return f"{mean:+.3f} ± {sd:.3f}{' *' if beyond else ''}"
-
-
 def table(results: list[dict]) -> str:
     arms = list(dict.fromkeys(r["arm"] for r in results))
     by_arm = {a: [r for r in results if r["arm"] == a] for a in arms}
@@ -111,11 +90,11 @@ def table(results: list[dict]) -> str:
     for a in arms:
         rows = by_arm[a]
         col = lambda k: [r[k] for r in rows if r.get(k) is not None]  # noqa: E731
-        cells = [a, _mean_std(col("eval_loss")), _paired(rows, base, "eval_loss") if a != "default" else "",
-                 _mean_std(col("eval_accuracy")),
-                 _paired(rows, base, "eval_accuracy") if a != "default" else "",
-                 *[_mean_std(col(f"acc_{t}")) for t in QUESTION_TYPES],
-                 _mean_std(col("overlap")), _mean_std(col("max_violation"))]
+        cells = [a, mean_std(col("eval_loss")), paired_cell(rows, base, "eval_loss") if a != "default" else "",
+                 mean_std(col("eval_accuracy")),
+                 paired_cell(rows, base, "eval_accuracy") if a != "default" else "",
+                 *[mean_std(col(f"acc_{t}")) for t in QUESTION_TYPES],
+                 mean_std(col("overlap")), mean_std(col("max_violation"))]
         lines.append("| " + " | ".join(cells) + " |")
     chance = [r["chance_accuracy"] for r in results if r.get("chance_accuracy")]
     if chance:

@@ -3,20 +3,12 @@ and the table's paired differences (seed noise marked only beyond it)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def ablation():
-    if str(ROOT) not in sys.path:  # experiments/ is a folder of scripts, not a package
-        sys.path.insert(0, str(ROOT))
-    from experiments import multimodal_ablation
-    return multimodal_ablation
+def ablation(experiment_script):
+    return experiment_script("multimodal_ablation")
 
 
 def test_overlap_of_expert_loads(ablation):
