@@ -4,6 +4,7 @@ from moe_vlm.config.schema import (
     Config,
     ConfigError,
     DataConfig,
+    LogConfig,
     ModelConfig,
     MoEConfig,
     ParallelConfig,
@@ -17,7 +18,7 @@ from moe_vlm.config.schema import (
 from moe_vlm.config.validation import validate
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "ParallelConfig",
+    "Config", "ConfigError", "DataConfig", "LogConfig", "ModelConfig", "MoEConfig", "ParallelConfig",
     "ProjectorConfig", "RoutingConfig", "RunConfig", "TrainConfig", "UpcycleConfig", "VisionConfig", "validate", "load_config",
     "config_dir", "config_from_file", "apply_overrides",
 ]

@@ -129,6 +129,16 @@ def _check_backend(cfg: Config, device) -> None:
         raise ConfigError(f"moe.backend: {backend} cannot run here: {why}; use moe.backend={other}")
 
 
+def _check_trackers(cfg: Config) -> None:
+    """``log.tensorboard`` / ``log.wandb``: their packages (optional extras)."""
+    for key, on, package in (("log.tensorboard", cfg.log.tensorboard, "tensorboard"),
+                             ("log.wandb", cfg.log.wandb, "wandb")):
+        if on and not _has_module(package):
+            raise ConfigError(f"{key}=true needs the {package} package, which is not installed: "
+                              f"pip install -e '.[trackers]' (or pip install {package}), or set "
+                              f"{key}=false")
+
+
 def _check_deepspeed() -> None:
     """``parallel.engine=deepspeed``: the package, and a launcher. ``deepspeed.initialize``
     needs the launcher's environment (the deepspeed launcher and torchrun set it) or
@@ -192,5 +202,6 @@ def check_runnable(cfg: Config, run_dir: str | Path | None) -> None:
     if cfg.parallel.engine == "deepspeed":
         _check_deepspeed()
     _check_training_only(cfg)
+    _check_trackers(cfg)
     if run_dir is not None:
         _check_run_dir(run_dir)

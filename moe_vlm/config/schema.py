@@ -61,6 +61,7 @@ ModalityRouting = _choices("ModalityRouting", "shared groups routers")
 UpcycleMethod = _choices("UpcycleMethod", "none copy split drop noise")
 UpcycleBase = _choices("UpcycleBase", "auto copy split")
 SharedInit = _choices("SharedInit", "slice whole random")
+WandbMode = _choices("WandbMode", "offline online disabled")
 
 
 class _Section:
@@ -348,6 +349,20 @@ class RunConfig(_Section):
 
 
 @dataclass
+class LogConfig(_Section):
+    """Experiment trackers mirroring ``metrics.jsonl`` (``moe_vlm.train.trackers``):
+    optional extras, imported only when enabled (``pip install -e ".[trackers]"``)."""
+
+    tensorboard: bool = False  # event files in <run.dir>/tensorboard
+    wandb: bool = False  # a Weights & Biases run in <run.dir>/wandb
+    wandb_mode: WandbMode = WandbMode.offline  # offline: nothing leaves the machine; online needs a login
+    wandb_project: str = "moe-vlm"  # the W&B project
+    wandb_entity: Optional[str] = None  # the W&B user or team (null: the login's default)
+    name: Optional[str] = None  # the tracker run's name (null: run.name/<run dir name>)
+    images: bool = True  # expert-load heatmaps (MoE layers x experts) on routing-metric rows
+
+
+@dataclass
 class Config(_Section):
     """The whole job: one section per config group, plus the seed."""
 
@@ -362,3 +377,4 @@ class Config(_Section):
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)

@@ -296,6 +296,8 @@ def _loop(run: Run) -> dict[str, Any]:
     finally:
         prefetch.close()
         collect_routing_stats(run.model, True)  # the model's default, for whoever uses it next
+        if run.trackers is not None:
+            run.trackers.close()
         if bar is not None:
             bar.close()
 
@@ -347,8 +349,11 @@ def _evaluate(run: Run) -> dict[str, float]:
 
 
 def _log(run: Run, row: dict[str, Any]) -> None:
+    """A row to ``metrics.jsonl`` (the record) and the trackers that mirror it."""
     if run.log is not None:
         run.log.log(row)
+    if run.trackers is not None:
+        run.trackers.log(row)
 
 
 def _write_summary(run: Run) -> None:

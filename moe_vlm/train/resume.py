@@ -23,7 +23,7 @@ FREE = ("train.max_steps", "train.stop_after_steps", "train.progress", "train.pr
         "train.eval_every", "train.ckpt_every", "train.keep_checkpoints", "train.device",
         "train.micro_batch_size", "train.deterministic", "train.trust_checkpoint",
         "train.allow_changes", "train.init_from", "moe.backend", "model.loss_chunk", "upcycle", "parallel",
-        "run")
+        "run", "log")
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -32,6 +32,7 @@ from moe_vlm.train.freeze import apply_trainable
 from moe_vlm.train.inputs import autocast_dtype
 from moe_vlm.train.resume import check_resume_config
 from moe_vlm.train.rundir import MetricsLog, atomic_write
+from moe_vlm.train.trackers import Trackers, open_trackers
 from moe_vlm.train.summary import RunSummary
 
 
@@ -54,6 +55,7 @@ class Run:
     log: Optional[MetricsLog]  # rank 0 only
     step: int  # optimizer steps done (the checkpoint's when resumed)
     resumed: bool  # from a checkpoint (its tensors are not kept: they are in the model now)
+    trackers: Optional[Trackers] = None  # rank 0: TensorBoard / W&B mirrors of ``log`` (log.*)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -189,7 +191,9 @@ def setup_run(cfg: Config, run_dir: Path, layout: Layout, state: Optional[dict[s
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=None if state is None else step) \
         if layout.is_main else None
     image_id = getattr(tokenizer, "image_id", None) if cfg.vision.name != "none" else None
+    trackers = open_trackers(cfg, run_dir, asdict(cfg), None if state is None else step) \
+        if layout.is_main else None
     return Run(cfg=cfg, run_dir=run_dir, layout=layout, model=model, data=data, engine=engine,
                amp=amp, image_id=image_id, micro_bs=micro_bs, n_micro=n_micro,
                first_micro=first_micro, summary=summary, log=log, step=step,
-               resumed=state is not None)
+               resumed=state is not None, trackers=trackers)
