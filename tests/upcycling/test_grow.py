@@ -255,3 +255,29 @@ def test_grow_command_refuses_bad_input(dense_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         grow_main(["--from", str(src), "--out", str(tmp_path / "full"), "model.d_model=128"])
     assert "not empty" in capsys.readouterr().err
+
+
+def test_grow_command_reads_a_hugging_face_dir(tmp_path, capsys):
+    """A local HF Qwen3 (qk_norm, head_dim 8 set apart from d_model) grown wider and deeper
+    with the same logits as transformers computes."""
+    import transformers as hf
+
+    from test_hf import make_hf  # tiny random transformers models (this folder)
+
+    model = make_hf("qwen3", head_dim=8, intermediate_size=40, num_hidden_layers=2,
+                    tie_word_embeddings=False)
+    model.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "big"
+    hf.logging.set_verbosity_error()
+    grow_main(["--from", str(tmp_path / "hf"), "--out", str(out), "model.d_model=64",
+               "model.d_ff=64", "model.n_heads=8", "model.n_kv_heads=4", "model.n_layers=3"])
+    assert "function preserving: True" in capsys.readouterr().out
+    from moe_vlm.upcycling.source import load_checkpoint
+    c = load_checkpoint(out)
+    net = _build(c.config).eval()
+    net.load_state_dict(c.state_dict)
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(net(ids).logits, model.eval()(input_ids=ids).logits,
+                                   atol=2e-5, rtol=1e-4)
+    assert json.loads((out / "grow.json").read_text())["source_kind"] == "hf"
