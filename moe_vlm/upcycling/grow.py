@@ -30,7 +30,7 @@ copy adds nothing to the residual stream at first: bert2BERT / Net2Net's identit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -123,8 +123,7 @@ class GrowReport:
     sizes: dict  # key -> [source, target]
     layer_sources: list[int]  # new layer j copies old layer layer_sources[j]
     new_layers: list[int]  # the inserted layers (identity: outputs zeroed)
-    seed: int = 0
-    options: dict = field(default_factory=dict)
+    seed: int = 0  # picked the copied units of a width that is not a whole multiple
 
 
 def grown_config(src: ModelConfig, target: ModelConfig) -> ModelConfig:

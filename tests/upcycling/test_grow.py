@@ -105,6 +105,17 @@ def test_identity_layers_follow_their_source_with_zero_outputs():
                                    src.layers[rep.layer_sources[j]].attn.wq.weight)
 
 
+def test_identity_layers_learn_from_the_first_step():
+    """Zeroed outputs still get gradients (their inputs are not zero), so the inserted layers
+    start to contribute after one step; their q/k/v/w_in get none until then."""
+    _, tgt, _, rep = grow(dict(n_layers=3))
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(4))  # [B, S]
+    tgt.train()(ids, labels=ids).loss.backward()
+    blk = tgt.layers[rep.new_layers[0]]
+    assert blk.attn.wo.weight.grad.abs().max() > 0 and blk.ffn.w_out.weight.grad.abs().max() > 0
+    assert not blk.attn.wq.weight.grad.any() and not blk.ffn.w_in.weight.grad.any()
+
+
 def test_unit_map_copies_whole_then_a_random_rest():
     g = torch.Generator().manual_seed(0)
     m = unit_map(4, 8, g)
