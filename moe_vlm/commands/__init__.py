@@ -2,6 +2,7 @@
 
     train.py        train (Hydra overrides)
     checkpoints.py  upcycle, import-hf, export-hf: checkpoint directories in and out
+    grow.py         grow: a dense checkpoint -> a wider / deeper dense one
     analysis.py     results, plot, plot-routing: run directories read back
     scaling.py      fit: scaling laws on a results table
 
@@ -49,6 +50,11 @@ COMMANDS: dict[str, Command] = {
         "moe_vlm.commands.checkpoints:upcycle_main",
         "--from SRC --method {copy,split,drop,noise} --out DIR [--trust-checkpoint] [key=value ...]",
         "dense checkpoint (ours or a local HF Llama/Qwen2/Qwen3) -> MoE"),
+    "grow": Command(
+        "moe_vlm.commands.grow:grow_main",
+        "--from SRC --out DIR [--width fpi] [--depth {identity,stack}] model.KEY=VALUE ...",
+        "dense checkpoint -> wider/deeper dense one (bert2BERT FPI, identity or\n"
+        "G_stack layers), to train or upcycle (AquilaMoE's scale-up, then scale-out)"),
     "import-hf": Command(
         "moe_vlm.commands.checkpoints:import_hf_main", "--from HF_DIR --out DIR",
         "local Hugging Face checkpoint -> our checkpoint directory"),

@@ -5,6 +5,8 @@ Hugging Face.
   virtual groups, drop, noise) and which combinations preserve the dense function;
 - ``upcycle``: ``upcycle_into(model, dense_state, UpcycleConfig)`` for a whole decoder or
   VLM, following the target's MoE schedule;
+- ``grow``: a dense model's state dict -> a wider / deeper dense one (bert2BERT FPI,
+  identity or G_stack layers), before upcycling (AquilaMoE's scale-up, then scale-out);
 - ``source``: ``load_checkpoint(path)`` reads one of our runs or a local HF directory;
 - ``hf``: ``import_hf`` / ``export_hf`` between our models and transformers' Llama, Qwen2,
   Qwen3, Qwen3-MoE, Mixtral and dots1 formats.
