@@ -27,6 +27,10 @@ Backends (identical results within dtype tolerance), all ``(rows, offsets, w_in,
   dispatcher the ``triton`` backend runs the fused pair instead (``dispatch.fused_triton``).
 - ``auto``: ``triton`` on CUDA (SwiGLU experts without biases), else ``grouped_mm`` where
   it runs, else ``torch``.
+
+``moe.ternary`` (MoTE) installs ``GroupedExperts.quant``, which quantises the weights (and
+activations) and then runs the chosen backend on plain tensors
+(``moe_vlm.model.ternary_experts``); the fused Triton pair is not used then.
 """
 
 from __future__ import annotations
