@@ -56,8 +56,8 @@ def _moe_class(model: ModelConfig, moe: MoEConfig, routing: RoutingConfig,
         # model computes with; dequantised bf16 weights would match its logits only without
         # activation quantisation and would give up the memory saving that is MoTE's point.
         raise _refuse("ternary experts (moe.ternary=true, MoTE: weights quantised in the "
-                      "forward, with per-token 8-bit activations unless "
-                      "moe.ternary_act_bits=0); export a full-precision MoE instead")
+                      f"forward, activations to moe.ternary_act_bits={moe.ternary_act_bits} "
+                      "bits per token, 0 = none); export a full-precision MoE instead")
     if routing.gate == "expert_choice":
         raise _refuse("routing.gate=expert_choice (HF routers are token-choice top-k)")
     if routing.modality != "shared":
