@@ -180,6 +180,12 @@ class MoEConfig(_Section):
     # expert compute: torch (per-expert loop, the reference), grouped_mm, triton (CUDA),
     # auto (the fastest that runs here)
     backend: Backend = Backend.auto
+    # MoTE (Wang et al. 2025): the decoder's routed experts compute with ternary weights
+    # {-1,0,1} x an absmean scale per expert and matrix, trained by straight-through estimation
+    ternary: bool = False
+    # with moe.ternary: bits of the per-token absmax quantisation of the ternary experts'
+    # matmul inputs (MoTE/BitNet: 8); 0 keeps them full precision
+    ternary_act_bits: int = 8
 
 
 @dataclass

@@ -435,4 +435,18 @@ def validate(cfg: Config) -> Config:
         _need(not par.fsdp, "parallel.fsdp",
               "FSDP is the torch engine's sharding; with engine=deepspeed use parallel.zero_stage")
     _validate_sizes(cfg, hd, sizes)
+    _validate_ternary(cfg)
     return cfg
+
+
+def _validate_ternary(cfg: Config) -> None:
+    """MoTE's keys: ``moe.ternary`` needs decoder MoE layers; ``moe.ternary_act_bits`` is 0
+    (full-precision activations) or 2-16 bits."""
+    moe = cfg.moe
+    bits = moe.ternary_act_bits
+    _need(bits == 0 or 2 <= bits <= 16, "moe.ternary_act_bits",
+          f"must be 0 (full-precision activations) or 2 to 16 bits (MoTE: 8), got {bits}")
+    if moe.ternary:
+        _need(cfg.model.moe_every > 0, "moe.ternary",
+              "makes the decoder's routed experts ternary, but model.moe_every=0 builds no MoE "
+              "layer; set model.moe_every >= 1 or moe.ternary=false")

@@ -22,6 +22,7 @@ from moe_vlm.data.sample import IGNORE_INDEX
 from moe_vlm.model.granularity import MoESizes, resolve_moe_sizes
 from moe_vlm.model.layers import Attention, RMSNorm, SwiGLU, rope_inv_freq, rotary_tables
 from moe_vlm.model.moe import MoELayer, real_rows
+from moe_vlm.model.ternary_experts import TernaryExperts
 from moe_vlm.routing.loss_norm import LossNorm
 from moe_vlm.routing.router import RouterOutput
 
@@ -90,6 +91,9 @@ class DecoderLM(nn.Module):
                   MoELayer(cfg.d_model, self.moe_sizes, routing, moe.backend) if is_moe
                   else SwiGLU(cfg.d_model, cfg.d_ff))
             for is_moe in self.schedule])
+        if moe.ternary:  # MoTE: ternary routed experts; the shared experts stay full precision
+            for layer in self.moe_layers():
+                layer.experts.quant = TernaryExperts(moe.ternary_act_bits)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rotary_tables(self.head_dim, cfg.max_seq_len, cfg.rope_theta, **rope_scaling(cfg))

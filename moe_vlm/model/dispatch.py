@@ -83,7 +83,7 @@ class LocalDispatcher(nn.Module):
     def forward(self, x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor,
                 experts: GroupedExperts) -> Tensor:
         """y [T, D] = sum over each token's assignments of weight * expert(x[token])."""
-        if experts.backend_name(x) == "triton":
+        if experts.backend_name(x) == "triton" and experts.quant is None:  # quant: unfused
             return experts.run(fused_triton, x, token_idx, expert_idx, weight, experts)
         rows, offsets, routed = self.dispatch(x, token_idx, expert_idx, weight, experts.n_experts)
         return self.combine(experts(rows, offsets), routed)

@@ -27,6 +27,10 @@ Backends (identical results within dtype tolerance), all ``(rows, offsets, w_in,
   dispatcher the ``triton`` backend runs the fused pair instead (``dispatch.fused_triton``).
 - ``auto``: ``triton`` on CUDA (SwiGLU experts without biases), else ``grouped_mm`` where
   it runs, else ``torch``.
+
+``moe.ternary`` (MoTE) installs ``GroupedExperts.quant``, which quantises the weights (and
+activations) and then runs the chosen backend on plain tensors
+(``moe_vlm.model.ternary_experts``); the fused Triton pair is not used then.
 """
 
 from __future__ import annotations
@@ -259,6 +263,11 @@ class GroupedExperts(nn.Module):
         # parallel.activation_checkpointing=moe: the compute is recomputed in the backward
         # (only the rows and offsets are kept), set by moe_vlm.parallel.parallelize
         self.recompute = False
+        # moe.ternary (MoTE): computes the experts from quantised weights instead of the
+        # backend's plain SwiGLU (moe_vlm.model.ternary_experts.TernaryExperts, installed by
+        # the decoder) and is called as quant(rows, offsets, w_in, w_out, backend=NAME);
+        # None: full precision
+        self.quant: Optional[Callable[..., Tensor]] = None
 
     def run(self, fn: Callable[..., Tensor], *args: Any) -> Tensor:
         """``fn(*args)``, under non-reentrant activation checkpointing when ``recompute``
@@ -294,6 +303,9 @@ class GroupedExperts(nn.Module):
     def forward(self, rows: Tensor, offsets: Tensor) -> Tensor:
         """rows [N, D] sorted by expert, offsets [E] int32 group ends -> out [N, D] in the
         compute dtype (the dispatcher weights and combines it)."""
+        if self.quant is not None:
+            return self.run(partial(self.quant, backend=self.backend_name(rows)), rows, offsets,
+                            self.w_in, self.w_out)
         key = (self.backend, rows.device, compute_dtype(rows))
         fn = self._resolved.get(key)
         if fn is None:
@@ -306,5 +318,7 @@ class GroupedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         extra = "" if self.plain_swiglu else f", act={self.act}, bias={self.has_bias}"
+        if self.quant is not None:
+            extra += f", quant={self.quant}"
         return (f"n_experts={self.n_experts}, d_model={self.d_model}, "
                 f"d_expert={self.d_expert}, backend={self.backend}{extra}")

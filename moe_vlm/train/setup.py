@@ -22,6 +22,7 @@ from moe_vlm.config.schema import Config, ConfigError
 from moe_vlm.data import build_data, build_tokenizer_for
 from moe_vlm.errors import CheckpointError, RunDirError
 from moe_vlm.model import build_model, count_params, flops_per_token
+from moe_vlm.model.expert_memory import expert_memory
 from moe_vlm.model.vision_moe import vision_moe_layers
 from moe_vlm.parallel.engines import Engine
 from moe_vlm.parallel.parallelize import parallelize
@@ -173,6 +174,9 @@ def setup_run(cfg: Config, run_dir: Path, layout: Layout, state: Optional[dict[s
             torch.empty(0, cfg.model.d_model, device=device)) if moes else None,
         parallel=layout.describe(), config=asdict(cfg),
         chance_accuracy=data.chance_accuracy, init_from=t_cfg.init_from or None, upcycle=upcycled)
+    if moes:
+        summary.expert_memory = expert_memory(model, cfg.moe.ternary)
+        summary.expert_bytes = summary.expert_memory["expert_bytes"]
     if state is not None:
         _load_checkpoint_weights(model, state, run_dir / "checkpoints")
     par = parallelize(model, layout, cfg, amp)

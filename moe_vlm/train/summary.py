@@ -55,6 +55,10 @@ class RunSummary:
     eval_accuracy_breakdown: Optional[dict[str, float]] = field(default=None, metadata=_OMIT)
     caption_loss: Optional[float] = field(default=None, metadata=_OMIT)
     error: Optional[str] = field(default=None, metadata=_OMIT)  # status failed: why
+    # an MoE model's decoder expert weights in bytes as stored (ternary or bf16, shared bf16)
+    # and per layer in each format (moe_vlm.model.expert_memory)
+    expert_bytes: Optional[int] = field(default=None, metadata=_OMIT)
+    expert_memory: Optional[dict[str, Any]] = field(default=None, metadata=_OMIT)
 
     def to_json(self) -> dict[str, Any]:
         """The ``summary.json`` dict (optional keys only once they have a value)."""

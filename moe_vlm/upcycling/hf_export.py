@@ -51,6 +51,13 @@ def _dense_class(model: ModelConfig) -> str:
 
 def _moe_class(model: ModelConfig, moe: MoEConfig, routing: RoutingConfig,
                schedule: list[bool]) -> str:
+    if moe.ternary:
+        # The checkpoint holds the latent full-precision weights, not the ternary ones the
+        # model computes with; dequantised bf16 weights would match its logits only without
+        # activation quantisation and would give up the memory saving that is MoTE's point.
+        raise _refuse("ternary experts (moe.ternary=true, MoTE: weights quantised in the "
+                      f"forward, activations to moe.ternary_act_bits={moe.ternary_act_bits} "
+                      "bits per token, 0 = none); export a full-precision MoE instead")
     if routing.gate == "expert_choice":
         raise _refuse("routing.gate=expert_choice (HF routers are token-choice top-k)")
     if routing.modality != "shared":

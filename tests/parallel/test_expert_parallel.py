@@ -28,6 +28,7 @@ class Case:
     capacity: float | None = None
     skew: bool = False  # every token routed to rank 0's experts: other ranks receive nothing
     backend: str = "torch"
+    ternary: bool = False  # MoTE's ternary experts: per-expert scales, so no exchange of them
 
 
 CASES = {
@@ -36,6 +37,7 @@ CASES = {
     "ep4_capacity": Case(4, capacity=1.0),
     "ep4_skewed_grouped_mm": Case(4, skew=True, backend="grouped_mm"),
     "ep2_triton": Case(2, backend="triton"),  # Triton's CPU interpreter without a GPU
+    "ep2_ternary": Case(2, ternary=True),
 }
 
 
@@ -84,7 +86,8 @@ def _models(case: Case):
 
     cfg = ModelConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32,
                       moe_every=1, max_seq_len=S, init_std=0.2)
-    moe = MoEConfig(n_experts=8, n_shared=case.n_shared, d_expert=8, backend=case.backend)
+    moe = MoEConfig(n_experts=8, n_shared=case.n_shared, d_expert=8, backend=case.backend,
+                    ternary=case.ternary)
     routing = RoutingConfig(gate="softmax_topk", top_k=2, capacity_factor=case.capacity,
                             bias_update_rate=1e-3 if case.skew else 0.0)
     models = [build_model(cfg, moe, routing, "cpu", seed=3) for _ in range(2)]
