@@ -326,6 +326,7 @@ class ParallelConfig(_Section):
     lsh_dim: int = 4  # lsh: dimensions kept by each hash's random rotation (2*lsh_dim vertices)
     lsh_seed: int = 0  # lsh: seed of the rotations (MoE layer i uses lsh_seed + i; same on every rank)
     lsh_compensate: bool = True  # lsh: residual-based error compensation (false: centroid output only)
+    lsh_eval: bool = False  # lsh: compress in evaluation too (false: eval runs the exact, uncompressed layer)
 
 
 @dataclass

@@ -46,6 +46,9 @@ and through the compensation (``_Residual``: d r / d x = I - 1/|b| within a buck
   (not on the layout alone, unlike plain dispatch): one process with
   ``train.micro_batch_size = batch_size / world`` buckets exactly what each of the world's
   ranks does.
+- Training only, by default: in ``model.eval()`` the layer runs the plain (exact) dispatch,
+  so evaluation measures the weights LSH-MoE trained (``in_eval=True``,
+  ``parallel.lsh_eval=true``: compress there too).
 - Cost: one [T, D] x [D, L d'] projection, a sort of the N keys (``torch.unique``: a host
   sync on a GPU, which EP's split sizes make anyway), a segment mean and one extra pass
   over the [N, D] rows for the compensation.
@@ -91,7 +94,8 @@ class CrossPolytopeHash(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        z = torch.einsum("td,ldk->ltk", x.float(), self.rotation.float())  # [L, T, d']
+        with torch.autocast(x.device.type, enabled=False):  # hash in fp32 under bf16 autocast too
+            z = torch.einsum("td,ldk->ltk", x.float(), self.rotation.float())  # [L, T, d']
         vertex = torch.cat([z, -z], -1).argmax(-1)  # [L, T] nearest of +-e_i (first on ties)
         return (vertex * self.place[:, None]).sum(0)  # [T]
 
@@ -118,8 +122,8 @@ def lsh_buckets(codes: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Te
     order = torch.argsort(expert_idx, stable=True)  # [N]
     tok, exp, wgt = token_idx[order], expert_idx[order], weight[order]
     key = exp * n_codes + codes[tok]  # [N] int64
-    _, inv = torch.unique(key, return_inverse=True)  # inv [N] in sorted-key order
-    n, u = key.numel(), int(inv.max()) + 1 if key.numel() else 0
+    uniq, inv = torch.unique(key, return_inverse=True)  # inv [N] in sorted-key order
+    n, u = key.numel(), uniq.numel()  # u = B buckets
     first = torch.full((u,), n, dtype=torch.int64, device=key.device)
     first = first.scatter_reduce(0, inv, torch.arange(n, device=key.device), "amin")  # [B]
     first_sorted, by_first = torch.sort(first)
@@ -166,14 +170,16 @@ class LSHDispatcher(nn.Module):
     as a dispatcher, ``(x, token_idx, expert_idx, weight, experts) -> y [T, D]``.
 
     ``codes_fn``: the hash (default ``CrossPolytopeHash(d_model, n_hashes, dim, seed)``);
-    tests pass one that gives every token its own bucket. ``last_stats``: the rows of the
-    latest call (the MoE layer reads it into its routing metrics)."""
+    tests pass one that gives every token its own bucket. ``in_eval``: compress in eval
+    mode too (else ``inner`` runs alone there). ``last_stats``: the rows of the latest
+    compressed call (the MoE layer reads it into its routing metrics)."""
 
     def __init__(self, inner: nn.Module, d_model: int, n_hashes: int = 2, dim: int = 4,
                  seed: int = 0, compensate: bool = True, codes_fn: Optional[CodesFn] = None,
-                 n_codes: Optional[int] = None, device: Optional[torch.device] = None):
+                 n_codes: Optional[int] = None, device: Optional[torch.device] = None,
+                 in_eval: bool = False):
         super().__init__()
-        self.inner, self.compensate = inner, compensate
+        self.inner, self.compensate, self.in_eval = inner, compensate, in_eval
         if codes_fn is None:
             self.hash: Optional[CrossPolytopeHash] = CrossPolytopeHash(d_model, n_hashes, dim,
                                                                        seed, device)
@@ -188,6 +194,9 @@ class LSHDispatcher(nn.Module):
     def forward(self, x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor,
                 experts: GroupedExperts) -> Tensor:
         """y [T, D] = sum over t's assignments of w * (E(c_b) + x_t - c_b) (module docstring)."""
+        if not (self.training or self.in_eval):  # evaluation: the exact layer
+            self.last_stats = None
+            return self.inner(x, token_idx, expert_idx, weight, experts)
         acc = accum_dtype(x.dtype)
         bk = lsh_buckets(self.codes_fn(x), token_idx, expert_idx, weight, self.n_codes)
         n_b = bk.size.numel()
@@ -213,11 +222,11 @@ class LSHDispatcher(nn.Module):
                 "lsh_rows": torch.full((), float(s.rows), device=device)}
 
     def extra_repr(self) -> str:
-        return f"compensate={self.compensate}, codes={self.n_codes}"
+        return f"compensate={self.compensate}, codes={self.n_codes}, in_eval={self.in_eval}"
 
 
 def apply_lsh(model: nn.Module, n_hashes: int, dim: int, seed: int,
-              compensate: bool = True) -> nn.Module:
+              compensate: bool = True, in_eval: bool = False) -> nn.Module:
     """Wrap every MoE layer's dispatcher (decoder, then vision tower, in module order) in
     an ``LSHDispatcher`` (in place; returns ``model``). MoE layer i hashes with seed
     ``seed + i``, the same on every rank. Apply after expert parallelism."""
@@ -228,7 +237,7 @@ def apply_lsh(model: nn.Module, n_hashes: int, dim: int, seed: int,
         if isinstance(mod, MoELayer) and not isinstance(mod.dispatcher, LSHDispatcher):
             w = mod.experts.w_in  # [E, D, ...]
             mod.dispatcher = LSHDispatcher(mod.dispatcher, w.shape[1], n_hashes, dim, seed + i,
-                                           compensate, device=w.device)
+                                           compensate, device=w.device, in_eval=in_eval)
             i += 1
     if i == 0:
         raise ValueError("parallel.lsh: the model has no MoE layers to compress")

@@ -77,7 +77,8 @@ def parallelize(model: nn.Module, layout: Layout, cfg: Config,
     elif layout.distributed and moes:
         set_count_reducers(model)
     if pcfg.lsh:  # around the exchange (or the local dispatch): LSH-MoE's centroids
-        apply_lsh(model, pcfg.lsh_hashes, pcfg.lsh_dim, pcfg.lsh_seed, pcfg.lsh_compensate)
+        apply_lsh(model, pcfg.lsh_hashes, pcfg.lsh_dim, pcfg.lsh_seed, pcfg.lsh_compensate,
+                  pcfg.lsh_eval)
     if pcfg.activation_checkpointing != "none":
         apply_activation_checkpointing(model, str(pcfg.activation_checkpointing))
     if pcfg.compile:

@@ -183,6 +183,26 @@ def test_compression_ratio_by_hand():
     assert lsh_compression({"layer_0": {"tokens_per_expert": [1.0]}}) is None
 
 
+@pytest.mark.parametrize("in_eval", [False, True])
+def test_eval_mode_runs_the_exact_layer_unless_asked(in_eval):
+    t, d, e, k = 12, 8, 4, 2
+    ex = _experts(e, d, 8, torch.float64)
+    x = torch.randn(t, d, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    tok, exp, w = _routing(t, e, k, torch.float64)
+    lsh = LSHDispatcher(LocalDispatcher(), d, n_hashes=1, dim=1, in_eval=in_eval)  # 2 codes
+    y_train = lsh(x, tok, exp, w, ex)
+    assert lsh.last_stats.centroids < t * k
+    lsh.eval()
+    y_eval = lsh(x, tok, exp, w, ex)
+    plain = LocalDispatcher()(x, tok, exp, w, ex)
+    if in_eval:
+        assert torch.equal(y_eval, y_train) and lsh.routing_stats(x.device)
+    else:
+        assert torch.equal(y_eval, plain) and lsh.last_stats is None
+        assert lsh.routing_stats(x.device) == {}
+    assert not torch.allclose(y_train, plain)
+
+
 def test_one_token_and_no_assignment():
     d = 4
     ex = _experts(3, d, 5, torch.float64)
@@ -217,6 +237,21 @@ def test_cross_polytope_hash_is_seeded_angular_and_in_range():
     assert "rotation" not in a.state_dict()  # rebuilt from the seed, not checkpointed
 
 
+def test_bf16_autocast_hashes_in_fp32_and_runs():
+    h = CrossPolytopeHash(2, 1, 2, seed=1)
+    h.rotation.copy_(torch.eye(2)[None])  # z = x: 1.0 vs 1.001 ties only when rounded to bf16
+    x = torch.tensor([[1.0, 1.001]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert h(x).tolist() == [1]  # the second coordinate's +e vertex, as in fp32
+    t, d, e, k = 16, 8, 4, 2
+    ex = _experts(e, d, 8, torch.float32)
+    tok, exp, w = _routing(t, e, k, torch.float32)
+    lsh = LSHDispatcher(LocalDispatcher(), d, n_hashes=2, dim=4, seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lsh(torch.randn(t, d), tok, exp, w, ex)
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="parallel.lsh_dim=9 exceeds the width 8"):
         CrossPolytopeHash(8, 2, 9, seed=0)
@@ -231,7 +266,8 @@ def test_bad_inputs_raise():
 def test_config_keys_and_preset():
     cfg = load_config(["experiment=lsh_moe"])
     p = cfg.parallel
-    assert (p.lsh, p.lsh_hashes, p.lsh_dim, p.lsh_seed, p.lsh_compensate) == (True, 2, 4, 0, True)
+    assert (p.lsh, p.lsh_hashes, p.lsh_dim, p.lsh_seed, p.lsh_compensate, p.lsh_eval) == \
+        (True, 2, 4, 0, True, False)
     assert load_config([]).parallel.lsh is False
     with pytest.raises(ConfigError, match="parallel.lsh_dim"):
         load_config(["parallel.lsh=true", "parallel.lsh_dim=65"])  # model.d_model=64
