@@ -25,6 +25,10 @@ is exact where the expert is the identity plus a constant over a bucket, and a f
 correction otherwise. ``compensate=False`` drops it (the paper's ablation, its Figure 6).
 The equation numbers of the paper's text could not be checked from here; the formula is
 that of section 3.2 ("Residual-based Error Compensation Scheme") and Figure 5.
+Caveat: the residual lives in the expert's *input* space. Under a pre-norm block it is O(1)
+per element while a young expert's output is small (default model at init: RMS 0.57 against
+0.0006), so early in training the compensation, not the experts, dominates the routed
+output; measure ``compensate`` both ways (``parallel.lsh_compensate``).
 
 Design. ``LSHDispatcher`` wraps any dispatcher (``LocalDispatcher`` on one process, the
 all-to-all one under expert parallelism): it buckets, then hands the inner dispatcher the
