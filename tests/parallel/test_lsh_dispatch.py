@@ -364,6 +364,20 @@ def _ep_worker(rank: int, port: int, out_dir: str) -> None:
         b = b.clone()
         dist.all_reduce(b)
         torch.testing.assert_close(a, b[sl], rtol=1e-12, atol=1e-12, msg=name)
+    # wrapped around EP in a model: the expert shards are still found (gradient reduction,
+    # checkpoints gather them), and the checkpoint keys do not change
+    from moe_vlm.config.schema import ModelConfig, MoEConfig, RoutingConfig
+    from moe_vlm.model.decoder import build_model
+    from moe_vlm.parallel.expert_parallel import (apply_expert_parallel, expert_parameters,
+                                                  full_state_dict)
+
+    cfg = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32,
+                      moe_every=1, max_seq_len=8)
+    model = build_model(cfg, MoEConfig(n_experts=4, d_expert=8), RoutingConfig(top_k=2), "cpu", seed=0)
+    want = {k: v.shape for k, v in model.state_dict().items()}
+    apply_lsh(apply_expert_parallel(model), n_hashes=1, dim=2, seed=0)
+    assert len(expert_parameters(model)) == 2 * 2  # w_in, w_out of both layers
+    assert {k: v.shape for k, v in full_state_dict(model).items()} == want
     open(os.path.join(out_dir, f"ok{rank}"), "w").close()
     dist.destroy_process_group()
 
