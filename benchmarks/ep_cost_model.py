@@ -18,6 +18,12 @@ forward+backward, device name containing the cluster's GPU) of ``--bench-file``
 
     python benchmarks/ep_cost_model.py --configs olmoe-1b-7b --cluster h100 --nodes 8
     python benchmarks/ep_cost_model.py --configs mixtral-8x7b qwen3-30b-a3b --overlap 0.5
+    python benchmarks/ep_cost_model.py --configs olmoe-1b-7b --lsh-ratio 0.3
+
+``--lsh-ratio R`` (LSH-MoE, ``parallel.lsh``; R = a run's ``lsh_compression``) adds, at each
+ep, the step with only R of the rows sent and computed (latency unchanged; the bucketing's
+own cost not counted) and LSH's gain over the same ep without it: the larger the share of
+bandwidth and expert compute in the step, the closer the gain to 1/R.
 
 Rows are appended to ``benchmarks/results/ep_cost_model.{jsonl,csv}``.
 """
@@ -54,6 +60,8 @@ COLUMNS = [
     ("compute_ms", "compute ms"), ("comm_fraction", "comm frac"), ("step_ms", "step ms"),
     ("speedup", "speedup"), ("efficiency", "efficiency"),
 ]
+LSH_COLUMNS = [("lsh_comm_ms", "LSH comm ms"), ("lsh_step_ms", "LSH step ms"),
+               ("lsh_gain", "LSH gain")]
 
 
 def resolve_tflops(args: argparse.Namespace, config: str) -> tuple[float, str]:
@@ -89,12 +97,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--link-model", choices=LINK_MODELS, default="min")
     ap.add_argument("--scaling", choices=SCALINGS, default="strong")
     ap.add_argument("--bytes-per-elem", type=int, default=2, help="activation bytes (bf16: 2)")
+    ap.add_argument("--lsh-ratio", type=float, default=None,
+                    help="LSH-MoE compression in (0, 1] (rows sent / rows): adds LSH columns")
     ap.add_argument("--out-dir", default=str(RESULTS_DIR),
                     help="where ep_cost_model.jsonl and .csv are appended")
     args = ap.parse_args(argv)
     cluster = CLUSTERS[args.cluster]
     if args.nodes < 1:
         ap.error("--nodes must be >= 1")
+    if args.lsh_ratio is not None and not 0 < args.lsh_ratio <= 1:
+        ap.error("--lsh-ratio must be in (0, 1]")
     max_ep = args.nodes * cluster.gpus_per_node
     eps = args.eps or [2**i for i in range(max_ep.bit_length()) if 2**i <= max_ep]
 
@@ -113,6 +125,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         rows = ep_sweep(shape, cluster, tflops, eps=eps, scaling=args.scaling,
                         include_backward=not args.fwd_only, overlap=args.overlap,
                         link_model=args.link_model)
+        lsh = {} if args.lsh_ratio is None else {
+            r.ep: r for r in ep_sweep(shape, cluster, tflops, eps=eps, scaling=args.scaling,
+                                      include_backward=not args.fwd_only, overlap=args.overlap,
+                                      link_model=args.link_model, lsh_ratio=args.lsh_ratio)}
         left_out = sorted(set(eps) - {r.ep for r in rows})
         be = break_even(rows)
         batch = "global" if args.scaling == "strong" else "per rank"
@@ -128,9 +144,16 @@ def main(argv: Optional[list[str]] = None) -> None:
             row["latency_share"] = (r.step.latency_s * r.step.n_all_to_all / r.step.comm_s
                                     if r.step.comm_s else None)
             row["break_even_ep"] = be.last_gain_ep
+            if lsh:
+                ls = lsh[r.ep].step
+                row.update(lsh_ratio=args.lsh_ratio, lsh_comm_ms=ls.comm_s * 1e3,
+                           lsh_step_ms=ls.total_s * 1e3, lsh_gain=r.step.total_s / ls.total_s)
             dicts.append(row)
-        print(format_table(dicts, COLUMNS))
-        print(f"\nbreak-even: {be.describe()}\n", flush=True)
+        print(format_table(dicts, COLUMNS + (LSH_COLUMNS if lsh else [])))
+        print(f"\nbreak-even: {be.describe()}", flush=True)
+        if lsh:
+            print(f"with LSH (ratio {args.lsh_ratio:g}): {break_even(list(lsh.values())).describe()}")
+        print(flush=True)
         saved += dicts
     jsonl, csv_path = save_rows(saved, "ep_cost_model", args.out_dir, meta)
     print(f"MB out = per rank per all-to-all (the step does {4 if not args.fwd_only else 2}); "

@@ -51,7 +51,22 @@ One training step of one MoE layer, per rank (``ep_step_time``)
     comm_fraction = comm / (comm + compute)
 
 Under uniform routing a rank receives as many rows as it sends, so its expert compute is
-that of its own T*K rows. ``expert_tflops`` should be a measured grouped-GEMM rate
+that of its own T*K rows.
+
+LSH compression (``lsh_ratio`` = rho, LSH-MoE; ``parallel.lsh``)
+-----------------------------------------------------------------
+Only bucket centroids cross the exchange and run through the experts, rho = centroid rows /
+assignment rows (``lsh_compression`` in a run's metrics.jsonl)::
+
+    rows_*  -> rho * rows_*          # every all-to-all (and its gradient) carries rho*N rows
+    flops   -> rho * flops           # the experts compute on the centroids
+    t_lat     unchanged              # one message per peer still
+
+So LSH gains up to 1/rho where bandwidth and expert compute dominate, less where the
+per-message latency does (large ep, few tokens per rank). Not modelled: the bucketing's own
+cost (a [T, D] x [D, L*d'] projection, a sort of the N keys, the segment mean and the
+residual: a few memory-bound passes over the [N, D] rows, like a permute), and its quality
+cost, which is the loss to measure (``experiment=lsh_moe``). ``expert_tflops`` should be a measured grouped-GEMM rate
 (``expert_tflops_from_bench`` reads ``benchmarks/results/moe_layer.jsonl``).
 
 Sweeps (``ep_sweep``, ``break_even``)
@@ -105,6 +120,11 @@ def _check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
             or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_ratio(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
 
 
 def _check_ep(ep: Any, n_experts: int) -> None:
@@ -196,6 +216,7 @@ class A2AVolume:
     bytes_total_out: float  # bytes
     bytes_intra: float  # bytes
     bytes_inter: float  # bytes
+    compression: float = 1.0  # rho: rows sent / rows without LSH compression
 
 
 def nodes_spanned(ep: int, gpus_per_node: int) -> int:
@@ -205,16 +226,19 @@ def nodes_spanned(ep: int, gpus_per_node: int) -> int:
     return -(-ep // gpus_per_node)
 
 
-def a2a_volume(shape: MoEShape, ep: int, nodes_span: int = 1) -> A2AVolume:
+def a2a_volume(shape: MoEShape, ep: int, nodes_span: int = 1,
+               compression: float = 1.0) -> A2AVolume:
     """Expected bytes one rank sends in one all-to-all when ``ep`` ranks, spread evenly
-    over ``nodes_span`` nodes (``ep / nodes_span`` on each), hold the experts."""
+    over ``nodes_span`` nodes (``ep / nodes_span`` on each), hold the experts.
+    ``compression`` in (0, 1]: the share of the rows sent (LSH-MoE's centroids)."""
     _check_ep(ep, shape.n_experts)
+    _check_ratio("compression", compression)
     _check_int("nodes_span", nodes_span)
     if nodes_span > ep or ep % nodes_span:
         raise ValueError(f"nodes_span={nodes_span} must divide ep={ep} "
                          "(the same number of group ranks on every node)")
     local = ep // nodes_span  # l
-    n = shape.rows  # N = T*K
+    n = shape.rows * compression  # N = T*K rows (rho*N centroids with LSH)
     rows_out = n * (ep - 1) / ep
     rows_intra = n * (local - 1) / ep
     rows_inter = n * (ep - local) / ep
@@ -222,7 +246,7 @@ def a2a_volume(shape: MoEShape, ep: int, nodes_span: int = 1) -> A2AVolume:
     return A2AVolume(ep=ep, nodes_span=nodes_span, ranks_per_node=local,
                      rows_out=rows_out, rows_intra=rows_intra, rows_inter=rows_inter,
                      bytes_total_out=rows_out * row_bytes, bytes_intra=rows_intra * row_bytes,
-                     bytes_inter=rows_inter * row_bytes)
+                     bytes_inter=rows_inter * row_bytes, compression=compression)
 
 
 def a2a_time(vol: A2AVolume, cluster: Cluster, link_model: str = "min") -> tuple[float, float]:
@@ -259,32 +283,36 @@ class StepTime:
     total_s: float  # compute + comm - overlap * min(comm, compute)
     comm_fraction: float  # comm / (comm + compute), before any overlap
     bytes: float  # bytes this rank sends per step: n_all_to_all * bytes_total_out
+    lsh_ratio: float = 1.0  # rho: rows sent and computed / rows without LSH
 
 
 def ep_step_time(shape: MoEShape, ep: int, cluster: Cluster, expert_tflops: float,
                  include_backward: bool = True, overlap: float = 0.0,
-                 link_model: str = "min") -> StepTime:
+                 link_model: str = "min", lsh_ratio: float = 1.0) -> StepTime:
     """Per-rank time of one MoE layer (dispatch, experts, combine; and their backward)
     with ``ep`` ranks holding ``E/ep`` experts each, spread over ``ceil(ep/g)`` nodes.
 
     ``expert_tflops``: achieved expert TFLOP/s of this GPU (forward+backward rate when
-    ``include_backward``); ``overlap`` in [0, 1]: the share of min(comm, compute) hidden."""
+    ``include_backward``); ``overlap`` in [0, 1]: the share of min(comm, compute) hidden;
+    ``lsh_ratio`` in (0, 1]: LSH-MoE's rows sent and computed per row without it."""
     _check_ep(ep, shape.n_experts)
     _check_positive("expert_tflops", expert_tflops)
     if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap <= 1:
         raise ValueError(f"overlap must be a number in [0, 1], got {overlap!r}")
-    vol = a2a_volume(shape, ep, nodes_spanned(ep, cluster.gpus_per_node))
+    _check_ratio("lsh_ratio", lsh_ratio)
+    vol = a2a_volume(shape, ep, nodes_spanned(ep, cluster.gpus_per_node), lsh_ratio)
     t_bw, t_lat = a2a_time(vol, cluster, link_model)
     n_a2a = 4 if include_backward else 2
     a2a_s = t_bw + t_lat if ep > 1 else 0.0
     comm = n_a2a * a2a_s
-    flops = shape.flops_fwd * (3 if include_backward else 1)
+    flops = shape.flops_fwd * (3 if include_backward else 1) * lsh_ratio
     compute = flops / (expert_tflops * 1e12)
     total = compute + comm - overlap * min(comm, compute)
     return StepTime(ep=ep, tokens_per_rank=shape.tokens_per_rank, volume=vol,
                     n_all_to_all=n_a2a, a2a_s=a2a_s, latency_s=t_lat if ep > 1 else 0.0,
                     comm_s=comm, compute_s=compute, total_s=total,
-                    comm_fraction=comm / (comm + compute), bytes=n_a2a * vol.bytes_total_out)
+                    comm_fraction=comm / (comm + compute), bytes=n_a2a * vol.bytes_total_out,
+                    lsh_ratio=lsh_ratio)
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -318,14 +346,15 @@ class SweepRow:
 def ep_sweep(shape_global: MoEShape, cluster: Cluster, expert_tflops: float,
              eps: Sequence[int] = DEFAULT_EPS, scaling: str = "strong",
              include_backward: bool = True, overlap: float = 0.0,
-             link_model: str = "min") -> list[SweepRow]:
+             link_model: str = "min", lsh_ratio: float = 1.0) -> list[SweepRow]:
     """``ep_step_time`` for each ep in ``eps`` (ascending; ep=1 is always computed as the
     baseline) and the speedup over ep=1.
 
     ``scaling="strong"`` (default): ``shape_global.tokens_per_rank`` is the global batch
     T_global, split over ep ranks (T = ceil(T_global/ep), the busiest rank).
     ``scaling="weak"``: it is the per-rank T at every ep. eps that do not divide
-    n_experts are left out (an ep < 1 raises)."""
+    n_experts are left out (an ep < 1 raises). ``lsh_ratio``: at every ep, the baseline
+    ep=1 included (compare two sweeps for LSH's gain at each ep)."""
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
     for ep in eps:
@@ -338,7 +367,7 @@ def ep_sweep(shape_global: MoEShape, cluster: Cluster, expert_tflops: float,
         shape = MoEShape(tokens, shape_global.top_k, shape_global.d_model,
                          shape_global.n_experts, shape_global.d_expert, shape_global.bytes_per_elem)
         return ep_step_time(shape, ep, cluster, expert_tflops, include_backward, overlap,
-                            link_model)
+                            link_model, lsh_ratio)
 
     base = at(1)
     rows = []

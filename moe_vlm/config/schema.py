@@ -326,6 +326,14 @@ class ParallelConfig(_Section):
     # torch.compile each block in place (grouped_mm needs bf16; triton not under expert
     # parallelism: moe_vlm.parallel.parallelize.apply_compile)
     compile: bool = False
+    # LSH-MoE (Nie et al. 2024): hash the tokens bound for each expert into buckets, send and
+    # compute only the bucket centroids, add each token's residual back (moe_vlm.model.lsh_dispatch)
+    lsh: bool = False
+    lsh_hashes: int = 2  # lsh: cross-polytope hashes per token; buckets per expert <= (2*lsh_dim)^lsh_hashes
+    lsh_dim: int = 4  # lsh: dimensions kept by each hash's random rotation (2*lsh_dim vertices)
+    lsh_seed: int = 0  # lsh: seed of the rotations (MoE layer i uses lsh_seed + i; same on every rank)
+    lsh_compensate: bool = True  # lsh: residual-based error compensation (false: centroid output only)
+    lsh_eval: bool = False  # lsh: compress in evaluation too (false: eval runs the exact, uncompressed layer)
 
 
 @dataclass

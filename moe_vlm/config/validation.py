@@ -434,6 +434,8 @@ def validate(cfg: Config) -> Config:
               "(stage 0 is plain data parallelism: use parallel.engine=torch)")
         _need(not par.fsdp, "parallel.fsdp",
               "FSDP is the torch engine's sharding; with engine=deepspeed use parallel.zero_stage")
+    if par.lsh:
+        _validate_lsh(cfg, sizes.n_experts)
     _validate_sizes(cfg, hd, sizes)
     _validate_ternary(cfg)
     return cfg
@@ -450,3 +452,20 @@ def _validate_ternary(cfg: Config) -> None:
         _need(cfg.model.moe_every > 0, "moe.ternary",
               "makes the decoder's routed experts ternary, but model.moe_every=0 builds no MoE "
               "layer; set model.moe_every >= 1 or moe.ternary=false")
+
+
+def _validate_lsh(cfg: Config, n_experts: int) -> None:
+    """LSH-MoE (``parallel.lsh``): hash sizes, the (expert, code) key fitting int64, and
+    no compilation (the bucketing's data-dependent sizes are not tested compiled)."""
+    par = cfg.parallel
+    _at_least(1, [("parallel.lsh_hashes", par.lsh_hashes), ("parallel.lsh_dim", par.lsh_dim)])
+    _need(par.lsh_dim <= cfg.model.d_model, "parallel.lsh_dim",
+          f"{par.lsh_dim} exceeds model.d_model={cfg.model.d_model}: each hash keeps lsh_dim of "
+          "the token's dimensions; lower it")
+    bits = par.lsh_hashes * math.log2(2 * par.lsh_dim) + math.log2(max(2, n_experts))
+    _need(bits <= 62, "parallel.lsh_hashes",
+          f"{par.lsh_hashes} hashes of {2 * par.lsh_dim} vertices x {n_experts} experts need "
+          f"{bits:.0f} bits of bucket key (at most 62); lower parallel.lsh_hashes or parallel.lsh_dim")
+    _check_seed("parallel.lsh_seed", par.lsh_seed)
+    _need(not par.compile, "parallel.compile",
+          "LSH compression (parallel.lsh) is not tested compiled; set parallel.compile=false")

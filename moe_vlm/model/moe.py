@@ -75,6 +75,8 @@ class MoELayer(nn.Module):
             img = is_image.reshape(-1) if rows is None else is_image.reshape(-1).index_select(0, rows)
         r = self.router(xr, n_seqs=b, seq_ids=pos // s, loss_norm=loss_norm, is_image=img)
         y = self.dispatcher(xr, r.token_idx, r.expert_idx, r.weight, self.experts)  # [T, D]
+        if r.stats and hasattr(self.dispatcher, "routing_stats"):  # LSH-MoE's rows sent
+            r.stats.update(self.dispatcher.routing_stats(x.device))
         if self.shared is not None:
             y = y + self.shared(xr)
         if rows is not None:  # padded rows: 0 (unique indices, so no accumulation order)

@@ -133,9 +133,12 @@ def sharded_experts(model: nn.Module) -> dict[str, tuple[GroupedExperts, AllToAl
     """Module name of each expert-parallel ``GroupedExperts`` -> (it, its dispatcher)."""
     from moe_vlm.model.moe import MoELayer
 
-    return {f"{name}.experts" if name else "experts": (m.experts, m.dispatcher)
-            for name, m in model.named_modules()
-            if isinstance(m, MoELayer) and isinstance(m.dispatcher, AllToAllDispatcher)}
+    found = {}
+    for name, m in model.named_modules():
+        disp = getattr(m.dispatcher, "inner", m.dispatcher) if isinstance(m, MoELayer) else None
+        if isinstance(disp, AllToAllDispatcher):  # LSH-MoE wraps it (``inner``)
+            found[f"{name}.experts" if name else "experts"] = (m.experts, disp)
+    return found
 
 
 def _sum_counts(group: Optional[dist.ProcessGroup]):

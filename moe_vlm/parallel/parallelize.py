@@ -3,7 +3,8 @@
 1. **expert parallelism** (``parallel.ep > 1``): each MoE layer keeps its slice of the
    experts and swaps its ``LocalDispatcher`` for an ``AllToAllDispatcher``; with data
    parallelism alone the routers still sum their expert counts over all ranks (the
-   global-batch balance loss);
+   global-batch balance loss); LSH-MoE (``parallel.lsh``) then wraps each dispatcher so
+   only bucket centroids cross the exchange (``moe_vlm.model.lsh_dispatch``);
 2. **activation checkpointing** (``parallel.activation_checkpointing``): ``full``: every
    repeated block (decoder layers, vision blocks) keeps only its input and recomputes its
    activations in the backward (``torch.utils.checkpoint``, non-reentrant); ``moe``: only
@@ -37,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_vlm.config.schema import Config, ConfigError
 from moe_vlm.model.dispatch import LocalDispatcher
+from moe_vlm.model.lsh_dispatch import apply_lsh
 from moe_vlm.model.vision_moe import vision_moe_layers
 from moe_vlm.parallel.expert_parallel import (apply_expert_parallel, expert_parameters,
                                               set_count_reducers)
@@ -74,6 +76,9 @@ def parallelize(model: nn.Module, layout: Layout, cfg: Config,
         apply_expert_parallel(model, layout.ep_group)
     elif layout.distributed and moes:
         set_count_reducers(model)
+    if pcfg.lsh:  # around the exchange (or the local dispatch): LSH-MoE's centroids
+        apply_lsh(model, pcfg.lsh_hashes, pcfg.lsh_dim, pcfg.lsh_seed, pcfg.lsh_compensate,
+                  pcfg.lsh_eval)
     if pcfg.activation_checkpointing != "none":
         apply_activation_checkpointing(model, str(pcfg.activation_checkpointing))
     if pcfg.compile:

@@ -100,7 +100,8 @@ def step_routing_metrics(layer_ids: Sequence[int], routing: Sequence[Sequence["R
     on the layout.
 
     With ``modality`` masks (image-text data) each layer also reports its load split by
-    modality (``tokens_per_expert_image`` / ``_text``). Rows are keyed ``prefix + id``
+    modality (``tokens_per_expert_image`` / ``_text``); with LSH-MoE (``parallel.lsh``) it
+    reports the rows sent, ``lsh_centroids`` / ``lsh_rows`` = ``lsh_compression``. Rows are keyed ``prefix + id``
     (``layer_<i>``; the vision tower's MoE layers use ``vision_layer_<i>``)."""
     has_modality = modality[0] is not None
     out = {}
@@ -111,6 +112,10 @@ def step_routing_metrics(layer_ids: Sequence[int], routing: Sequence[Sequence["R
         stats = torch.stack([torch.stack([r.stats[k].detach().float() for r in rs]).sum()
                              for k in _SUMS]).to(counts.device)  # [6]
         parts = [counts, stats]
+        lsh = "lsh_rows" in rs[0].stats  # LSH-MoE (moe_vlm.model.lsh_dispatch): rows sent
+        if lsh:
+            parts.append(torch.stack([torch.stack([r.stats[k].float() for r in rs]).sum()
+                                      for k in ("lsh_centroids", "lsh_rows")]).to(counts.device))
         if has_modality:
             img = torch.zeros(n_exp, device=counts.device)
             txt = torch.zeros(n_exp, device=counts.device)
@@ -126,8 +131,13 @@ def step_routing_metrics(layer_ids: Sequence[int], routing: Sequence[Sequence["R
                "max_violation": (counts.max() / mean - 1).item(),
                "drop_frac": 1.0 - n_kept / n_req if n_req else 0.0,
                "entropy": ent / max(1.0, n_tok), "aux_loss": aux, "z_loss": z}
+        at = n_exp + 6
+        if lsh:
+            row["lsh_centroids"], row["lsh_rows"] = flat[at:at + 2].tolist()
+            row["lsh_compression"] = row["lsh_centroids"] / max(1.0, row["lsh_rows"])
+            at += 2
         if has_modality:
-            row["tokens_per_expert_image"] = flat[n_exp + 6:2 * n_exp + 6].tolist()
-            row["tokens_per_expert_text"] = flat[2 * n_exp + 6:].tolist()
+            row["tokens_per_expert_image"] = flat[at:at + n_exp].tolist()
+            row["tokens_per_expert_text"] = flat[at + n_exp:].tolist()
         out[f"{prefix}{layer}"] = row
     return out

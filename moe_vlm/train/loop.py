@@ -26,6 +26,7 @@ import torch
 from moe_vlm.config.environment import check_runnable
 from moe_vlm.config.schema import Config, ConfigError
 from moe_vlm.errors import RunDirError
+from moe_vlm.model.lsh_dispatch import lsh_compression
 from moe_vlm.parallel.engines import StepResult
 from moe_vlm.parallel.runtime import Layout, launched_world, resolve_device, setup, teardown
 from moe_vlm.routing.metrics import collect_routing_stats
@@ -314,6 +315,9 @@ def _train_row(run: Run, out: StepOutcome, tokens_per_s: float,
                tokens_seen=summary.tokens_seen, skipped=out.result.skipped)
     if fb.collected:
         row["routing"] = layer_metrics(run.model, fb, run.layout)
+        ratio = lsh_compression(row["routing"])
+        if ratio is not None:  # parallel.lsh: centroid rows sent / rows without LSH
+            row["lsh_compression"] = ratio
     if data_stats:  # per source, to this step
         row["data"] = summary.data_stats = data_stats
     return row

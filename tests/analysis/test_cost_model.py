@@ -107,6 +107,37 @@ def test_step_time_comm_overlap_and_fraction():
     assert half.total_s == pytest.approx(st.total_s - 0.5 * min(st.comm_s, st.compute_s))
 
 
+def test_lsh_ratio_scales_rows_and_compute_not_latency():
+    # LSH-MoE: rho of the rows cross each all-to-all and run through the experts
+    shape = MoEShape(32, 2, 4, 16, 16, bytes_per_elem=2)
+    v = a2a_volume(shape, ep=16, nodes_span=2, compression=0.25)
+    assert (v.rows_out, v.rows_intra, v.rows_inter) == (15, 7, 8)  # a quarter of 60, 28, 32
+    assert (v.bytes_total_out, v.bytes_intra, v.bytes_inter) == (120, 56, 64)
+    assert v.compression == 0.25
+    plain = ep_step_time(OLMOE, 16, H100_NVLINK_IB, 400.0)
+    lsh = ep_step_time(OLMOE, 16, H100_NVLINK_IB, 400.0, lsh_ratio=0.3)
+    assert lsh.lsh_ratio == 0.3 and plain.lsh_ratio == 1.0
+    assert lsh.compute_s == pytest.approx(0.3 * plain.compute_s)
+    assert lsh.latency_s == plain.latency_s > 0
+    t_bw = plain.a2a_s - plain.latency_s
+    assert lsh.a2a_s == pytest.approx(0.3 * t_bw + plain.latency_s)
+    assert lsh.bytes == pytest.approx(0.3 * plain.bytes)
+    # the gain is 1/rho where latency is nothing, less where it matters
+    flat = [ep_step_time(OLMOE, 16, FLAT, 400.0, lsh_ratio=r).total_s for r in (1.0, 0.3)]
+    assert flat[0] / flat[1] == pytest.approx(1 / 0.3)
+    assert 1 < plain.total_s / lsh.total_s < 1 / 0.3
+    rows = ep_sweep(OLMOE, FLAT, 400.0, eps=(1, 8), lsh_ratio=0.5)
+    assert all(r.step.lsh_ratio == 0.5 for r in rows)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.5, -0.2, True, "0.3"])
+def test_lsh_ratio_rejects(ratio):
+    with pytest.raises(ValueError, match="lsh_ratio"):
+        ep_step_time(OLMOE, 8, FLAT, 400.0, lsh_ratio=ratio)
+    with pytest.raises(ValueError, match="compression"):
+        a2a_volume(OLMOE, 8, compression=ratio)
+
+
 # ----------------------------------------------------------------------------- sweeps
 
 def test_strong_scaling_splits_the_global_batch():
@@ -284,6 +315,26 @@ def test_ep_cost_model_script(tmp_path):
     assert [r["ep"] for r in saved] == [1, 2, 4, 8, 16, 32, 64]
     assert all(r["break_even_ep"] == 8 and "commit" in r for r in saved)
     assert (tmp_path / "ep_cost_model.csv").exists()
+
+
+def test_ep_cost_model_script_lsh_columns(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "benchmarks/ep_cost_model.py", "--configs", "olmoe-1b-7b",
+         "--cluster", "h100", "--nodes", "2", "--expert-tflops", "400", "--lsh-ratio", "0.3",
+         "--out-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    header = next(ln for ln in out.stdout.splitlines() if ln.startswith("| ep |"))
+    assert header.rstrip(" |").endswith("LSH comm ms | LSH step ms | LSH gain")
+    assert "with LSH (ratio 0.3):" in out.stdout
+    saved = [json.loads(ln) for ln in (tmp_path / "ep_cost_model.jsonl").read_text().splitlines()]
+    for r in saved:
+        assert r["lsh_ratio"] == 0.3 and r["lsh_gain"] == pytest.approx(r["step_ms"] / r["lsh_step_ms"])
+        assert 1 < r["lsh_gain"] <= 1 / 0.3 + 1e-9
+    bad = subprocess.run([sys.executable, "benchmarks/ep_cost_model.py", "--lsh-ratio", "0",
+                          "--out-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "--lsh-ratio must be in (0, 1]" in bad.stderr
 
 
 def test_bench_all_to_all_runs_two_ranks(tmp_path):
