@@ -2,6 +2,7 @@
 
     train.py        train (Hydra overrides)
     checkpoints.py  upcycle, import-hf, export-hf: checkpoint directories in and out
+    btx.py          btx: Branch-Train-MiX merge of dense branch runs into an MoE
     analysis.py     results, plot, plot-routing: run directories read back
     scaling.py      fit: scaling laws on a results table
 
@@ -49,6 +50,10 @@ COMMANDS: dict[str, Command] = {
         "moe_vlm.commands.checkpoints:upcycle_main",
         "--from SRC --method {copy,split,drop,noise} --out DIR [--trust-checkpoint] [key=value ...]",
         "dense checkpoint (ours or a local HF Llama/Qwen2/Qwen3) -> MoE"),
+    "btx": Command(
+        "moe_vlm.commands.btx:btx_main",
+        "--from RUN_A RUN_B [...] --out DIR [--trust-checkpoint] [key=value ...]",
+        "Branch-Train-MiX: dense branches of one seed -> MoE (experts = branch FFNs)"),
     "import-hf": Command(
         "moe_vlm.commands.checkpoints:import_hf_main", "--from HF_DIR --out DIR",
         "local Hugging Face checkpoint -> our checkpoint directory"),
