@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from moe_vlm.commands.checkpoints import _build, _check_out, _user_errors, write_checkpoint_dir
-from moe_vlm.config.schema import Config, MoEConfig, RoutingConfig
+from moe_vlm.config.schema import Config, RoutingConfig
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)+=")
 # Config fields that may differ between branches without changing what the weights mean.
 _FREE = {"name", "loss_chunk", "init_std"}
-_MIXABLE = ("synthetic_text", "synthetic_vlm", "stdlib", "text", "llava")
+_MIXABLE = ("synthetic_text", "synthetic_vlm", "stdlib")  # the sources that need no data.path
 
 
 def _split_args(sources: Sequence[str], overrides: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -62,7 +62,6 @@ def target_config(first: Config, n: int, overrides: Sequence[str]) -> Config:
     base = replace(base, moe=replace(base.moe, n_experts=n, d_expert=first.model.d_ff, n_shared=0,
                                      granularity=1),
                    routing=replace(RoutingConfig(), top_k=min(2, n)))
-    assert isinstance(base.moe, MoEConfig)
     return apply_overrides(base, list(overrides))
 
 
@@ -82,15 +81,18 @@ def _data_of(cfg: Config) -> dict:
 
 
 def _mix_hint(cfgs: Sequence[Config]) -> Optional[str]:
-    """``data=mixture data.mixture.A=... ...`` over the branches' sources, when each branch
-    trained on one mixable source: a suggestion for the MiX stage."""
+    """``data.name=mixture ++data.mixture.A=... ...`` over the branches' sources, when each
+    branch trained on one embedded source (no data.path): a suggestion for the MiX stage.
+    Dotted keys, ``++`` adding a mixture entry the config lacks, so it also applies to
+    ``--config-path DIR`` (which has no config groups)."""
     names = [str(c.data.name) for c in cfgs]
     if not all(n in _MIXABLE for n in names) or len(set(names)) < 2:
         return None
     share = 1.0 / len(set(names))
-    others = [s for s in ("synthetic_vlm", "stdlib", "synthetic_text") if s not in names]
-    return " ".join(["data=mixture", *[f"data.mixture.{s}={share:.3g}" for s in sorted(set(names))],
-                     *[f"data.mixture.{s}=0" for s in others]])
+    others = [s for s in _MIXABLE if s not in names]
+    return " ".join(["data.name=mixture",
+                     *[f"++data.mixture.{s}={share:.3g}" for s in sorted(set(names))],
+                     *[f"++data.mixture.{s}=0" for s in others]])
 
 
 def btx_main(args: Sequence[str]) -> None:
@@ -157,7 +159,9 @@ def btx_main(args: Sequence[str]) -> None:
               + ", ".join(f"{g:.3g}" for g in check["max_abs_logit_diff_vs_branches"])]
     lines += [f"  warning: {w}" for w in warnings]
     hint = _mix_hint(cfgs)
-    lines.append(f"  MiX: moe-vlm train experiment=btx train.init_from={out.resolve()} "
-                 f"moe.n_experts={len(branches)}{' ' + hint if hint else ''} "
-                 "(plus the model.*/vision.* settings of the branches)")
+    data = f" {hint}" if hint else " (data.*: all the branches' data)"
+    if cfg.vision.name == "none":
+        lines.append(f"  MiX: moe-vlm train experiment=btx train.init_from={out.resolve()} "
+                     f"moe.n_experts={len(branches)}{data} (and the branches' model.* keys)")
+    lines.append(f"  or:  moe-vlm train --config-path {out.resolve()} --config-name config{data}")
     print("\n".join(lines))

@@ -211,7 +211,7 @@ def test_btx_command_merges_branch_runs_and_the_result_trains(runs, tmp_path, ca
     btx_main(["--from", str(a), str(b), "upcycle.seed=3", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "expert 0:" in printed and "function preserving: False" in printed
-    assert "data=mixture data.mixture.stdlib=0.5 data.mixture.synthetic_text=0.5" in printed
+    assert "data.name=mixture ++data.mixture.stdlib=0.5 ++data.mixture.synthetic_text=0.5" in printed
     rec = json.loads((out / "btx.json").read_text())
     assert [r["step"] for r in rec["branches"]] == [7, 9]
     assert [r["data"]["name"] for r in rec["branches"]] == ["synthetic_text", "stdlib"]
