@@ -64,7 +64,8 @@ def test_console_script_installed():
 
 SHIMS = {"train": "train", "upcycle": "upcycle", "import_hf": "import-hf", "export_hf": "export-hf",
          "results": "results", "plot": "plot", "plot_routing": "plot-routing", "fit": "fit",
-         "grow": "grow"}
+         "grow": "grow",
+         "btx": "btx"}
 
 
 def test_one_table_every_command_a_module():

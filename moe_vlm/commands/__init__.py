@@ -3,6 +3,7 @@
     train.py        train (Hydra overrides)
     checkpoints.py  upcycle, import-hf, export-hf: checkpoint directories in and out
     grow.py         grow: a dense checkpoint -> a wider / deeper dense one
+    btx.py          btx: Branch-Train-MiX merge of dense branch runs into an MoE
     analysis.py     results, plot, plot-routing: run directories read back
     scaling.py      fit: scaling laws on a results table
 
@@ -55,6 +56,10 @@ COMMANDS: dict[str, Command] = {
         "--from SRC --out DIR [--width fpi] [--depth {identity,stack}] model.KEY=VALUE ...",
         "dense checkpoint -> wider/deeper dense one (bert2BERT FPI, identity or\n"
         "G_stack layers), to train or upcycle (AquilaMoE's scale-up, then scale-out)"),
+    "btx": Command(
+        "moe_vlm.commands.btx:btx_main",
+        "--from RUN_A RUN_B [...] --out DIR [--trust-checkpoint] [key=value ...]",
+        "Branch-Train-MiX: dense branches of one seed -> MoE (experts = branch FFNs)"),
     "import-hf": Command(
         "moe_vlm.commands.checkpoints:import_hf_main", "--from HF_DIR --out DIR",
         "local Hugging Face checkpoint -> our checkpoint directory"),

@@ -136,11 +136,7 @@ def upcycle_into(target: nn.Module, dense_state: dict[str, Tensor], ucfg: Upcycl
     if unused:
         raise ValueError(f"upcycle: source tensors with no place in the target: {unused[:5]}"
                          f"{' ...' if len(unused) > 5 else ''} (is model.tie_embeddings the same?)")
-    for k, v in new.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"upcycle: built {k!r} with shape {tuple(v.shape)}, the target "
-                             f"expects {tuple(own[k].shape)}")
-    dec.load_state_dict({k: v.to(own[k].dtype) for k, v in new.items()})
+    load_built(dec, own, new, "upcycle")
     copied_vision = False
     if prefix and src_rest:
         src_rest = _upcycle_vision_mlps(target, src_rest)
@@ -163,6 +159,16 @@ def upcycle_into(target: nn.Module, dense_state: dict[str, Tensor], ucfg: Upcycl
     if ucfg.method == "noise":
         opts["noise_std"] = ucfg.noise_std
     return UpcycleReport(ucfg.method, base, shards, moe_ids, ok, why, copied_vision, opts)
+
+
+def load_built(dec: nn.Module, own: dict[str, Tensor], new: dict[str, Tensor], what: str) -> None:
+    """Load the built decoder tensors ``new`` into ``dec`` (whose state dict was ``own``)
+    in its dtypes, after checking every shape; errors start with ``what``."""
+    for k, v in new.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"{what}: built {k!r} with shape {tuple(v.shape)}, the target "
+                             f"expects {tuple(own[k].shape)}")
+    dec.load_state_dict({k: v.to(own[k].dtype) for k, v in new.items()})
 
 
 def _upcycle_vision_mlps(target: nn.Module, src_rest: dict[str, Tensor]) -> dict[str, Tensor]:
