@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -67,7 +68,95 @@ def _train(name: str, *overrides: str, steps: Optional[int] = None) -> Stage:
     return Stage(name, "train", tuple(overrides), steps)
 
 
+def _cmd(name: str, command: str, *args: str) -> Stage:
+    return Stage(name, command, tuple(args))
+
+
 STUDIES: dict[str, Study] = {}
+
+# MoTE: every arm upcycles one dense VLM (the default job, dense) around its FFN as a frozen
+# shared expert; fp_e2 and mote_e20 hold equal routed-expert bytes (bf16 vs 1.58 bit)
+_DENSE_VLM = _train("dense", "model.moe_every=0", steps=600)
+_MOTE = ("experiment=mote", "upcycle.source={dense}")
+STUDIES["mote"] = Study(
+    title="Ternary vs full-precision routed experts at equal expert memory",
+    source="MoTE, Wang et al. 2025, arXiv 2506.14435", baseline="fp_e2", steps=400,
+    arms={"fp_e2": (_DENSE_VLM, _train("fp_e2", *_MOTE, "moe.ternary=false", "moe.n_experts=2")),
+          "mote_e20": (_DENSE_VLM, _train("mote_e20", *_MOTE, "moe.n_experts=20")),
+          "mote_e2": (_DENSE_VLM, _train("mote_e2", *_MOTE, "moe.n_experts=2")),
+          "fp_e20": (_DENSE_VLM, _train("fp_e20", *_MOTE, "moe.ternary=false", "moe.n_experts=20"))},
+    extra=("expert_bytes",),
+    note="The default VLM job made dense (600 steps), then each arm 400 steps from it "
+         "(`experiment=mote`: top-1, the dense FFN as a frozen shared expert, routers and "
+         "routed experts trained). `expert_bytes`: routed experts as stored (bf16, or log2(3) "
+         "bits plus a bf16 scale per expert matrix) plus the shared expert at bf16; fp_e2 and "
+         "mote_e20 are the equal-memory pair, mote_e2 and fp_e20 the equal-count ones.")
+
+# LSH-MoE: one process with the micro-batch of one of 2 EP ranks buckets exactly as
+# `torchrun --nproc-per-node=2 ... parallel.ep=2` does (buckets form per process)
+_LSH = ("train.micro_batch_size=8",)
+STUDIES["lsh"] = Study(
+    title="LSH-compressed all-to-all: loss cost of sending bucket centroids",
+    source="LSH-MoE, Nie et al., NeurIPS 2024", baseline="exact", steps=500,
+    arms={"exact": (_train("exact", *_LSH),),
+          "lsh_2x4": (_train("lsh_2x4", *_LSH, "experiment=lsh_moe"),),
+          "lsh_2x4_nocomp": (_train("lsh_2x4_nocomp", *_LSH, "experiment=lsh_moe",
+                                    "parallel.lsh_compensate=false"),),
+          "lsh_4x8_nocomp": (_train("lsh_4x8_nocomp", *_LSH, "experiment=lsh_moe",
+                                    "parallel.lsh_hashes=4", "parallel.lsh_dim=8",
+                                    "parallel.lsh_compensate=false"),)},
+    extra=("lsh_compression",),
+    note="The default VLM job with micro-batches of 8 (what each of 2 expert-parallel ranks "
+         "buckets); evaluation runs the exact layer. `lsh_compression`: rows sent / rows "
+         "without LSH, mean over the run's logging steps. `_2x4`: 2 cross-polytope hashes of "
+         "4 dimensions; `nocomp`: without the residual compensation.")
+
+# Grow then upcycle (AquilaMoE's scale-up, then scale-out), text-only tiny models: the
+# 64-wide dense model grown to 128 (exact, bert2BERT FPI) against a 128-wide one from scratch
+_BIG = ("model.d_model=128", "model.d_ff=512", "model.n_heads=8", "model.n_kv_heads=4")
+_MOE = ("experiment=upcycle_ablation", *_BIG, "moe.d_expert=512")
+STUDIES["grow"] = Study(
+    title="Scale up (grow a small dense model) then scale out (upcycle) vs the large dense model",
+    source="AquilaMoE EfficientScale, arXiv 2408.06567; bert2BERT FPI", baseline="big_dense",
+    steps=300, vlm=False,
+    arms={"big_dense": (_train("b_dense", "experiment=upcycle_dense", *_BIG),
+                        _train("b_moe", *_MOE, "upcycle.method=split", "upcycle.source={b_dense}")),
+          "grown": (_train("a_small", "experiment=upcycle_dense", steps=150),
+                    _cmd("a_grown", "grow", "--from", "{a_small}", *_BIG),
+                    _train("a_dense", "experiment=upcycle_dense", *_BIG, "train.init_from={a_grown}",
+                           steps=150),
+                    _train("a_moe", *_MOE, "upcycle.method=split", "upcycle.source={a_dense}")),
+          "moe_scratch": (_train("c_moe", *_MOE, "upcycle.method=none", steps=600),)},
+    extra=("compute",),  # pipeline_compute
+    note="Text-only. big_dense: the 128-wide dense model 300 steps, split-upcycled (16 experts "
+         "of 128, top-4), 300 MoE steps. grown: the 64-wide model 150 steps, grown x2 in width "
+         "(function-preserving), 150 dense steps, the same upcycling and MoE steps. moe_scratch: "
+         "the MoE 600 steps from scratch. Equal tokens in every arm; `compute` (training FLOPs "
+         "of the whole pipeline) shows what each arm spent.")
+
+# Branch-Train-MiX vs sparse upcycling of the dense model trained on the same tokens
+_MIX = ("experiment=dense_baseline", "vision=none", "data=mixture", "data.mixture.synthetic_vlm=0",
+        "data.mixture.synthetic_text=0.5", "data.mixture.stdlib=0.5")
+_BRANCH = ("experiment=dense_baseline", "vision=none", "data.seq_len=192", "train.init_from={seed_dense}")
+_SEED = _train("seed_dense", *_MIX, steps=150)
+STUDIES["btx"] = Study(
+    title="Branch-Train-MiX vs sparse upcycling at equal tokens",
+    source="BTX, Sukhbaatar et al. 2024, arXiv 2403.07816", baseline="upcycle",
+    steps=200, vlm=False,
+    arms={"upcycle": (_SEED, _train("dense_cont", *_MIX, "train.init_from={seed_dense}", steps=200),
+                      _cmd("upcycled", "upcycle", "--from", "{dense_cont}", "--method", "copy",
+                           "moe.n_experts=2", "routing.top_k=2", "moe.granularity=1",
+                           "moe.n_shared=0", "routing.renormalize=true"),
+                      _train("upcycle_mix", "experiment=btx", "train.init_from={upcycled}")),
+          "btx": (_SEED, _train("branch_text", *_BRANCH, "data=synthetic_text", steps=100),
+                  _train("branch_code", *_BRANCH, "data=stdlib", steps=100),
+                  _cmd("btx_merged", "btx", "--from", "{branch_text}", "{branch_code}"),
+                  _train("btx_mix", "experiment=btx", "train.init_from={btx_merged}"))},
+    extra=("eval_loss_synthetic_text", "eval_loss_stdlib"),
+    note="Text-only: a dense seed model (150 steps on a synthetic_text + stdlib mixture), then "
+         "either two branches of 100 steps on one source each, merged (`moe-vlm btx`), or the "
+         "seed continued 200 steps on the mixture and copy-upcycled; both MoEs (2 experts, "
+         "top-2) train 200 steps on the mixture (`experiment=btx`).")
 
 
 def _sub(text: str, dirs: dict[str, Path], seed: int) -> str:
@@ -113,8 +202,13 @@ def run_stage(stage: Stage, d: Path, dirs: dict[str, Path], seed: int, steps: in
         (d / ".done").write_text("")
 
 
+# study keys that are per-step metrics of metrics.jsonl, reported as their mean
+EXTRA_MEANS = {"lsh_compression": "lsh_compression"}
+
+
 def measure(run_dir: Path, study: Study) -> dict[str, Any]:
-    """The last evaluation of a finished run (and the study's summary keys)."""
+    """The last evaluation of a finished run, and the study's extra keys: from that
+    evaluation row, else ``summary.json``, or (``EXTRA_MEANS``) a metric's mean over the run."""
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
@@ -123,10 +217,12 @@ def measure(run_dir: Path, study: Study) -> dict[str, Any]:
     if study.vlm:
         out["eval_accuracy"] = last.get("eval_accuracy")
         out["chance_accuracy"] = summary.get("chance_accuracy")
+    logged = [r[EXTRA_MEANS[k]] for k in study.extra if k in EXTRA_MEANS
+              for r in rows if isinstance(r.get(EXTRA_MEANS[k]), (int, float))]
     for key in study.extra:
-        value: Any = summary
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
+        value: Any = last.get(key, summary.get(key))
+        if key in EXTRA_MEANS:  # a per-step metric: its mean over the logging steps
+            value = sum(logged) / len(logged) if logged else None
         if isinstance(value, (int, float)):
             out[key] = value
     return out
@@ -143,9 +239,21 @@ def run_study(name: str, seeds: list[int], root: Path) -> list[dict[str, Any]]:
             for stage in stages:
                 dirs[stage.name] = sroot / stage.name
                 run_stage(stage, dirs[stage.name], dirs, seed, study.steps)
-            results.append({"study": name, "arm": arm, "seed": seed,
-                            **measure(dirs[stages[-1].name], study)})
+            row = {"study": name, "arm": arm, "seed": seed, **measure(dirs[stages[-1].name], study)}
+            if "compute" in study.extra:
+                row["compute"] = pipeline_compute([dirs[s.name] for s in stages
+                                                   if s.kind in ("train", "torchrun")])
+            results.append(row)
     return results
+
+
+def pipeline_compute(run_dirs: list[Path]) -> float:
+    """Training FLOPs of an arm's runs together: sum of flops_per_token x tokens_seen."""
+    total = 0.0
+    for d in run_dirs:
+        s = json.loads((d / "summary.json").read_text())
+        total += float(s["flops_per_token"]) * float(s["tokens_seen"])
+    return total
 
 
 def table(name: str, results: list[dict[str, Any]]) -> str:
@@ -170,11 +278,19 @@ def table(name: str, results: list[dict[str, Any]]) -> str:
         if study.vlm:
             cells += [mean_std(col("eval_accuracy")),
                       "" if is_base else paired_cell(rs, base, "eval_accuracy")]
-        cells += [mean_std(col(k)) for k in study.extra]
+        cells += [_extra_cell(col(k)) for k in study.extra]
         lines.append("| " + " | ".join(cells) + " |")
     if study.note:
         lines += ["", study.note]
     return "\n".join(lines) + "\n"
+
+
+def _extra_cell(values: list[float]) -> str:
+    """mean ± std, in scientific notation for large numbers (bytes, FLOPs)."""
+    if values and max(abs(v) for v in values) >= 1e4:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.3e} ± {sd:.1e}"
+    return mean_std(values)
 
 
 def describe() -> str:
