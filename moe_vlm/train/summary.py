@@ -55,6 +55,8 @@ class RunSummary:
     eval_accuracy_breakdown: Optional[dict[str, float]] = field(default=None, metadata=_OMIT)
     caption_loss: Optional[float] = field(default=None, metadata=_OMIT)
     error: Optional[str] = field(default=None, metadata=_OMIT)  # status failed: why
+    # routing.force_balance: true (benchmark runs; the routing is round-robin, not learned)
+    routing_forced_balance: Optional[bool] = field(default=None, metadata=_OMIT)
 
     def to_json(self) -> dict[str, Any]:
         """The ``summary.json`` dict (optional keys only once they have a value)."""
