@@ -235,7 +235,7 @@ def open_routing_replay(cfg: Config, model: nn.Module, layout: Layout, micro_bs:
     r = cfg.routing
     if r.replay == "none":
         return None
-    path = Path(str(r.replay_path)).expanduser()
+    path = Path(str(r.replay_path)).expanduser().absolute()
     ours = replay_header(cfg, model, layout, micro_bs, n_micro, run_dir)
     head = path / HEADER
     recorded = json.loads(head.read_text()) if head.is_file() else None
