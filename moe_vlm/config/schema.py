@@ -58,6 +58,7 @@ NanPolicy = _choices("NanPolicy", "stop skip")
 Engine = _choices("Engine", "torch deepspeed")
 Checkpointing = _choices("Checkpointing", "none moe full")
 ModalityRouting = _choices("ModalityRouting", "shared groups routers")
+RoutingReplay = _choices("RoutingReplay", "none record replay")
 UpcycleMethod = _choices("UpcycleMethod", "none copy split drop noise")
 UpcycleBase = _choices("UpcycleBase", "auto copy split")
 SharedInit = _choices("SharedInit", "slice whole random")
@@ -214,6 +215,14 @@ class RoutingConfig(_Section):
     # groups or routers the balance loss balances each modality's tokens apart
     modality: ModalityRouting = ModalityRouting.shared
     image_experts: float = 0.5  # modality=groups: the fraction of routed experts for image tokens
+    # Router replay (Megatron-Core): record writes every MoE layer's selected experts per
+    # step to routing.replay_path; replay routes by that record instead of top-k (combine
+    # weights still from this run's router scores at the recorded experts)
+    replay: RoutingReplay = RoutingReplay.none
+    replay_path: Optional[str] = None  # routing.replay=record|replay: the record's directory
+    # Benchmarks only: round-robin experts regardless of the scores (torchtitan's
+    # _debug_force_load_balance); equal loads, meaningless training
+    force_balance: bool = False
 
 
 @dataclass

@@ -127,6 +127,30 @@ def _check_modality_routing(cfg: Config, sizes: MoESizes) -> None:
                   "moe.n_experts")
 
 
+def _check_replay_and_forced_balance(cfg: Config) -> None:
+    """``routing.replay`` / ``routing.force_balance`` override a token-choice selection:
+    expert choice (decoder or vision tower) has none to override, and replaying a record
+    while forcing balance would route by neither."""
+    r, v = cfg.routing, cfg.vision
+    gates = {"routing.gate": r.gate}
+    if v.moe_every > 0:
+        gates["vision.moe_gate"] = v.moe_gate
+    for flag, on in (("routing.replay", r.replay != "none"), ("routing.force_balance", r.force_balance)):
+        for key, gate in gates.items():
+            _need(not on or gate != "expert_choice", key,
+                  f"expert_choice has no per-token selection for {flag} to record, replay or "
+                  f"balance (it is balanced by construction); use a token-choice gate or turn "
+                  f"{flag} off")
+    if r.replay != "none":
+        _need(bool(r.replay_path), "routing.replay_path",
+              f"routing.replay={r.replay} needs the record's directory: set routing.replay_path=DIR")
+    _need(not (r.force_balance and r.replay == "replay"), "routing.force_balance",
+          "routing.replay=replay already fixes the selection; turn one of them off")
+    _need(not (r.force_balance and r.modality == "groups"), "routing.force_balance",
+          "round-robin experts ignore routing.modality=groups (image tokens would reach text "
+          "experts); use routing.modality=shared or routers")
+
+
 def _check_seed(key: str, seed: Optional[int]) -> None:
     if seed is not None:
         _need(0 <= seed < MAX_SEED, key, f"must be in [0, 2**32), got {seed}")
@@ -391,6 +415,7 @@ def validate(cfg: Config) -> Config:
               "expert_choice is balanced by construction; set routing.bias_update_rate=0")
     if r.modality != "shared":
         _check_modality_routing(cfg, sizes)
+    _check_replay_and_forced_balance(cfg)
     u = cfg.upcycle
     if u.method != "none":
         _need(u.source is not None, "upcycle.source",

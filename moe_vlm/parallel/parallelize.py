@@ -34,7 +34,6 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from moe_vlm.config.schema import Config, ConfigError
 from moe_vlm.model.dispatch import LocalDispatcher
@@ -42,6 +41,7 @@ from moe_vlm.model.lsh_dispatch import apply_lsh
 from moe_vlm.model.vision_moe import vision_moe_layers
 from moe_vlm.parallel.expert_parallel import (apply_expert_parallel, expert_parameters,
                                               set_count_reducers)
+from moe_vlm.parallel.routing_reuse import block_routers, checkpoint_reusing_routing
 from moe_vlm.parallel.runtime import Layout
 
 
@@ -109,8 +109,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> None
     ``torch.utils.checkpoint``, so only the block's inputs are kept and the rest is
     recomputed in the backward. The block's own ``forward`` is wrapped (an instance
     attribute), not the module, so parameter names and the state dict do not change.
-    Recomputation repeats the forward exactly (routing included: the recomputed router
-    makes the same choices from the same inputs), so losses and gradients are unchanged.
+    Recomputation repeats the forward exactly, and the recomputed routers are handed the
+    forward's selections (``moe_vlm.parallel.routing_reuse``: they cannot route otherwise),
+    so losses and gradients are unchanged.
     ``moe``: only each MoE layer's routed-expert compute is checkpointed
     (``GroupedExperts.recompute``)."""
     if mode == "moe":
@@ -124,10 +125,10 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> None
             continue
         inner = block.forward
 
-        def forward(*args: Any, _inner=inner, **kwargs: Any) -> Any:
+        def forward(*args: Any, _inner=inner, _routers=block_routers(block), **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():  # evaluation: nothing to save
                 return _inner(*args, **kwargs)
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return checkpoint_reusing_routing(_inner, _routers, *args, **kwargs)
 
         block.forward = forward
         block._moe_vlm_checkpointed = True

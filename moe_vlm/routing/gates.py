@@ -26,15 +26,18 @@ class TopKChoice:
 
 
 def softmax_topk(logits: Tensor, k: int, renormalize: bool = True,
-                 bias: Optional[Tensor] = None) -> TopKChoice:
+                 bias: Optional[Tensor] = None, experts: Optional[Tensor] = None) -> TopKChoice:
     """Softmax over experts, keep the top k (Switch/GShard; Mixtral when renormalised).
 
     ``bias`` [E] shifts only the *selection* (auxiliary-loss-free balancing); the weights
-    come from the unbiased probabilities, as in DeepSeek-V3.
+    come from the unbiased probabilities, as in DeepSeek-V3. ``experts`` [T, K]: a given
+    selection instead of the top k (router replay, forced balance); the weights are then
+    the probabilities there, normalised as usual (Megatron-Core's replay gathers them so).
     """
     probs = torch.softmax(logits, dim=-1)  # [T, E]
-    select = probs if bias is None else probs + bias
-    experts = select.topk(k, dim=-1).indices  # [T, K]
+    if experts is None:
+        select = probs if bias is None else probs + bias
+        experts = select.topk(k, dim=-1).indices  # [T, K]
     weights = probs.gather(-1, experts)  # [T, K]
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
@@ -42,17 +45,27 @@ def softmax_topk(logits: Tensor, k: int, renormalize: bool = True,
 
 
 def sigmoid_topk(logits: Tensor, k: int, bias: Optional[Tensor] = None,
-                 normalize: bool = True) -> TopKChoice:
+                 normalize: bool = True, experts: Optional[Tensor] = None) -> TopKChoice:
     """DeepSeek-V3 gate: sigmoid affinities, top k on (affinity + bias), weights are the
-    selected affinities normalised to sum 1 (raw affinities with ``normalize=False``)."""
+    selected affinities normalised to sum 1 (raw affinities with ``normalize=False``).
+    ``experts`` [T, K]: a given selection instead of the top k (as ``softmax_topk``)."""
     aff = torch.sigmoid(logits)  # [T, E]
-    select = aff if bias is None else aff + bias
-    experts = select.topk(k, dim=-1).indices  # [T, K]
+    if experts is None:
+        select = aff if bias is None else aff + bias
+        experts = select.topk(k, dim=-1).indices  # [T, K]
     weights = aff.gather(-1, experts)  # [T, K]
     if normalize:
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
     scores = aff / aff.sum(-1, keepdim=True).clamp_min(1e-20)  # [T, E]
     return TopKChoice(weights, experts, scores)
+
+
+def round_robin_experts(n_tokens: int, k: int, n_experts: int, device: torch.device) -> Tensor:
+    """Forced balance (torchtitan's ``_debug_force_load_balance``): assignment i of the
+    ``n_tokens * k`` goes to expert ``i mod E``, so a token's k experts are distinct
+    (k <= E) and every expert gets exactly ``T*k/E`` assignments when E divides T*k (else
+    the loads differ by at most one). -> [T, K] int64, whatever the scores."""
+    return (torch.arange(n_tokens * k, device=device) % n_experts).reshape(n_tokens, k)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ backends. Losses and metrics are returned in a frozen ``RouterOutput``, never st
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,18 @@ from moe_vlm.routing.loss_norm import LossNorm
 from moe_vlm.routing.gates import (
     expert_choice,
     expert_choice_capacity,
+    round_robin_experts,
     sigmoid_topk,
     softmax_topk,
 )
 from moe_vlm.routing.metrics import routing_stats
+
+
+# Given the selection the router would use ([T, K] expert ids; expert choice: [E, C] token
+# ids), return the one to use instead, same shape. Set on a router from outside the model
+# math: router replay (``moe_vlm.train.routing_replay``) and activation checkpointing
+# (``moe_vlm.parallel.routing_reuse``); the router never sets it.
+SelectHook = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ class Router(nn.Module):
         # False: ``stats`` comes back empty (the training loop turns the logging-only
         # metrics off between logging steps; ``routing.metrics.collect_routing_stats``)
         self.collect_stats = True
+        self.select_hook: Optional[SelectHook] = None  # see ``SelectHook``; None = own choice
 
     @property
     def top_k(self) -> int:
@@ -133,24 +142,36 @@ class Router(nn.Module):
         if cfg.gate == "expert_choice":
             cap = expert_choice_capacity(t, n_exp, k, cfg.capacity_factor) if t else 0
             ec = expert_choice(logits, cap)
-            token_idx = ec.tokens.reshape(-1)  # [E*C]
+            tokens, weights = ec.tokens, ec.weights  # [E, C]
+            if self.select_hook is not None:  # the tokens given; weights: the scores there
+                tokens = self._hooked(tokens)
+                weights = ec.scores.t().gather(1, tokens)
+            token_idx = tokens.reshape(-1)  # [E*C]
             expert_idx = torch.arange(n_exp, device=dev).repeat_interleave(cap)
-            weight = ec.weights.reshape(-1)
+            weight = weights.reshape(-1)
             scores, n_req = ec.scores, n_exp * cap
             aux = zero  # balanced by construction
         else:
             norm = normalizes_weights(cfg, k)
             after_drop = norm and cfg.capacity_factor is not None and cfg.renormalize_after_drop
-            if cfg.gate == "softmax_topk":
-                tk = softmax_topk(logits, k, norm and not after_drop, use_bias)
-            else:
-                tk = sigmoid_topk(logits, k, use_bias, normalize=norm and not after_drop)
+
+            def gate(experts: Optional[Tensor] = None):
+                if cfg.gate == "softmax_topk":
+                    return softmax_topk(logits, k, norm and not after_drop, use_bias, experts)
+                return sigmoid_topk(logits, k, use_bias, norm and not after_drop, experts)
+
+            tk = gate()
+            own = tk.experts  # [T, K] this router's choice
+            selected = self._override(own)
+            if selected is not None:  # replayed or forced: weights from the scores there
+                tk = gate(selected)
             scores, n_req = tk.scores, t * k
             aux = zero
             if cfg.aux_loss_coef > 0:
                 # DeepSeek-V3 eq. 18 (and Megatron): the balance loss counts the unbiased
-                # top-k, not the bias-shifted selection.
-                chosen = tk.experts if use_bias is None else scores.topk(k, dim=-1).indices
+                # top-k, not the bias-shifted selection; and the router's own top-k, not a
+                # replayed or forced one (Megatron's replay counts its own top-k too).
+                chosen = own if use_bias is None else scores.topk(k, dim=-1).indices
                 aux = self._aux_loss(scores, chosen, n_seqs, seq_ids, loss_norm, img)
             token_idx = torch.arange(t, device=dev).repeat_interleave(k)  # [T*K]
             expert_idx = tk.experts.reshape(-1)
@@ -179,6 +200,31 @@ class Router(nn.Module):
             stats = routing_stats(counts, n_req, expert_idx.numel(), scores)
             stats["aux_loss"], stats["z_loss"] = aux.detach(), z.detach()
         return RouterOutput(token_idx, expert_idx, weight, counts.detach(), aux, z, loss, stats)
+
+    def _override(self, own: Tensor) -> Optional[Tensor]:
+        """The selection to use instead of the gate's ``own`` [T, K]: forced round-robin
+        balance (``routing.force_balance``), then the hook's; None when neither is on.
+        With a hook the gate always runs again at the selection, even an unchanged one, so
+        a checkpointed block's forward and recompute save the same tensors."""
+        if not self.cfg.force_balance and self.select_hook is None:
+            return None
+        selected = own
+        if self.cfg.force_balance:
+            selected = round_robin_experts(own.shape[0], self.top_k, self.n_experts, own.device)
+        if self.select_hook is not None:
+            selected = self._hooked(selected)
+        return selected
+
+    def _hooked(self, selected: Tensor) -> Tensor:
+        """``select_hook(selected)``, checked: the same shape, as int64 on this device."""
+        given = self.select_hook(selected)
+        if given is selected:
+            return given
+        if given.shape != selected.shape:
+            raise ValueError(f"a routing selection of shape {tuple(given.shape)} was given to a "
+                             f"router that selects {tuple(selected.shape)} here: the tokens or "
+                             "the MoE shape differ from when it was made")
+        return given.to(device=selected.device, dtype=torch.long)
 
     def _by_modality(self, x: Tensor, logits: Tensor, img: Tensor, bias: Optional[Tensor]
                      ) -> tuple[Tensor, Optional[Tensor]]:

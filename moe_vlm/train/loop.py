@@ -35,6 +35,7 @@ from moe_vlm.train.evaluate import evaluate
 from moe_vlm.train.optim import lr_at
 from moe_vlm.train.prefetch import Prefetcher
 from moe_vlm.train.resume import check_resume_config
+from moe_vlm.train.routing_replay import routing_step
 from moe_vlm.train.rundir import RunDirLock, clean_stale_temporaries, write_json
 from moe_vlm.train.setup import Run, resume_state, setup_run
 from moe_vlm.train.step import (StepForward, forward_backward_step, layer_metrics,
@@ -223,7 +224,8 @@ def train_step(run: Run, step: int, collect: bool = True,
     # every loss is then a share of the global-batch mean.
     batches = step_batches(run, step) if batches is None else batches
     collect_routing_stats(run.model, collect)
-    fb = forward_backward_step(run.engine, batches, lay, run.amp, run.image_id, collect)
+    with routing_step(run.routing_replay, step):  # routing.replay: record or replay this step
+        fb = forward_backward_step(run.engine, batches, lay, run.amp, run.image_id, collect)
     result = run.engine.step(lr, fb.lm_loss + fb.routing_loss)
     if not result.skipped and cfg.routing.bias_update_rate > 0:
         update_balance_biases(run.model, fb, lay, cfg.routing.bias_update_rate)
@@ -318,6 +320,8 @@ def _train_row(run: Run, out: StepOutcome, tokens_per_s: float,
         ratio = lsh_compression(row["routing"])
         if ratio is not None:  # parallel.lsh: centroid rows sent / rows without LSH
             row["lsh_compression"] = ratio
+    if run.cfg.routing.force_balance:  # benchmark rows: not a routing result
+        row["routing_forced_balance"] = True
     if data_stats:  # per source, to this step
         row["data"] = summary.data_stats = data_stats
     return row

@@ -10,6 +10,7 @@ checkpoint weights are loaded into the single-process model before it is paralle
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -32,6 +33,7 @@ from moe_vlm.train.engine import build_engine
 from moe_vlm.train.freeze import apply_trainable
 from moe_vlm.train.inputs import autocast_dtype
 from moe_vlm.train.resume import check_resume_config
+from moe_vlm.train.routing_replay import RoutingReplay, open_routing_replay
 from moe_vlm.train.rundir import MetricsLog, atomic_write
 from moe_vlm.train.trackers import Trackers, open_trackers
 from moe_vlm.train.summary import RunSummary
@@ -57,6 +59,7 @@ class Run:
     step: int  # optimizer steps done (the checkpoint's when resumed)
     resumed: bool  # from a checkpoint (its tensors are not kept: they are in the model now)
     trackers: Optional[Trackers] = None  # rank 0: TensorBoard / W&B mirrors of ``log`` (log.*)
+    routing_replay: Optional[RoutingReplay] = None  # routing.replay=record|replay
 
     @property
     def ckpt_dir(self) -> Path:
@@ -182,6 +185,14 @@ def setup_run(cfg: Config, run_dir: Path, layout: Layout, state: Optional[dict[s
     par = parallelize(model, layout, cfg, amp)
     micro_bs, n_micro, first_micro = local_batches(t_cfg, layout)
     engine = build_engine(cfg, par, layout, micro_bs, n_micro)
+    replay = open_routing_replay(cfg, model, layout, micro_bs, n_micro, run_dir,
+                                 0 if state is None else state["step"])
+    if cfg.routing.force_balance:
+        summary.routing_forced_balance = True
+        if layout.is_main:
+            warnings.warn("routing.force_balance=true: every MoE layer routes round-robin, "
+                          "whatever its scores (a benchmark setting: losses and routing metrics "
+                          "of this run mean nothing about routing)", stacklevel=2)
     if state is not None:  # everything is built and fits: only now touch the run's records
         engine.load_optimizer_state(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -200,4 +211,5 @@ def setup_run(cfg: Config, run_dir: Path, layout: Layout, state: Optional[dict[s
     return Run(cfg=cfg, run_dir=run_dir, layout=layout, model=model, data=data, engine=engine,
                amp=amp, image_id=image_id, micro_bs=micro_bs, n_micro=n_micro,
                first_micro=first_micro, summary=summary, log=log, step=step,
-               resumed=state is not None, trackers=trackers)
+               resumed=state is not None, trackers=trackers,
+               routing_replay=replay)

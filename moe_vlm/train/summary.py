@@ -59,6 +59,8 @@ class RunSummary:
     # and per layer in each format (moe_vlm.model.expert_memory)
     expert_bytes: Optional[int] = field(default=None, metadata=_OMIT)
     expert_memory: Optional[dict[str, Any]] = field(default=None, metadata=_OMIT)
+    # routing.force_balance: true (benchmark runs; the routing is round-robin, not learned)
+    routing_forced_balance: Optional[bool] = field(default=None, metadata=_OMIT)
 
     def to_json(self) -> dict[str, Any]:
         """The ``summary.json`` dict (optional keys only once they have a value)."""

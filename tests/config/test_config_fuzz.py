@@ -119,7 +119,7 @@ def test_absurd_size_message_gives_the_estimate():
 
 # Part C: group presets. (overrides, the start of the message)
 GROUPS_BAD = [
-    (["experiment=smok"], "experiment=smok: no such preset; choose one of [align, dense_baseline,"),
+    (["experiment=smok"], "experiment=smok: no such preset; choose one of [align,"),
     (["experiment=nope"], "experiment=nope: no such preset"),
     (["+experiment=nope"], "experiment=nope: no such preset"),
     (["++experiment=nope"], "experiment=nope: no such preset"),
