@@ -207,6 +207,10 @@ class RoutingConfig(_Section):
     # groups or routers the balance loss balances each modality's tokens apart
     modality: ModalityRouting = ModalityRouting.shared
     image_experts: float = 0.5  # modality=groups: the fraction of routed experts for image tokens
+    # Layerwise recurrent router (RMoE, Qiu et al. 2024): each MoE layer's logits read a GRU
+    # state carried from MoE layer to MoE layer (one GRU shared by all layers) instead of x
+    recurrent: bool = False
+    recurrent_dim: int = 128  # routing.recurrent: width R of the projection and GRU state (paper: 128)
 
 
 @dataclass
