@@ -223,6 +223,10 @@ class RoutingConfig(_Section):
     # Benchmarks only: round-robin experts regardless of the scores (torchtitan's
     # _debug_force_load_balance); equal loads, meaningless training
     force_balance: bool = False
+    # Layerwise recurrent router (RMoE, Qiu et al. 2024): each MoE layer's logits read a GRU
+    # state carried from MoE layer to MoE layer (one GRU shared by all layers) instead of x
+    recurrent: bool = False
+    recurrent_dim: int = 128  # routing.recurrent: width R of the projection and GRU state (paper: 128)
 
 
 @dataclass

@@ -275,6 +275,16 @@ def _validate_vision_moe(cfg: Config) -> None:
                       "routing.normalize_top1=false", stacklevel=3)
 
 
+def _check_recurrent_router(cfg: Config) -> None:
+    """``routing.recurrent`` (RMoE): a state width and decoder MoE layers to carry it through."""
+    r = cfg.routing
+    _need(r.recurrent_dim >= 1, "routing.recurrent_dim",
+          f"the recurrent router's state width must be >= 1, got {r.recurrent_dim} (the paper uses 128)")
+    _need(n_moe_layers(cfg.model) > 0, "routing.recurrent",
+          "the recurrent router runs through the decoder's MoE layers and this model has none "
+          "(model.moe_every=0 or model.n_dense_layers >= model.n_layers); set routing.recurrent=false")
+
+
 def n_moe_layers(m: ModelConfig) -> int:
     """How many decoder layers are MoE (``moe_vlm.model.decoder.ffn_schedule``)."""
     return 0 if m.moe_every <= 0 else len(range(m.n_dense_layers, m.n_layers, m.moe_every))
@@ -416,6 +426,8 @@ def validate(cfg: Config) -> Config:
     if r.modality != "shared":
         _check_modality_routing(cfg, sizes)
     _check_replay_and_forced_balance(cfg)
+    if r.recurrent:
+        _check_recurrent_router(cfg)
     u = cfg.upcycle
     if u.method != "none":
         _need(u.source is not None, "upcycle.source",

@@ -30,6 +30,8 @@ def vision_routing(v: VisionConfig, r: RoutingConfig) -> RoutingConfig:
     """The vision routers' config: the decoder's ``routing.*`` (z-loss, aux-loss scope,
     capacity factor, bias update rate, normalize_top1, ...) with the ``vision.moe_*`` gate,
     top-k, renormalisation and balance-loss weight, and no routed scaling (DeepSeek-V3's
-    factor is tuned to its decoder gate, not to a ViT MLP)."""
+    factor is tuned to its decoder gate, not to a ViT MLP), and no recurrent router (RMoE's
+    state runs through the decoder's MoE layers only)."""
     return replace(r, gate=v.moe_gate, top_k=v.moe_top_k, renormalize=v.moe_renormalize,
-                   aux_loss_coef=v.moe_aux_loss_coef, routed_scaling=1.0)
+                   aux_loss_coef=v.moe_aux_loss_coef, routed_scaling=1.0,
+                   recurrent=False)

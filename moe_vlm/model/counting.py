@@ -30,7 +30,8 @@ class ParamCounts:
 def count_params(model: nn.Module) -> ParamCounts:
     """Counts of a ``DecoderLM`` or a ``VisionLanguageModel`` (vision tower and projector
     included in total and active; a vision MoE layer's unchosen experts are inactive, per
-    image token)."""
+    image token). The recurrent router's shared GRU (``routing.recurrent``) and its
+    per-layer projections are router parameters: active, the GRU counted once."""
     total = sum(p.numel() for p in model.parameters())
     dec = _decoder(model)
     emb = dec.embed.weight.numel() + (dec.head.weight.numel() if dec.head is not None else 0)
@@ -45,13 +46,16 @@ def count_params(model: nn.Module) -> ParamCounts:
 def flops_per_token(model: nn.Module, seq_len: int, training: bool = True) -> int:
     """Active decoder FLOPs per sequence position: every active matmul (router and LM head
     included, the embedding lookup and norms excluded) plus attention over ``seq_len``.
-    For a VLM this is the decoder's cost per token; the vision tower runs once per image."""
+    For a VLM this is the decoder's cost per token; the vision tower runs once per image.
+    The recurrent router's shared GRU is counted once per MoE layer it runs in."""
     model = _decoder(model)
     c = count_params(model)
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     matmul = c.active - model.embed.weight.numel() - norms
     if model.head is None:  # tied: the head is still a [V, D] matmul (untied: counted in active)
         matmul += model.embed.weight.numel()
+    if model.router_gru is not None:  # routing.recurrent: one shared GRU cell, run per MoE layer
+        matmul += (len(model.moe_layers()) - 1) * sum(p.numel() for p in model.router_gru.parameters())
     attn = 4 * seq_len * model.cfg.n_heads * model.head_dim * model.cfg.n_layers
     fwd = 2 * matmul + attn
     return 3 * fwd if training else fwd

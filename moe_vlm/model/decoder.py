@@ -24,6 +24,7 @@ from moe_vlm.model.layers import Attention, RMSNorm, SwiGLU, rope_inv_freq, rota
 from moe_vlm.model.moe import MoELayer, real_rows
 from moe_vlm.model.ternary_experts import TernaryExperts
 from moe_vlm.routing.loss_norm import LossNorm
+from moe_vlm.routing.recurrent import RouterGRU
 from moe_vlm.routing.router import RouterOutput
 
 
@@ -53,13 +54,16 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, rows: Optional[Tensor] = None,
                 loss_norm: Optional[LossNorm] = None, attn_mask: Optional[Tensor] = None,
-                image_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[RouterOutput]]:
+                image_mask: Optional[Tensor] = None, state: Optional[Tensor] = None,
+                gru: Optional[RouterGRU] = None) -> tuple[Tensor, Optional[RouterOutput]]:
         """``rows`` [T]: the real tokens' flat indices (None: no padding), and
-        ``image_mask`` [B, S] (the image tokens: modality-aware routing), for the MoE FFN."""
+        ``image_mask`` [B, S] (the image tokens: modality-aware routing), for the MoE FFN.
+        ``state`` [T, R], ``gru``: the recurrent router's (``routing.recurrent``)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)  # [B, S, D]
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
-            y, r = self.ffn(h, loss_norm=loss_norm, rows=rows, is_image=image_mask)
+            y, r = self.ffn(h, loss_norm=loss_norm, rows=rows, is_image=image_mask,
+                            state=state, gru=gru)
             return x + y, r
         return x + self.ffn(h), None
 
@@ -94,6 +98,10 @@ class DecoderLM(nn.Module):
         if moe.ternary:  # MoTE: ternary routed experts; the shared experts stay full precision
             for layer in self.moe_layers():
                 layer.experts.quant = TernaryExperts(moe.ternary_act_bits)
+        # routing.recurrent (RMoE): the GRU cell every MoE layer's router shares
+        self.router_gru: Optional[RouterGRU] = None
+        if routing.recurrent and any(self.schedule):
+            self.router_gru = RouterGRU(routing.recurrent_dim)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rotary_tables(self.head_dim, cfg.max_seq_len, cfg.rope_theta, **rope_scaling(cfg))
@@ -116,7 +124,8 @@ class DecoderLM(nn.Module):
         """Every parameter and buffer is initialised here, deterministically from seed.
 
         Normal(0, init_std) everywhere; output projections (attention ``wo``, MLP and
-        expert ``w_out``) scaled by 1/sqrt(2L) as in GPT-2; norms to 1; router bias 0."""
+        expert ``w_out``) scaled by 1/sqrt(2L) as in GPT-2; norms to 1; router bias 0; the
+        recurrent router's GRU (``routing.recurrent``) last, its biases 0."""
         g = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
         std = self.cfg.init_std
         out_std = std / (2 * self.cfg.n_layers) ** 0.5
@@ -146,6 +155,8 @@ class DecoderLM(nn.Module):
         self.norm.init_weights()
         if self.head is not None:
             self.head.weight.normal_(0.0, std, generator=g)
+        if self.router_gru is not None:  # after the rest: the plain model's draws are unchanged
+            self.router_gru.init_weights(std, generator=g)
         cos, sin = rotary_tables(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
                                  self.rope_cos.device, **rope_scaling(self.cfg))
         self.rope_cos.copy_(cos)
@@ -205,10 +216,12 @@ class DecoderLM(nn.Module):
         rows = token_rows
         if rows is None and token_mask is not None and any(self.schedule):
             rows = real_rows(token_mask)
+        state = None  # routing.recurrent: the router state [T, R], carried across dense layers
         for blk in self.layers:
-            x, r = blk(x, cos, sin, rows, loss_norm, attn_mask, image_mask)
+            x, r = blk(x, cos, sin, rows, loss_norm, attn_mask, image_mask, state, self.router_gru)
             if r is not None:
                 routing.append(r)
+                state = r.state
         x = self.norm(x)
         w = self.embed.weight if self.head is None else self.head.weight
         reduction = "mean" if loss_norm is None else "sum"  # sum: divided by the step's count

@@ -18,6 +18,7 @@ from moe_vlm.model.granularity import MoESizes
 from moe_vlm.model.layers import SwiGLU
 from moe_vlm.routing.balancing import update_balance_bias
 from moe_vlm.routing.loss_norm import LossNorm
+from moe_vlm.routing.recurrent import RouterGRU
 from moe_vlm.routing.router import Router, RouterOutput
 
 
@@ -51,7 +52,8 @@ class MoELayer(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None,
                 loss_norm: Optional[LossNorm] = None, rows: Optional[Tensor] = None,
-                is_image: Optional[Tensor] = None) -> tuple[Tensor, RouterOutput]:
+                is_image: Optional[Tensor] = None, state: Optional[Tensor] = None,
+                gru: Optional[RouterGRU] = None) -> tuple[Tensor, RouterOutput]:
         """x [B, S, D], mask [B, S] bool (False = padding) -> y [B, S, D] and the router
         output over the real tokens.
 
@@ -63,7 +65,10 @@ class MoELayer(nn.Module):
         the caller has them; the decoder finds them once for all its MoE layers (the
         training loop on the host, from the CPU batch), so the layer has no host sync.
         Without them, a given ``mask`` costs one (``nonzero``). ``is_image`` [B, S] bool:
-        the image tokens, for modality-aware routing (``routing.modality``)."""
+        the image tokens, for modality-aware routing (``routing.modality``). ``state``,
+        ``gru``: the recurrent router's previous state [T, R] over the same real tokens and
+        the decoder's shared GRU cell (``routing.recurrent``); the new state comes back in
+        the router output."""
         b, s, d = x.shape
         flat = x.reshape(b * s, d)  # [B*S, D]
         if rows is None and mask is not None:
@@ -73,7 +78,8 @@ class MoELayer(nn.Module):
         img = None
         if is_image is not None:
             img = is_image.reshape(-1) if rows is None else is_image.reshape(-1).index_select(0, rows)
-        r = self.router(xr, n_seqs=b, seq_ids=pos // s, loss_norm=loss_norm, is_image=img)
+        r = self.router(xr, n_seqs=b, seq_ids=pos // s, loss_norm=loss_norm, is_image=img,
+                        state=state, gru=gru)
         y = self.dispatcher(xr, r.token_idx, r.expert_idx, r.weight, self.experts)  # [T, D]
         if r.stats and hasattr(self.dispatcher, "routing_stats"):  # LSH-MoE's rows sent
             r.stats.update(self.dispatcher.routing_stats(x.device))

@@ -22,6 +22,7 @@ from moe_vlm.routing.balancing import CountReducer, router_z_loss, switch_aux_lo
 from moe_vlm.routing.capacity import capacity_keep_mask, expert_capacity
 from moe_vlm.routing.counts import count_ids
 from moe_vlm.routing.loss_norm import LossNorm
+from moe_vlm.routing.recurrent import RouterGRU
 from moe_vlm.routing.gates import (
     expert_choice,
     expert_choice_capacity,
@@ -49,6 +50,8 @@ class RouterOutput:
     z_loss: Tensor  # scalar, unweighted: this call's share
     loss: Tensor  # scalar, aux_loss_coef * aux_loss + z_loss_coef * z_loss
     stats: dict[str, Tensor]  # detached metrics (routing.metrics); {} when not collected
+    # routing.recurrent (RMoE): this layer's GRU state h_i [T, R], for the next MoE layer
+    state: Optional[Tensor] = None
 
 
 def normalizes_weights(cfg: RoutingConfig, k: int) -> bool:
@@ -71,17 +74,26 @@ class Router(nn.Module):
     ``count_reducer`` (set by ``moe_vlm.parallel`` when distributed) sums assignment
     counts over data-parallel ranks for the global-batch balance loss; the model math
     itself never touches ``torch.distributed``.
+
+    ``routing.recurrent`` (RMoE, ``moe_vlm.routing.recurrent``): the logits come from a
+    GRU state instead of x: ``proj`` [R, D] projects x, the decoder's shared GRU cell
+    (passed to ``forward``) mixes it with the previous MoE layer's state, and ``weight``
+    (and a modality router's ``image_weight``) is [E, R], read from that state.
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, cfg: RoutingConfig):
         super().__init__()
         self.n_experts, self.cfg = n_experts, replace(cfg, top_k=top_k)
-        self.weight = nn.Parameter(torch.empty(n_experts, d_model))  # [E, D]
+        self.proj: Optional[nn.Parameter] = None  # routing.recurrent: [R, D], x'_i = x_i W_proj^i
+        if cfg.recurrent:
+            self.proj = nn.Parameter(torch.empty(cfg.recurrent_dim, d_model))
+        d_in = cfg.recurrent_dim if cfg.recurrent else d_model  # what the logits read: h or x
+        self.weight = nn.Parameter(torch.empty(n_experts, d_in))  # [E, D] ([E, R] recurrent)
         self.register_buffer("bias", torch.zeros(n_experts))  # [E], selection only
         # routing.modality (Uni-MoE): a second router for image tokens, or the image experts
         self.image_weight: Optional[nn.Parameter] = None
         if cfg.modality == "routers":
-            self.image_weight = nn.Parameter(torch.empty(n_experts, d_model))  # [E, D]
+            self.image_weight = nn.Parameter(torch.empty(n_experts, d_in))  # [E, D] / [E, R]
         if cfg.modality != "shared":  # filled by init_weights (the model is built on meta)
             self.register_buffer("image_expert", torch.zeros(n_experts, dtype=torch.bool),
                                  persistent=False)  # [E]: may an image token choose it
@@ -102,6 +114,8 @@ class Router(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float, generator: Optional[torch.Generator] = None) -> None:
         self.weight.normal_(0.0, std, generator=generator)
+        if self.proj is not None:
+            self.proj.normal_(0.0, std, generator=generator)
         if self.image_weight is not None:
             self.image_weight.normal_(0.0, std, generator=generator)
         self.bias.zero_()
@@ -115,8 +129,8 @@ class Router(nn.Module):
                                                    self.n_experts, n_img]))
 
     def forward(self, x: Tensor, n_seqs: int = 1, seq_ids: Optional[Tensor] = None,
-                loss_norm: Optional[LossNorm] = None, is_image: Optional[Tensor] = None
-                ) -> RouterOutput:
+                loss_norm: Optional[LossNorm] = None, is_image: Optional[Tensor] = None,
+                state: Optional[Tensor] = None, gru: Optional[RouterGRU] = None) -> RouterOutput:
         """Route the rows of ``x`` [T, D]: real tokens only (the MoE layer drops padding
         before calling), sequence-major.
 
@@ -125,19 +139,24 @@ class Router(nn.Module):
         equal consecutive runs. ``loss_norm``: the step's totals; the losses returned are
         then this call's share of the step's loss (``moe_vlm.routing.loss_norm``).
         Without it they are this call's own means. ``is_image`` [T] bool: which rows are
-        image tokens, for ``routing.modality`` (None: all text)."""
+        image tokens, for ``routing.modality`` (None: all text). ``routing.recurrent``:
+        ``gru`` is the decoder's shared cell and ``state`` [T, R] the previous MoE layer's
+        ``RouterOutput.state`` for the same rows (None at the first MoE layer)."""
         cfg, n_exp, k = self.cfg, self.n_experts, self.top_k
         t = x.shape[0]
         dt = torch.promote_types(x.dtype, torch.float32)  # fp32 routing (fp64 stays fp64)
+        feats, h = x.to(dt), None  # what the router's linear map reads: x, or h_i (RMoE)
         with torch.autocast(x.device.type, enabled=False):  # bf16 autocast would cast F.linear
-            logits = F.linear(x.to(dt), self.weight.to(dt))  # [T, E] (DeepSeek-V3, Megatron)
+            if self.proj is not None:
+                feats = h = self._recurrent_state(feats, state, gru)  # [T, R]
+            logits = F.linear(feats, self.weight.to(dt))  # [T, E] (DeepSeek-V3, Megatron)
         use_bias = self.bias if cfg.bias_update_rate > 0 else None
         dev = x.device
         zero = torch.zeros((), device=dev, dtype=dt)
         img = None
         if cfg.modality != "shared":
             img = is_image if is_image is not None else torch.zeros(t, dtype=torch.bool, device=dev)
-            logits, use_bias = self._by_modality(x.to(dt), logits, img, use_bias)
+            logits, use_bias = self._by_modality(feats, logits, img, use_bias)
 
         if cfg.gate == "expert_choice":
             cap = expert_choice_capacity(t, n_exp, k, cfg.capacity_factor) if t else 0
@@ -199,7 +218,20 @@ class Router(nn.Module):
         if self.collect_stats:
             stats = routing_stats(counts, n_req, expert_idx.numel(), scores)
             stats["aux_loss"], stats["z_loss"] = aux.detach(), z.detach()
-        return RouterOutput(token_idx, expert_idx, weight, counts.detach(), aux, z, loss, stats)
+        return RouterOutput(token_idx, expert_idx, weight, counts.detach(), aux, z, loss, stats, h)
+
+    def _recurrent_state(self, x: Tensor, state: Optional[Tensor], gru: Optional[RouterGRU]) -> Tensor:
+        """RMoE: h_i = GRU(x_i W_proj^i, h_{i-1}) for x [T, D] in the routing dtype, state
+        [T, R] or None (h_0 = 0) -> h_i [T, R]."""
+        if gru is None:
+            raise ValueError("routing.recurrent: this router needs the decoder's shared GRU cell "
+                             "(DecoderLM.router_gru) passed as gru=")
+        if state is not None and state.shape != (x.shape[0], self.cfg.recurrent_dim):
+            raise ValueError(f"routing.recurrent: the previous layer's state has shape "
+                             f"{tuple(state.shape)}, expected {(x.shape[0], self.cfg.recurrent_dim)} "
+                             "(one row per routed token)")
+        xp = F.linear(x, self.proj.to(x.dtype))  # [T, R]
+        return gru(xp, None if state is None else state.to(x.dtype))
 
     def _override(self, own: Tensor) -> Optional[Tensor]:
         """The selection to use instead of the gate's ``own`` [T, K]: forced round-robin
@@ -231,7 +263,8 @@ class Router(nn.Module):
         """``routing.modality``: image rows take the image router's logits (``routers``),
         or each row's logits and selection are confined to its group (``groups``: -inf
         outside it, so the gate's probabilities there are 0 and top-k never picks them,
-        balancing bias included). x [T, D], logits [T, E], img [T] -> (logits, bias)."""
+        balancing bias included). x [T, D] (h [T, R] with routing.recurrent), logits [T, E],
+        img [T] -> (logits, bias)."""
         if self.image_weight is not None:
             with torch.autocast(x.device.type, enabled=False):
                 img_logits = F.linear(x, self.image_weight.to(x.dtype))  # [T, E]

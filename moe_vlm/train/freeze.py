@@ -14,7 +14,7 @@ from torch import nn
 
 from moe_vlm.config.schema import ConfigError
 
-_MOE = re.compile(r"\.ffn\.(router|experts|shared)\.")
+_MOE = re.compile(r"\.ffn\.(router|experts|shared)\.|(^|\.)router_gru\.")
 
 GROUPS: dict[str, Callable[[str], bool]] = {
     "all": lambda n: True,
@@ -26,7 +26,8 @@ GROUPS: dict[str, Callable[[str], bool]] = {
     "norms": lambda n: "norm" in n.split(".")[-2],
     "dense_mlp": lambda n: ".ffn.w_in." in n or ".ffn.w_out." in n,
     "moe": lambda n: bool(_MOE.search(n)),
-    "router": lambda n: ".ffn.router." in n,
+    # routing.recurrent: the shared GRU cell (``router_gru``) is part of the routers
+    "router": lambda n: ".ffn.router." in n or "router_gru." in n,
     "experts": lambda n: ".ffn.experts." in n,
     "shared_experts": lambda n: ".ffn.shared." in n,
 }

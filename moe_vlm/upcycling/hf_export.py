@@ -63,6 +63,9 @@ def _moe_class(model: ModelConfig, moe: MoEConfig, routing: RoutingConfig,
     if routing.modality != "shared":
         raise _refuse(f"routing.modality={routing.modality} (modality-aware experts: HF "
                       "routers see no modality)")
+    if routing.recurrent:
+        raise _refuse("routing.recurrent=true (RMoE's recurrent router: HF MoE classes have "
+                      "a plain linear router per layer, no GRU state across layers)")
     if model.qkv_bias:
         raise _refuse("model.qkv_bias in an MoE model (q/k/v biases exist only in qwen2, "
                       "which is dense)")

@@ -7,6 +7,9 @@ FFN via ``methods.upcycle_ffn``. Which layers become MoE is the target's schedul
 (``model.n_dense_layers``, ``model.moe_every``). A target whose vision tower has MoE
 blocks (``vision.moe_every``) gets the dense tower's MLPs copied into every expert of
 them (``model.vision_moe.upcycle_tower_state``), whatever ``upcycle.method``.
+A recurrent router (``routing.recurrent``, RMoE) has nothing to come from: its projections,
+per-layer routers and shared GRU keep the target's fresh init (router rows shared within a
+replica's shards, as the virtual-group init).
 """
 
 from __future__ import annotations
@@ -113,12 +116,18 @@ def upcycle_into(target: nn.Module, dense_state: dict[str, Tensor], ucfg: Upcycl
         p = f"layers.{i}.ffn."
         new[p + "experts.w_in"], new[p + "experts.w_out"] = up.w_in, up.w_out
         new[p + "router.weight"] = up.router
+        if dec.routing_cfg.recurrent:  # RMoE: the router reads h [T, R], not x; keep its fresh
+            # init, shards of a replica sharing one row as the virtual-group init does
+            new[p + "router.weight"] = own[p + "router.weight"][::up.shards].repeat_interleave(up.shards, 0)
         new[p + "router.bias"] = torch.zeros_like(own[p + "router.bias"])
         if up.shared_in is not None:
             new[p + "shared.w_in.weight"], new[p + "shared.w_out.weight"] = up.shared_in, up.shared_out
         used.update(keys)
     for k, v in own.items():
         if k in new:
+            continue
+        if k.startswith("router_gru."):  # routing.recurrent: the GRU is new, at its fresh init
+            new[k] = v
             continue
         m = _FFN.match(k)
         if m and int(m.group(1)) in moe_ids:  # shared expert kept at its fresh init
