@@ -48,6 +48,7 @@ class Stage:
     args: tuple[str, ...]
     steps: Optional[int] = None  # train/torchrun: train.max_steps (None: the study's)
     nproc: int = 2
+    seed_offset: int = 0  # train/torchrun: seed=S+offset (data.seed stays 1234+S)
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,8 @@ class Study:
     extra: tuple[str, ...] = ()  # summary.json keys to report per arm (numbers)
 
 
-def _train(name: str, *overrides: str, steps: Optional[int] = None) -> Stage:
-    return Stage(name, "train", tuple(overrides), steps)
+def _train(name: str, *overrides: str, steps: Optional[int] = None, seed_offset: int = 0) -> Stage:
+    return Stage(name, "train", tuple(overrides), steps, seed_offset=seed_offset)
 
 
 def _cmd(name: str, command: str, *args: str) -> Stage:
@@ -73,6 +74,15 @@ def _cmd(name: str, command: str, *args: str) -> Stage:
 
 
 STUDIES: dict[str, Study] = {}
+
+# RMoE: the default job with its routers reading a GRU state carried across MoE layers
+STUDIES["rmoe"] = Study(
+    title="Layerwise recurrent router", source="RMoE, Qiu et al. 2024, arXiv 2408.06793",
+    baseline="default", steps=1000,
+    arms={"default": (_train("default"),), "rmoe": (_train("rmoe", "experiment=rmoe"),)},
+    extra=("params_active",),
+    note="The default VLM job, 1000 steps. `experiment=rmoe`: R=32 (projection and GRU "
+         "state); it adds 3% active parameters and 7.5% FLOPs per token.")
 
 # MoTE: every arm upcycles one dense VLM (the default job, dense) around its FFN as a frozen
 # shared expert; fp_e2 and mote_e20 hold equal routed-expert bytes (bf16 vs 1.58 bit)
@@ -110,6 +120,22 @@ STUDIES["lsh"] = Study(
          "buckets); evaluation runs the exact layer. `lsh_compression`: rows sent / rows "
          "without LSH, mean over the run's logging steps. `_2x4`: 2 cross-polytope hashes of "
          "4 dimensions; `nocomp`: without the residual compensation.")
+
+# Router replay: the default job trained on the routing recorded from another init (seed
+# S+100, same data) against free routing; the spread over seeds says how much of the
+# seed-to-seed noise the routing carries
+STUDIES["replay"] = Study(
+    title="Router replay: training on another run's recorded routing",
+    source="Megatron-Core router replay", baseline="free", steps=500,
+    arms={"free": (_train("free"),),
+          "replay": (_train("record", "routing.replay=record", "routing.replay_path={record}_routing",
+                            seed_offset=100),
+                     _train("replay", "routing.replay=replay", "routing.replay_path={record}_routing"))},
+    note="The default VLM job. replay: each seed S trains with the experts chosen in a run of "
+         "seed S+100 on the same data (`routing.replay=record`, then `replay`): only which "
+         "experts each token reaches is fixed; the weights and the balance loss stay this "
+         "run's. The eval-loss std over seeds in each row is the seed noise with and without "
+         "the routing fixed.")
 
 # Grow then upcycle (AquilaMoE's scale-up, then scale-out), text-only tiny models: the
 # 64-wide dense model grown to 128 (exact, bert2BERT FPI) against a 128-wide one from scratch
@@ -182,7 +208,7 @@ def run_stage(stage: Stage, d: Path, dirs: dict[str, Path], seed: int, steps: in
     args = [_sub(a, dirs, seed) for a in stage.args]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if stage.kind in ("train", "torchrun"):
-        args += [f"seed={seed}", f"data.seed={1234 + seed}", f"run.dir={d}",
+        args += [f"seed={seed + stage.seed_offset}", f"data.seed={1234 + seed}", f"run.dir={d}",
                  f"train.max_steps={stage.steps or steps}", "train.progress=false"]
         if stage.kind == "train":
             cmd = [sys.executable, "-m", "moe_vlm.commands", "train", *args]
