@@ -43,3 +43,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def experiment_script():
+    """``experiment_script(name)``: ``experiments/<name>.py`` (a folder of scripts, not an
+    installed package) imported as ``experiments.<name>``."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return lambda name: importlib.import_module(f"experiments.{name}")
