@@ -131,11 +131,13 @@ STUDIES["replay"] = Study(
           "replay": (_train("record", "routing.replay=record", "routing.replay_path={record}_routing",
                             seed_offset=100),
                      _train("replay", "routing.replay=replay", "routing.replay_path={record}_routing"))},
+    extra=("final_train_loss",),
     note="The default VLM job. replay: each seed S trains with the experts chosen in a run of "
          "seed S+100 on the same data (`routing.replay=record`, then `replay`): only which "
          "experts each token reaches is fixed; the weights and the balance loss stay this "
-         "run's. The eval-loss std over seeds in each row is the seed noise with and without "
-         "the routing fixed.")
+         "run's. Evaluation routes freely, i.e. by a router that never chose during training, "
+         "so a replayed run's eval loss measures that mismatch; `final_train_loss` (the last "
+         "logged step's batch, the same batch in both arms of a seed) is the controlled one.")
 
 # Grow then upcycle (AquilaMoE's scale-up, then scale-out), text-only tiny models: the
 # 64-wide dense model grown to 128 (exact, bert2BERT FPI) against a 128-wide one from scratch
