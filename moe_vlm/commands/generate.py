@@ -14,9 +14,11 @@ def generate_main(args: Sequence[str]) -> None:
     """Parse, load the run, generate, print."""
     ap = argparse.ArgumentParser(prog="moe-vlm generate", description=(
         "Answer prompts with a trained model (a run directory, a checkpoint directory or a "
-        "run's checkpoints/step_*.pt), decoding with a KV cache. Prompts go through the "
-        "training chat template (USER: ... ASSISTANT:) unless --raw; an --image is placed "
-        "as in training. Greedy by default; --temperature > 0 samples under --seed."))
+        "run's checkpoints/step_*.pt), decoding with a KV cache. A run trained on chat data "
+        "(synthetic_vlm, llava) gets its prompts in the training chat template (USER: ... "
+        "ASSISTANT:), a text run has them continued as they are (--chat / --raw to choose); "
+        "an --image is placed as in training. Greedy by default; --temperature > 0 samples "
+        "under --seed."))
     ap.add_argument("run_dir", metavar="RUN_DIR")
     ap.add_argument("--prompt", action="append", required=True,
                     help="a prompt; repeat for a batch")
@@ -29,8 +31,12 @@ def generate_main(args: Sequence[str]) -> None:
     ap.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     ap.add_argument("--stop", action="append", default=[], help="a stop string; repeatable")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--raw", action="store_true",
-                    help="continue the prompt text as is (no chat template; text-only)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="chat", action="store_const", const=True, default=None,
+                      help="wrap prompts in the chat template (default for chat-trained runs)")
+    mode.add_argument("--raw", dest="chat", action="store_const", const=False,
+                      help="continue the prompt text as is (default for text runs; no images)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--show-prompt", action="store_true", help="print each prompt before its answer")
     ap.add_argument("--trust-checkpoint", action="store_true",
                     help="load a checkpoint that has no checksum file")
@@ -38,17 +44,18 @@ def generate_main(args: Sequence[str]) -> None:
                     "(e.g. routing.capacity_factor=null)")
     a = ap.parse_args(list(args))
     with _user_errors("moe-vlm generate"):
-        from moe_vlm.generate import generate, load_for_generation
+        from moe_vlm.generate import generate, load_for_generation, uses_chat_template
 
         if a.image is not None and len(a.image) != len(a.prompt):
             raise ValueError(f"{len(a.image)} --image for {len(a.prompt)} --prompt; give one "
                              "image per prompt")
-        model, tokenizer, cfg = load_for_generation(a.run_dir, a.overrides,
+        model, tokenizer, cfg = load_for_generation(a.run_dir, a.overrides, device=a.device,
                                                     trust=a.trust_checkpoint)
+        chat = uses_chat_template(cfg) if a.chat is None else a.chat
         answers = generate(model, tokenizer, a.prompt, images=a.image,
                            max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                            top_k=a.top_k, top_p=a.top_p, stop=a.stop, seed=a.seed,
-                           chat=not a.raw, v2pe_delta=cfg.data.v2pe_delta)
+                           chat=chat, v2pe_delta=cfg.data.v2pe_delta)
     for prompt, answer in zip(a.prompt, answers):
         if a.show_prompt:
             print(f"> {prompt}")

@@ -9,8 +9,8 @@ top-p, stop strings, batched prompts, image prompts) and loading a run for it.
 """
 
 from moe_vlm.generate.decode import generate, generate_ids
-from moe_vlm.generate.load import load_for_generation
+from moe_vlm.generate.load import load_for_generation, uses_chat_template
 from moe_vlm.generate.sampling import Sampling, filtered_logits, next_tokens
 
-__all__ = ["generate", "generate_ids", "load_for_generation", "Sampling", "filtered_logits",
+__all__ = ["generate", "generate_ids", "load_for_generation", "uses_chat_template", "Sampling", "filtered_logits",
            "next_tokens"]

@@ -52,7 +52,21 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]],
     for ``stop_strings``; a cut inside a token keeps that token).
 
     pixel_values [N, 3, H, W]: the images of all prompts in placeholder order (VLM only).
-    ``v2pe_delta``: V2PE's inference delta (``data.v2pe_delta``) for image tokens' positions."""
+    ``v2pe_delta``: V2PE's inference delta (``data.v2pe_delta``) for image tokens' positions.
+    Runs in eval mode (e.g. LSH-MoE's exact layer), restoring the model's mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate_ids(model, prompts, pixel_values, max_new_tokens, sampling, seed,
+                             stop_ids, stop_strings, decode, pad_id, v2pe_delta)
+    finally:
+        model.train(was_training)
+
+
+def _generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]],
+                  pixel_values: Optional[Tensor], max_new_tokens: int, sampling: Sampling,
+                  seed: int, stop_ids: Sequence[int], stop_strings: Sequence[str], decode: Any,
+                  pad_id: int, v2pe_delta: float) -> list[list[int]]:
     if not prompts:
         return []
     if max_new_tokens < 1:
@@ -173,7 +187,6 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
     loaded as training loads them). Greedy with ``temperature=0``, else sampled under
     ``seed``. Generation stops at the tokenizer's eos, at a ``stop`` string (cut before
     it) or after ``max_new_tokens``."""
-    model.eval()
     vlm = hasattr(model, "image_token_id")
     if images is not None and not vlm:
         raise ValueError("images given to a text-only model (vision=none)")

@@ -22,6 +22,16 @@ from moe_vlm.data.tokenizers import BPE_FILENAME
 from moe_vlm.train.checkpoint import load_weights
 
 
+CHAT_DATA = ("synthetic_vlm", "llava")  # the sets rendered with the chat template
+
+
+def uses_chat_template(cfg: Config) -> bool:
+    """Whether the run trained on chat-rendered samples (``moe_vlm.data.chat``), so its
+    prompts should be wrapped the same way; plain text corpora are continued as they are."""
+    names = list(cfg.data.mixture) if cfg.data.name == "mixture" else [cfg.data.name]
+    return any(n in CHAT_DATA for n in names)
+
+
 def _config_path(source: Path) -> Path:
     if source.is_dir():
         return source / "config.yaml"

@@ -79,7 +79,6 @@ def generated_answers(model: nn.Module, samples: Sequence[dict[str, Tensor]], eo
                 n = sum(t == model.image_token_id for t in prompt) // model.n_image_tokens
                 pixels = sample["pixel_values"][:n] if n else None  # [n, 3, H, W]
             todo.append((s, k, prompt, truth, kind, pixels))
-    model.eval()
     out: list[GeneratedAnswer] = []
     for i in range(0, len(todo), batch_size):
         chunk = todo[i:i + batch_size]

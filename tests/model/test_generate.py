@@ -6,9 +6,9 @@ seeded and truncated as specified, stop strings and ids cut, bad input is refuse
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,14 +26,21 @@ TEXT = ["vision=none", "data=synthetic_text"]
 SHARP = ["model.init_std=0.3"]  # peaked logits: greedy choices far from float ties
 
 
-def _text_model(*overrides: str):
+@functools.lru_cache(maxsize=None)
+def _built(vlm: bool, overrides: tuple[str, ...]):
+    if vlm:
+        return build_vlm(load_config([*SHARP, *overrides]), TOK.image_id, seed=0).eval()
     cfg = load_config([*TEXT, *SHARP, *overrides])
     return build_model(cfg.model, cfg.moe, cfg.routing, seed=0).eval()
 
 
+def _text_model(*overrides: str):
+    """A fresh copy (tests may convert it) of a cached model: composing and building once."""
+    return copy.deepcopy(_built(False, overrides))
+
+
 def _vlm(*overrides: str):
-    cfg = load_config([*SHARP, *overrides])
-    return build_vlm(cfg, TOK.image_id, seed=0).eval()
+    return copy.deepcopy(_built(True, overrides))
 
 
 def _vlm_prompt(model, text: str = "what?") -> list[int]:
@@ -294,20 +301,44 @@ def test_chat_prompt_matches_the_training_layout():
 # -- CLI on a trained run -------------------------------------------------------------
 
 
-def test_cli_generates_from_a_trained_run(tiny_config, tmp_path):
-    from moe_vlm.train import train
+def test_cli_generates_from_a_trained_run(tiny_config, tmp_path, capsys):
+    from moe_vlm.commands import main
     from moe_vlm.generate import load_for_generation
+    from moe_vlm.train import train
 
     cfg = tiny_config("train.max_steps=3", "train.eval_every=3", "train.ckpt_every=3")
     train(cfg, cfg.run.dir)
     model, tok, _ = load_for_generation(cfg.run.dir)
     want = generate(model, tok, ["The ", "A"], max_new_tokens=5, chat=False)
-    r = subprocess.run([sys.executable, "-m", "moe_vlm.generate", str(cfg.run.dir), "--raw",
-                        "--prompt", "The ", "--prompt", "A", "--max-new-tokens", "5"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split("\n")[:2] == [w.replace("\n", "\\n") for w in want]
-    r = subprocess.run([sys.executable, "-m", "moe_vlm.generate", str(cfg.run.dir),
-                        "--prompt", "x", "--image", str(tmp_path / "none.png")],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "text-only" in r.stderr
+    capsys.readouterr()
+    main(["generate", str(cfg.run.dir), "--prompt", "The ", "--prompt", "A",
+          "--max-new-tokens", "5"])  # a text run: prompts continued raw by default
+    assert capsys.readouterr().out.split("\n")[:2] == [w.replace("\n", "\\n") for w in want]
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(cfg.run.dir), "--prompt", "x", "--image", str(tmp_path / "a.png")])
+    assert e.value.code == 2 and "text-only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", str(tmp_path / "nowhere"), "--prompt", "x"])
+    assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_image_file_prompt_equals_its_loaded_tensor(tmp_path):
+    """An image path is loaded as training loads images (resize, normalise), and its answer
+    is the answer to that tensor; a batch may mix prompts with and without an image."""
+    from PIL import Image
+
+    from moe_vlm.data.images import load_image
+
+    model = _vlm()
+    rng = torch.Generator().manual_seed(4)
+    arr = (torch.rand(40, 40, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    path = tmp_path / "scene.png"
+    Image.fromarray(arr).save(path)
+    vc = model.vision.cfg
+    tensor = load_image(path, vc.image_size, vc.image_mean, vc.image_std)
+    by_path = generate(model, TOK, ["what is it?", "hi"], images=[str(path), None], max_new_tokens=6)
+    by_tensor = generate(model, TOK, ["what is it?"], images=[tensor], max_new_tokens=6)
+    assert by_path[0] == by_tensor[0]
+    assert by_path[1] == generate(model, TOK, ["hi"], max_new_tokens=6)[0]
+    other = generate(model, TOK, ["what is it?"], images=[-tensor], max_new_tokens=6)
+    assert other != by_tensor  # the image reaches the answer
