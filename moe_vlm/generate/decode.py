@@ -185,8 +185,9 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
     training), ``chat=False`` continues the raw text. ``images``: one entry per prompt
     (None, a file path, a normalised [3, H, W] tensor, or a list of them; files are
     loaded as training loads them). Greedy with ``temperature=0``, else sampled under
-    ``seed``. Generation stops at the tokenizer's eos, at a ``stop`` string (cut before
-    it) or after ``max_new_tokens``."""
+    ``seed`` (deterministic for a given batch; greedy answers do not depend on the batch).
+    Generation stops at the tokenizer's eos (and its ``stop_ids``, if it lists more), at a
+    ``stop`` string (cut before it) or after ``max_new_tokens``."""
     vlm = hasattr(model, "image_token_id")
     if images is not None and not vlm:
         raise ValueError("images given to a text-only model (vision=none)")
@@ -210,7 +211,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
     pixel_values = torch.stack(flat) if flat else None  # [N, 3, H, W]
     out = generate_ids(model, ids, pixel_values, max_new_tokens,
                        Sampling(temperature, top_k, top_p), seed,
-                       stop_ids=[tokenizer.eos_id], stop_strings=stop,
+                       stop_ids=[tokenizer.eos_id, *getattr(tokenizer, "stop_ids", ())],
+                       stop_strings=stop,
                        decode=tokenizer.decode, pad_id=tokenizer.pad_id, v2pe_delta=v2pe_delta)
     texts = [tokenizer.decode(o) for o in out]
     return [_cut_text(t, stop) for t in texts]

@@ -108,8 +108,12 @@ def test_cached_decoding_equals_full_recompute_text(case):
                               dtype=dtype)
 
 
-@pytest.mark.parametrize("overrides", [[], ["routing.modality=groups", "routing.recurrent=true",
-                                            "routing.recurrent_dim=16"]])
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["routing.modality=groups", "routing.recurrent=true", "routing.recurrent_dim=16"],
+    ["vision.moe_every=1"],  # V-MoE tower: runs once, in the prefill
+    ["experiment=encoder_free"],  # patch embedding, no projector
+], ids=["vit", "modality_rmoe", "vision_moe", "encoder_free"])
 def test_cached_decoding_equals_full_recompute_vlm_with_image(overrides):
     model = _vlm(*overrides)
     pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
