@@ -54,9 +54,9 @@ COMMANDS: dict[str, Command] = {
         "dense checkpoint (ours or a local HF Llama/Qwen2/Qwen3) -> MoE"),
     "generate": Command(
         "moe_vlm.commands.generate:generate_main",
-        "RUN_DIR --prompt TEXT [--image PATH] [--max-new-tokens N] [--temperature T] ...",
+        "RUN_DIR (--prompt TEXT [--image PATH] ... | --eval N) [--max-new-tokens N] ...",
         "ask a trained model: KV-cached generation (greedy, top-k/top-p sampling,\n"
-        "stop strings, batched prompts, image prompts)"),
+        "stop strings, batched prompts, image prompts); --eval N: held-out answers"),
     "grow": Command(
         "moe_vlm.commands.grow:grow_main",
         "--from SRC --out DIR [--width fpi] [--depth {identity,stack}] model.KEY=VALUE ...",

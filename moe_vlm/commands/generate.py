@@ -20,8 +20,12 @@ def generate_main(args: Sequence[str]) -> None:
         "an --image is placed as in training. Greedy by default; --temperature > 0 samples "
         "under --seed."))
     ap.add_argument("run_dir", metavar="RUN_DIR")
-    ap.add_argument("--prompt", action="append", required=True,
+    ap.add_argument("--prompt", action="append", default=[],
                     help="a prompt; repeat for a batch")
+    ap.add_argument("--eval", type=int, default=0, metavar="N",
+                    help="instead of prompts: answer the questions of the first N held-out "
+                         "samples greedily, print each answer beside the truth and the "
+                         "accuracy (gen_accuracy, per question type)")
     ap.add_argument("--image", action="append", default=None,
                     help="an image file for the prompt in the same position (one per --prompt, "
                          "or one for a single prompt)")
@@ -43,8 +47,15 @@ def generate_main(args: Sequence[str]) -> None:
     ap.add_argument("overrides", nargs="*", help="key=value changes to the run's config "
                     "(e.g. routing.capacity_factor=null)")
     a = ap.parse_args(list(args))
+    if bool(a.prompt) == bool(a.eval):
+        ap.error("give --prompt (one or more) or --eval N")
     with _user_errors("moe-vlm generate"):
         from moe_vlm.generate import generate, load_for_generation, uses_chat_template
+        if a.eval:
+            model, tokenizer, cfg = load_for_generation(a.run_dir, a.overrides, device=a.device,
+                                                        trust=a.trust_checkpoint)
+            _print_eval(model, tokenizer, cfg, a.eval)
+            return
 
         if a.image is not None and len(a.image) != len(a.prompt):
             raise ValueError(f"{len(a.image)} --image for {len(a.prompt)} --prompt; give one "
@@ -60,3 +71,25 @@ def generate_main(args: Sequence[str]) -> None:
         if a.show_prompt:
             print(f"> {prompt}")
         print(answer.replace("\n", "\\n"))
+
+
+def _print_eval(model, tokenizer, cfg, n: int) -> None:
+    """``--eval N``: held-out questions answered by greedy generation, one line each
+    (``ok``/``--``, sample:answer, the answer, the truth), then the accuracies."""
+    from moe_vlm.data import build_data
+    from moe_vlm.train.evaluate_generated import generated_accuracy, generated_answers
+
+    vlm = hasattr(model, "image_token_id")
+    data = build_data(cfg.data, tokenizer, model.vision.cfg if vlm else None,
+                      model.n_image_tokens if vlm else 0)
+    samples = [data.eval[i] for i in range(min(n, len(data.eval)))]
+    answers = generated_answers(model, samples, tokenizer.eos_id, tokenizer.decode,
+                                tokenizer.pad_id, v2pe_delta=cfg.data.v2pe_delta)
+    if not answers:
+        raise ValueError(f"data.name={cfg.data.name}: the first {len(samples)} held-out samples "
+                         "have no question/answer pairs to score")
+    for x in answers:
+        print(f"{'ok' if x.correct else '--'} {x.sample}:{x.answer} "
+              f"answer={x.generated_text!r} truth={x.truth_text!r}")
+    for key, value in generated_accuracy(answers, data.answer_types or ()).items():
+        print(f"{key}: {value:.4f}")

@@ -87,3 +87,25 @@ def test_vlm_generated_accuracy_equals_eval_accuracy():
     assert res["gen_accuracy"] == ev["eval_accuracy"]
     for key, value in res.items():
         assert ev[key.replace("gen_", "eval_")] == value
+
+
+def test_cli_eval_prints_generated_answers_and_accuracy(tmp_path, capsys):
+    """``moe-vlm generate DIR --eval N`` on a VLM checkpoint directory: one line per
+    held-out question and the accuracy the API computes."""
+    from moe_vlm.commands import main
+    from moe_vlm.commands.checkpoints import write_checkpoint_dir
+
+    cfg = load_config(["data.n_eval_samples=4", "model.init_std=0.3"])
+    model = build_vlm(cfg, TOK.image_id, seed=0).eval()
+    write_checkpoint_dir(tmp_path / "ckpt", cfg, model.state_dict(), "note.json", {})
+    data = build_data(cfg.data, TOK, model.vision.cfg, model.n_image_tokens)
+    answers = generated_answers(model, [data.eval[i] for i in range(3)], TOK.eos_id, TOK.decode,
+                                TOK.pad_id)
+    main(["generate", str(tmp_path / "ckpt"), "--eval", "3"])
+    out = capsys.readouterr().out.strip().split("\n")
+    assert len(out) == len(answers) + 1 + len(set(a.answer_type for a in answers))
+    a = answers[0]  # (sample 0 may be a caption, without questions)
+    assert out[0] == (f"{'ok' if a.correct else '--'} {a.sample}:{a.answer} "
+                      f"answer={a.generated_text!r} truth={a.truth_text!r}")
+    acc = generated_accuracy(answers, data.answer_types)["gen_accuracy"]
+    assert f"gen_accuracy: {acc:.4f}" in out
