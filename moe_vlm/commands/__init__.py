@@ -6,6 +6,7 @@
     btx.py          btx: Branch-Train-MiX merge of dense branch runs into an MoE
     analysis.py     results, plot, plot-routing: run directories read back
     scaling.py      fit: scaling laws on a results table
+    generate.py     generate: answers from a trained model
 
 ``moe-vlm <name> ARGS`` and ``python -m moe_vlm.<module>`` (two-line shims, e.g.
 ``moe_vlm/plot_routing.py``) both run ``COMMANDS[name]``; a handler's module is imported
@@ -51,6 +52,11 @@ COMMANDS: dict[str, Command] = {
         "moe_vlm.commands.checkpoints:upcycle_main",
         "--from SRC --method {copy,split,drop,noise} --out DIR [--trust-checkpoint] [key=value ...]",
         "dense checkpoint (ours or a local HF Llama/Qwen2/Qwen3) -> MoE"),
+    "generate": Command(
+        "moe_vlm.commands.generate:generate_main",
+        "RUN_DIR (--prompt TEXT [--image PATH] ... | --eval N) [--max-new-tokens N] ...",
+        "ask a trained model: KV-cached generation (greedy, top-k/top-p sampling,\n"
+        "stop strings, batched prompts, image prompts); --eval N: held-out answers"),
     "grow": Command(
         "moe_vlm.commands.grow:grow_main",
         "--from SRC --out DIR [--width fpi] [--depth {identity,stack}] model.KEY=VALUE ...",

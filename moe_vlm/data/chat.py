@@ -69,6 +69,35 @@ def _exchanges(turns: Any) -> list[tuple[str, str]]:
     return pairs
 
 
+def _prompt_tokens(human: str, tokenizer: Any, n_image_tokens: int) -> list[int]:
+    """``"USER: " + human + "\\nASSISTANT: "``, each ``<image>`` marker as
+    ``n_image_tokens`` placeholder ids, the text encoded piece by piece."""
+    tokens: list[int] = []
+    for j, piece in enumerate((USER_PREFIX + human + ASSISTANT_PREFIX).split(IMAGE_MARKER)):
+        if j > 0:
+            tokens += [tokenizer.image_id] * n_image_tokens
+        tokens += tokenizer.encode(piece) if piece else []
+    return tokens
+
+
+def render_prompt(question: str, tokenizer: Any, n_images: int, n_image_tokens: int) -> list[int]:
+    """The token ids a model trained on ``render_conversation`` sees before its answer to a
+    one-turn ``question``: ``<bos>`` (if any), ``"USER: " + question + "\\nASSISTANT: "``,
+    with the same image placeholder layout (one ``"<image>\\n"`` per image prepended when
+    the question has no marker). For generation."""
+    n_markers = question.count(IMAGE_MARKER)
+    if n_markers == 0 and n_images > 0:
+        question = (IMAGE_MARKER + "\n") * n_images + question
+        n_markers = n_images
+    if n_markers != n_images:
+        raise ValueError(f"the prompt has {n_markers} {IMAGE_MARKER} markers but {n_images} "
+                         "images are given; give one image per marker")
+    if n_images and n_image_tokens < 1:
+        raise ValueError(f"n_image_tokens must be >= 1, got {n_image_tokens}")
+    bos = getattr(tokenizer, "bos_id", None)
+    return ([bos] if bos is not None else []) + _prompt_tokens(question, tokenizer, n_image_tokens)
+
+
 def render_conversation(turns: Sequence[dict], tokenizer: Any, n_images: int,
                         n_image_tokens: int) -> tuple[list[int], list[int], list[int]]:
     """Render one conversation; returns ``(input_ids, labels, answer_ids)``, each of
@@ -87,10 +116,7 @@ def render_conversation(turns: Sequence[dict], tokenizer: Any, n_images: int,
     tokens: list[int] = [bos] if bos is not None else []  # T
     owner: list[int] = [-1] * len(tokens)  # per token of T: answer index if a target, else -1
     for k, (human, gpt) in enumerate(pairs):
-        for j, piece in enumerate((USER_PREFIX + human + ASSISTANT_PREFIX).split(IMAGE_MARKER)):
-            if j > 0:
-                tokens += [tokenizer.image_id] * n_image_tokens
-            tokens += tokenizer.encode(piece) if piece else []
+        tokens += _prompt_tokens(human, tokenizer, n_image_tokens)
         owner += [-1] * (len(tokens) - len(owner))
         answer = tokenizer.encode(gpt) + [tokenizer.eos_id]
         tokens += answer
@@ -105,4 +131,4 @@ def render_conversation(turns: Sequence[dict], tokenizer: Any, n_images: int,
     return input_ids, labels, answer_ids
 
 
-__all__ = ["MalformedRow", "render_conversation", "IMAGE_MARKER"]
+__all__ = ["MalformedRow", "render_conversation", "render_prompt", "IMAGE_MARKER"]

@@ -60,6 +60,14 @@ class Block(nn.Module):
         ``image_mask`` [B, S] (the image tokens: modality-aware routing), for the MoE FFN.
         ``state`` [T, R], ``gru``: the recurrent router's (``routing.recurrent``)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)  # [B, S, D]
+        return self.feed_forward(x, rows, loss_norm, image_mask, state, gru)
+
+    def feed_forward(self, x: Tensor, rows: Optional[Tensor] = None,
+                     loss_norm: Optional[LossNorm] = None, image_mask: Optional[Tensor] = None,
+                     state: Optional[Tensor] = None, gru: Optional[RouterGRU] = None
+                     ) -> tuple[Tensor, Optional[RouterOutput]]:
+        """The block's second half, x [B, S, D] -> x + FFN(norm(x)) (and the MoE router's
+        output); shared by ``forward`` and the KV-cached decoding (``moe_vlm.model.kv_cache``)."""
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
             y, r = self.ffn(h, loss_norm=loss_norm, rows=rows, is_image=image_mask,

@@ -88,6 +88,12 @@ class Attention(nn.Module):
         """x [B, S, D]; cos/sin the rotary table [S_max, Hd/2] (positions 0..S-1) or per
         token [B, 1, S, Hd/2]; ``attn_mask`` [B, 1, S, S] bool (True = may attend), already
         causal, or None for plain causal attention."""
+        q, k, v = self.project(x, cos, sin)
+        return self.attend(q, k, v, attn_mask)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, S, D] -> q [B, H, S, Hd], k, v [B, G, S, Hd]: projected, qk-normed and
+        rotated (k and v before the GQA repeat: what a KV cache stores)."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)  # [B, S, H, Hd]
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)  # [B, S, G, Hd]
@@ -97,7 +103,12 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H|G, S, Hd]
         if cos.dim() == 2:
             cos, sin = cos[:s], sin[:s]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        """q [B, H, Sq, Hd] over k, v [B, G, Sk, Hd] -> [B, Sq, D]; ``attn_mask`` [B, 1, Sq, Sk]
+        bool (True = may attend), or None for causal attention with Sq = Sk."""
+        b, _, s, _ = q.shape
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

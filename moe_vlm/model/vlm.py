@@ -119,14 +119,12 @@ class VisionLanguageModel(nn.Module):
         feats, routing = self.vision.forward_routed(pixel_values, norm)  # [N, P, Dv]
         return self.projector(feats), routing
 
-    def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
-                pixel_values: Optional[Tensor] = None, token_mask: Optional[Tensor] = None,
-                loss_norm: Optional[LossNorm] = None, token_rows: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None) -> ModelOutput:
-        """input_ids [B, S] with runs of ``n_image_tokens`` placeholder ids per image;
-        pixel_values [N, 3, H, W] for the N images in placeholder order; ``token_mask``,
-        ``loss_norm``, ``token_rows`` and ``position_ids`` (V2PE's, ``moe_vlm.data.v2pe``) as
-        in ``DecoderLM.forward``."""
+    def embed_inputs(self, input_ids: Tensor, pixel_values: Optional[Tensor] = None,
+                     loss_norm: Optional[LossNorm] = None
+                     ) -> tuple[Tensor, Tensor, list[RouterOutput]]:
+        """input_ids [B, S] -> (embeddings [B, S, D] with the images' spliced in at their
+        placeholder runs, the image tokens [B, S] bool, the vision MoE layers' router
+        outputs); shared by ``forward`` and generation's prefill."""
         embeds = self.decoder.embed(input_ids)  # [B, S, D]
         is_image = input_ids == self.image_token_id  # [B, S]
         n_img = 0 if pixel_values is None else pixel_values.shape[0]
@@ -151,6 +149,17 @@ class VisionLanguageModel(nn.Module):
             feats, vision_routing = self.encode_images(pixel_values, loss_norm)  # [N, P', D]
             if n_img:
                 embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))
+        return embeds, is_image, vision_routing
+
+    def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
+                pixel_values: Optional[Tensor] = None, token_mask: Optional[Tensor] = None,
+                loss_norm: Optional[LossNorm] = None, token_rows: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None) -> ModelOutput:
+        """input_ids [B, S] with runs of ``n_image_tokens`` placeholder ids per image;
+        pixel_values [N, 3, H, W] for the N images in placeholder order; ``token_mask``,
+        ``loss_norm``, ``token_rows`` and ``position_ids`` (V2PE's, ``moe_vlm.data.v2pe``) as
+        in ``DecoderLM.forward``."""
+        embeds, is_image, vision_routing = self.embed_inputs(input_ids, pixel_values, loss_norm)
         out = self.decoder(inputs_embeds=embeds, labels=labels, token_mask=token_mask,
                            loss_norm=loss_norm, token_rows=token_rows, position_ids=position_ids,
                            image_mask=is_image)
