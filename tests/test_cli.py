@@ -65,7 +65,7 @@ def test_console_script_installed():
 SHIMS = {"train": "train", "upcycle": "upcycle", "import_hf": "import-hf", "export_hf": "export-hf",
          "results": "results", "plot": "plot", "plot_routing": "plot-routing", "fit": "fit",
          "grow": "grow",
-         "btx": "btx", "generate": "generate"}
+         "btx": "btx", "generate": "generate", "show": "show"}
 
 
 def test_one_table_every_command_a_module():

@@ -7,6 +7,7 @@
     analysis.py     results, plot, plot-routing: run directories read back
     scaling.py      fit: scaling laws on a results table
     generate.py     generate: answers from a trained model
+    show.py         show: held-out answers beside the truth, printed and as a PNG grid
 
 ``moe-vlm <name> ARGS`` and ``python -m moe_vlm.<module>`` (two-line shims, e.g.
 ``moe_vlm/plot_routing.py``) both run ``COMMANDS[name]``; a handler's module is imported
@@ -66,6 +67,10 @@ COMMANDS: dict[str, Command] = {
         "moe_vlm.commands.btx:btx_main",
         "--from RUN_A RUN_B [...] --out DIR [--trust-checkpoint] [key=value ...]",
         "Branch-Train-MiX: dense branches of one seed -> MoE (experts = branch FFNs)"),
+    "show": Command(
+        "moe_vlm.commands.show:show_main", "RUN_DIR [--n N] [--out PNG]",
+        "held-out scenes with each question, the model's answer and the truth\n"
+        "(greedy generation), printed and drawn as a PNG grid"),
     "import-hf": Command(
         "moe_vlm.commands.checkpoints:import_hf_main", "--from HF_DIR --out DIR",
         "local Hugging Face checkpoint -> our checkpoint directory"),
