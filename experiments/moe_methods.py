@@ -306,7 +306,9 @@ def table(name: str, results: list[dict[str, Any]]) -> str:
         if study.vlm:
             cells += [mean_std(col("eval_accuracy")),
                       "" if is_base else paired_cell(rs, base, "eval_accuracy")]
-        cells += [_extra_cell(col(k)) for k in study.extra]
+        for k in study.extra:  # losses also get their paired difference
+            diff = "" if is_base or "loss" not in k else f" ({paired_cell(rs, base, k)})"
+            cells.append(_extra_cell(col(k)) + diff)
         lines.append("| " + " | ".join(cells) + " |")
     if study.note:
         lines += ["", study.note]
