@@ -76,12 +76,10 @@ def generate_main(args: Sequence[str]) -> None:
 def _print_eval(model, tokenizer, cfg, n: int) -> None:
     """``--eval N``: held-out questions answered by greedy generation, one line each
     (``ok``/``--``, sample:answer, the answer, the truth), then the accuracies."""
-    from moe_vlm.data import build_data
+    from moe_vlm.generate.load import held_out_data
     from moe_vlm.train.evaluate_generated import generated_accuracy, generated_answers
 
-    vlm = hasattr(model, "image_token_id")
-    data = build_data(cfg.data, tokenizer, model.vision.cfg if vlm else None,
-                      model.n_image_tokens if vlm else 0)
+    data = held_out_data(model, tokenizer, cfg)
     samples = [data.eval[i] for i in range(min(n, len(data.eval)))]
     answers = generated_answers(model, samples, tokenizer.eos_id, tokenizer.decode,
                                 tokenizer.pad_id, v2pe_delta=cfg.data.v2pe_delta)

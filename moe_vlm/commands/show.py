@@ -29,15 +29,13 @@ def show_main(args: Sequence[str]) -> None:
         ap.error("--n must be at least 1")
     with _user_errors("moe-vlm show"):
         from moe_vlm.analysis.answers import as_text, group_answers, plot_grid
-        from moe_vlm.data import build_data
-        from moe_vlm.generate import load_for_generation
+        from moe_vlm.generate.load import held_out_data, load_for_generation
         from moe_vlm.train.evaluate_generated import generated_accuracy, generated_answers
 
         model, tok, cfg = load_for_generation(a.run_dir, a.overrides, device=a.device,
                                               trust=a.trust_checkpoint)
         vlm = hasattr(model, "image_token_id")
-        data = build_data(cfg.data, tok, model.vision.cfg if vlm else None,
-                          model.n_image_tokens if vlm else 0)
+        data = held_out_data(model, tok, cfg)
         samples, idx = [], 0
         while len(samples) < a.n and idx < len(data.eval):  # samples that ask something
             s = data.eval[idx]

@@ -63,3 +63,13 @@ def load_for_generation(source: str | Path, overrides: Sequence[str] = (),
         model = build_vlm(cfg, tokenizer.image_id, device="cpu", seed=cfg.seed)
     load_weights(model, src, trust=trust)
     return model.to(device).eval(), tokenizer, cfg
+
+
+def held_out_data(model: nn.Module, tokenizer: Any, cfg: Config) -> Any:
+    """The run's data bundle (``moe_vlm.data.build_data``) built for ``model``, for its
+    held-out samples (``moe-vlm generate --eval``, ``moe-vlm show``)."""
+    from moe_vlm.data import build_data
+
+    vlm = hasattr(model, "image_token_id")
+    return build_data(cfg.data, tokenizer, model.vision.cfg if vlm else None,
+                      model.n_image_tokens if vlm else 0)
