@@ -265,6 +265,10 @@ class DataConfig(_Section):
     # V2PE in training: each image's delta drawn from these (InternVL3: 1, 1/2, ..., 1/256);
     # empty = data.v2pe_delta
     v2pe_train_deltas: list[float] = field(default_factory=list)
+    # synthetic_vlm: training samples before this global index ask no "how many shapes"
+    # questions (a curriculum: counting, learned first, locks the image tokens into shape
+    # presence and the colour/shape lookups never form; README "The default job")
+    count_questions_after: int = 0
 
 
 def v2pe_enabled(d: DataConfig) -> bool:
@@ -285,6 +289,9 @@ class TrainConfig(_Section):
     schedule: Schedule = Schedule.cosine  # after warmup: cosine decay, warmup-stable-decay, constant
     wsd_decay_frac: float = 0.2  # WSD: fraction of steps spent decaying
     weight_decay: float = 0.1  # AdamW decoupled weight decay
+    # the vision tower's and projector's learning rate as a multiple of lr (same schedule).
+    # Below 1 the image features change slowly: see README "The default job" for why
+    vision_lr_scale: float = 1.0
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW epsilon

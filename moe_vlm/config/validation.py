@@ -381,13 +381,15 @@ def validate(cfg: Config) -> Config:
                   ("routing.aux_loss_coef", r.aux_loss_coef), ("routing.z_loss_coef", r.z_loss_coef),
                   ("routing.bias_update_rate", r.bias_update_rate),
                   ("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip),
-                  ("train.max_skipped_steps", t.max_skipped_steps)])
+                  ("train.max_skipped_steps", t.max_skipped_steps),
+                  ("data.count_questions_after", cfg.data.count_questions_after)])
     # theta and the frequency factors are divisors of the rotary frequencies; eps divides
     # in RMSNorm and AdamW: 0 or a negative value gives inf/NaN on the first step.
     _positive([("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps),
                ("model.rope_factor", m.rope_factor),
                ("model.rope_low_freq_factor", m.rope_low_freq_factor),
-               ("model.rope_high_freq_factor", m.rope_high_freq_factor), ("train.eps", t.eps)])
+               ("model.rope_high_freq_factor", m.rope_high_freq_factor), ("train.eps", t.eps),
+               ("train.vision_lr_scale", t.vision_lr_scale)])
     _need(m.n_dense_layers <= m.n_layers, "model.n_dense_layers",
           f"{m.n_dense_layers} exceeds model.n_layers={m.n_layers}; lower it (or set "
           "model.moe_every=0 for a dense model)")

@@ -36,7 +36,8 @@ def _synthetic_vlm(cfg: DataConfig, tokenizer, vision, n_image_tokens) -> DataBu
     img = (vision.image_size, vision.image_mean, vision.image_std, render)
     ev = SyntheticVLM(*args, "eval", *img, n_samples=cfg.n_eval_samples)
     chance = chance_accuracy([t for i in range(len(ev)) for t in ev.question_types(i)])
-    return DataBundle(train=SyntheticVLM(*args, "train", *img), eval=ev, tokenizer=tokenizer,
+    train = SyntheticVLM(*args, "train", *img, count_after=cfg.count_questions_after)
+    return DataBundle(train=train, eval=ev, tokenizer=tokenizer,
                       collate=functools.partial(collate, pad_id=tokenizer.pad_id),
                       chance_accuracy=chance, seed=cfg.seed, answer_types=list(QUESTION_TYPES))
 

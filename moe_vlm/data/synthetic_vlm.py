@@ -75,8 +75,10 @@ def caption(scene: list[Shape]) -> str:
     return " and ".join(parts) + "."
 
 
-def questions(scene: list[Shape], rng: random.Random, n: int) -> list[tuple[str, str, str]]:
-    """``n`` distinct (question type, question, answer) triples about the scene."""
+def questions(scene: list[Shape], rng: random.Random, n: int,
+              count: bool = True) -> list[tuple[str, str, str]]:
+    """``n`` distinct (question type, question, answer) triples about the scene; without
+    the "how many" question when ``count`` is false."""
     by_quad = {s.quadrant: s for s in scene}
     kinds = [s.kind for s in scene]
     pool: list[tuple[str, str, str]] = [("count", "how many shapes are there?", COUNTS[len(scene) - 1])]
@@ -94,20 +96,24 @@ def questions(scene: list[Shape], rng: random.Random, n: int) -> list[tuple[str,
         color, kind = s.color, s.kind
     present = any(s.color == color and s.kind == kind for s in scene)
     pool.append(("exists", f"is there a {color} {kind}?", "yes" if present else "no"))
+    if not count:
+        pool = pool[1:]
     return rng.sample(pool, min(n, len(pool)))
 
 
-def synthetic_vlm_row(seed: int, split: str, index: int) -> tuple[list[Shape], list[dict], list[str]]:
+def synthetic_vlm_row(seed: int, split: str, index: int,
+                      count: bool = True) -> tuple[list[Shape], list[dict], list[str]]:
     """One LLaVA-style row: (scene, conversation turns, question types of the answers).
 
-    ``split`` salts the generator, so train and eval scenes differ."""
+    ``split`` salts the generator, so train and eval scenes differ. ``count=False`` leaves
+    the "how many" question out (the same scene; the other questions are drawn anew)."""
     rng = random.Random(f"vlm/{seed}/{split}/{index}")
     scene = random_scene(rng)
     if rng.random() < CAPTION_FRAC:
         turns = [{"from": "human", "value": "<image>\ndescribe the image."},
                  {"from": "gpt", "value": caption(scene)}]
         return scene, turns, []
-    qs = questions(scene, rng, rng.randint(2, 3))
+    qs = questions(scene, rng, rng.randint(2, 3), count)
     turns = []
     for i, (_, q, a) in enumerate(qs):
         turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + q})
@@ -128,11 +134,16 @@ class SyntheticVLM:
     """Map-style source of image-text samples in the format of ``moe_vlm.data.sample``.
 
     ``render_turns(turns, n_images)`` is the chat template (token ids, labels, answer ids);
-    samples longer than ``seq_len`` cannot occur with the default sizes and raise."""
+    samples longer than ``seq_len`` cannot occur with the default sizes and raise.
+    ``count_after``: samples with a smaller index ask no "how many" questions
+    (``data.count_questions_after``; the index is the global training sample, so the
+    curriculum does not depend on micro-batching, the process layout or a resume)."""
 
     def __init__(self, seq_len: int, seed: int, split: str, image_size: int,
-                 mean: list[float], std: list[float], render_turns, n_samples: int | None = None):
+                 mean: list[float], std: list[float], render_turns, n_samples: int | None = None,
+                 count_after: int = 0):
         self.seq_len, self.seed, self.split, self.n_samples = seq_len, seed, split, n_samples
+        self.count_after = count_after
         self.image_size = image_size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
@@ -143,11 +154,14 @@ class SyntheticVLM:
             raise TypeError("the synthetic training stream is unbounded")
         return self.n_samples
 
+    def _row(self, index: int) -> tuple[list[Shape], list[dict], list[str]]:
+        return synthetic_vlm_row(self.seed, self.split, index, count=index >= self.count_after)
+
     def question_types(self, index: int) -> list[str]:
-        return synthetic_vlm_row(self.seed, self.split, index)[2]
+        return self._row(index)[2]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        scene, turns, qtypes = synthetic_vlm_row(self.seed, self.split, index)
+        scene, turns, qtypes = self._row(index)
         rng = random.Random(f"vlm-img/{self.seed}/{self.split}/{index}")
         img = torch.from_numpy(render(scene, self.image_size, rng)).permute(2, 0, 1)  # [3, H, W]
         pixels = ((img - self.mean) / self.std).unsqueeze(0)  # [1, 3, H, W]

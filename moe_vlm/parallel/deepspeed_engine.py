@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moe_vlm.errors import ConfigError
-from moe_vlm.parallel.engines import AmpContext, StepResult, finite
+from moe_vlm.parallel.engines import AmpContext, StepResult, finite, set_lr
 from moe_vlm.parallel.expert_parallel import full_state_dict
 from moe_vlm.parallel.parallelize import Parallelized
 from moe_vlm.parallel.runtime import Layout
@@ -145,8 +145,7 @@ class DeepSpeedEngine:
         the gradients) when the norm is not finite. A non-finite *loss* with finite
         gradients cannot happen (the gradients of a NaN loss are NaN); a DeepSpeed that
         updated with a non-finite norm is refused, since its weights are then lost."""
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(self.optimizer, lr)
         self.engine.step()
         raw = self.engine.get_global_grad_norm()
         norm = torch.tensor(float("nan") if raw is None else float(raw))
@@ -190,10 +189,12 @@ class DeepSpeedEngine:
 
     def _torch_groups(self) -> list[dict]:
         """Param groups as the single-process AdamW has them (indices into ``self.params``)."""
-        lr = self.optimizer.param_groups[0]["lr"]
+        first = self.optimizer.param_groups[0]
+        lr = first["lr"] / first.get("lr_scale", 1.0)  # the step's base rate (set_lr)
         out, start = [], 0
         for n, opts in self._groups:
-            out.append({**self._defaults, **opts, "lr": lr, "params": list(range(start, start + n))})
+            out.append({**self._defaults, **opts, "lr": lr * opts.get("lr_scale", 1.0),
+                        "params": list(range(start, start + n))})
             start += n
         return out
 

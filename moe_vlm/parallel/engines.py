@@ -44,6 +44,13 @@ from moe_vlm.parallel.state import full_optimizer_state, load_full_optimizer_sta
 AmpContext = Callable[[], ContextManager]
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The step's learning rate into every parameter group, times the group's ``lr_scale``
+    (``train.vision_lr_scale``: ``moe_vlm.train.optim.param_groups``)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What one optimizer step did."""
@@ -152,8 +159,7 @@ class TorchEngine:
         if not finite(loss, norm):  # host sync; the same on every rank
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(norm, skipped=True)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(norm, skipped=False)

@@ -15,7 +15,7 @@ def build_engine(cfg: Config, par: Parallelized, layout: Layout, micro_bs: int, 
     if cfg.parallel.engine == "deepspeed":
         from moe_vlm.parallel.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(par, layout, param_groups(par.model, t.weight_decay), lr=t.lr,
+        return DeepSpeedEngine(par, layout, param_groups(par.model, t.weight_decay, t.vision_lr_scale), lr=t.lr,
                                betas=(t.beta1, t.beta2), eps=t.eps, grad_clip=t.grad_clip,
                                micro_batch_size=micro_bs, grad_accum=n_micro,
                                zero_stage=cfg.parallel.zero_stage)

@@ -10,23 +10,38 @@ from torch import nn
 from moe_vlm.config.schema import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+VISION_PREFIXES = ("vision.", "projector.")  # what makes the image tokens (VLM parameter names)
+
+
+def param_groups(model: nn.Module, weight_decay: float, vision_lr_scale: float = 1.0) -> list[dict]:
     """Decay matrices (linear, expert, router and embedding weights); no decay on
-    norms and biases. The router's balance bias is a buffer, so no optimiser sees it."""
-    decay, no_decay = [], []
+    norms and biases. The router's balance bias is a buffer, so no optimiser sees it.
+
+    ``vision_lr_scale != 1``: the vision tower's and projector's parameters go into two
+    more groups whose ``lr_scale`` the engines multiply the step's learning rate by. At 1
+    the groups are the two they always were, so older checkpoints' optimiser states load."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        decays = not (p.ndim < 2 or "norm" in name or name.endswith(".bias"))
+        vision = vision_lr_scale != 1.0 and name.startswith(VISION_PREFIXES)
+        groups.setdefault((vision, decays), []).append(p)
+    out = [{"params": groups.get((False, True), []), "weight_decay": weight_decay},
+           {"params": groups.get((False, False), []), "weight_decay": 0.0}]
+    if vision_lr_scale != 1.0:
+        out += [{"params": groups.get((True, True), []), "weight_decay": weight_decay,
+                 "lr_scale": vision_lr_scale},
+                {"params": groups.get((True, False), []), "weight_decay": 0.0,
+                 "lr_scale": vision_lr_scale}]
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over ``param_groups``. On CUDA the fused implementation (one kernel for all
     parameters instead of a loop of small ones); on CPU the default one, whose results
     earlier runs and checkpoints were made with."""
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.vision_lr_scale)
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.device.type == "cuda" for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,

@@ -72,6 +72,29 @@ def test_synthetic_vlm_deterministic_learnable_format():
     assert set(t for k in kinds for t in k) <= set(N_OPTIONS)
 
 
+def test_synthetic_vlm_count_questions_after_is_a_curriculum_by_sample_index():
+    """data.count_questions_after=N: training samples 0..N-1 ask no "how many" question;
+    from N on, and in the held-out set, the samples are exactly the usual ones."""
+    from moe_vlm.config import VisionConfig
+
+    vis = VisionConfig(name="vit")
+    cfg = dict(name="synthetic_vlm", seq_len=192, n_eval_samples=16)
+    plain = build_data(DataConfig(**cfg), ByteTokenizer(), vis, 4)
+    cur = build_data(DataConfig(**cfg, count_questions_after=300), ByteTokenizer(), vis, 4)
+    count = plain.answer_types.index("count")
+    early = [cur.train[i] for i in range(300)]
+    assert not any(bool((s["answer_types"] == count).any()) for s in early)
+    assert sum(bool((plain.train[i]["answer_types"] == count).any()) for i in range(300)) > 50
+    assert any(bool((s["answer_types"] >= 0).any()) for s in early)  # other questions remain
+    for i in (300, 301, 777):
+        for k, v in plain.train[i].items():
+            assert torch.equal(v, cur.train[i][k])
+    for i in range(16):
+        for k, v in plain.eval[i].items():
+            assert torch.equal(v, cur.eval[i][k])
+    assert torch.equal(plain.train[5]["pixel_values"], cur.train[5]["pixel_values"])  # same scene
+
+
 class _Finite:
     def __init__(self, n):
         self.n = n

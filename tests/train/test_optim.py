@@ -54,6 +54,39 @@ def test_param_groups_no_decay_on_norms_and_router_bias_not_optimised():
     assert all(p is not model.layers[0].ffn.router.bias for g in opt.param_groups for p in g["params"])
 
 
+def test_vision_lr_scale_scales_only_the_image_path():
+    """train.vision_lr_scale: the tower's and projector's steps are that fraction of the
+    decoder's (the same schedule); at 1 the groups are the usual two."""
+    from moe_vlm.model.vlm import build_vlm
+    from moe_vlm.parallel.engines import set_lr
+
+    cfg = load_config(["vision.n_layers=1", "model.n_layers=1"])
+    model = build_vlm(cfg, image_token_id=3)
+    assert len(param_groups(model, 0.1)) == 2
+    groups = param_groups(model, 0.1, vision_lr_scale=0.25)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, 1.0, 0.25, 0.25]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.1, 0.0]
+    image_path = {names[id(p)] for g in groups[2:] for p in g["params"]}
+    assert image_path == {n for n in names.values() if n.startswith(("vision.", "projector."))}
+    assert not any(n.startswith(("vision.", "projector.")) for g in groups[:2]
+                   for n in (names[id(p)] for p in g["params"]))
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    set_lr(opt, 0.02)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02, 0.02, 0.005, 0.005])
+    # one step: a vision weight moves a quarter as far as with the full rate (Adam's first
+    # step moves every weight by lr * sign(grad), here without weight decay)
+    w = model.projector.fc1.weight
+    before = w.detach().clone()
+    for g in opt.param_groups:
+        g["weight_decay"] = 0.0
+    w.grad = torch.ones_like(w)
+    opt.step()
+    assert torch.allclose(before - w.detach(), torch.full_like(w, 0.005), rtol=1e-4)
+    with pytest.raises(Exception, match="train.vision_lr_scale"):
+        load_config(["train.vision_lr_scale=0"])
+
+
 def test_adamw_is_fused_only_on_cuda(tiny_config):
     """CPU runs keep the default AdamW (the one their checkpoints were made with)."""
     cfg = tiny_config()
