@@ -81,7 +81,8 @@ STUDIES["rmoe"] = Study(
     baseline="default", steps=1000,
     arms={"default": (_train("default"),), "rmoe": (_train("rmoe", "experiment=rmoe"),)},
     extra=("params_active",),
-    note="The default VLM job, 1000 steps. `experiment=rmoe`: R=32 (projection and GRU "
+    note="The default VLM job as it was before issue 19 (1000 steps, no curriculum, one "
+         "learning rate; the script pins it). `experiment=rmoe`: R=32 (projection and GRU "
          "state); it adds 3% active parameters and 7.5% FLOPs per token.")
 
 # MoTE: every arm upcycles one dense VLM (the default job, dense) around its FFN as a frozen
@@ -203,6 +204,10 @@ def _finished(stage: Stage, d: Path) -> bool:
     return (d / ".done").exists()
 
 
+# the default job as it was when the recorded tables were made (README "The default job")
+OLD_DEFAULT = ["train.vision_lr_scale=1.0", "data.count_questions_after=0"]
+
+
 def run_stage(stage: Stage, d: Path, dirs: dict[str, Path], seed: int, steps: int) -> None:
     """Run one stage into ``d`` unless it finished before; raise when it fails."""
     if _finished(stage, d):
@@ -211,7 +216,8 @@ def run_stage(stage: Stage, d: Path, dirs: dict[str, Path], seed: int, steps: in
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if stage.kind in ("train", "torchrun"):
         args += [f"seed={seed + stage.seed_offset}", f"data.seed={1234 + seed}", f"run.dir={d}",
-                 f"train.max_steps={stage.steps or steps}", "train.progress=false"]
+                 f"train.max_steps={stage.steps or steps}", "train.progress=false",
+                 *OLD_DEFAULT]
         if stage.kind == "train":
             cmd = [sys.executable, "-m", "moe_vlm.commands", "train", *args]
         else:

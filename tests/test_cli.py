@@ -20,21 +20,24 @@ def _run(args, cwd):
 
 @pytest.mark.timeout(600)
 def test_default_job_short_version_answers_above_chance(tmp_path):
-    # The default VLM job with 2/3 of its steps (same model, data, lr and schedule shape):
-    # held-out answers must beat uniform guessing clearly, i.e. the model reads the images.
-    r = _run(["train", "train.max_steps=800", "train.eval_every=400", "train.ckpt_every=400",
+    # The default VLM job with a third of its steps (same model, data, learning rates,
+    # schedule shape and curriculum: count questions join halfway): held-out answers must
+    # beat uniform guessing clearly, i.e. the model reads the images.
+    r = _run(["train", "train.max_steps=1000", "train.eval_every=500", "train.ckpt_every=500",
               "train.progress=false"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = list((tmp_path / "outputs").glob("*/*/summary.json"))  # Hydra's job dir
     assert len(runs) == 1
     s = json.loads(runs[0].read_text())
-    assert s["status"] == "completed" and s["steps"] == 800
+    assert s["status"] == "completed" and s["steps"] == 1000
     assert s["final_eval_loss"] < 0.1 * s["initial_eval_loss"]
     assert 0.25 < s["chance_accuracy"] < 0.35
-    # Measured: 0.381 vs 0.303. The job is bit-reproducible on a given machine (same
-    # command, same numbers), so this either always passes there or always fails.
-    assert s["eval_accuracy"] > s["chance_accuracy"] + 0.05, s
+    # Measured with seeds 0-4 (this command with seed=S): 0.402-0.537 (seed 0: 0.443)
+    # against chance 0.303. The job is bit-reproducible on a given machine (same command,
+    # same numbers), so this either always passes there or always fails.
+    assert s["eval_accuracy"] > s["chance_accuracy"] + 0.08, s
     assert s["eval_accuracy"] > s["initial_eval_accuracy"]
+    assert set(s["eval_accuracy_breakdown"]) == {"count", "color_at", "kind_at", "color_of", "exists"}
     assert (runs[0].parent / "config.yaml").is_file()
     assert (runs[0].parent / "metrics.jsonl").is_file()
 
