@@ -21,6 +21,7 @@ where the decoder never learns colour questions (README, "The default job").
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from moe_vlm.data.synthetic_vlm import COLORS, KINDS, synthetic_vlm_row
 from moe_vlm.generate.load import held_out_data, load_for_generation
+from moe_vlm.model.vlm import merge_patches
 
 
 def probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> float:
@@ -49,15 +51,6 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> float:
     opt.step(closure)
     with torch.no_grad():
         return ((xte @ w + b).argmax(1) == y[n:]).float().mean().item()
-
-
-def _quadrants(x: torch.Tensor) -> torch.Tensor:
-    """x [N, P, C] on a square grid -> [N * 4, P/4 * C]: each quadrant's tokens concatenated."""
-    n, p, c = x.shape
-    side = int(round(p ** 0.5))
-    h = side // 2
-    g = x.reshape(n, 2, h, 2, h, c).permute(0, 1, 3, 2, 4, 5)  # [N, 2, 2, h, h, C]
-    return g.reshape(n * 4, h * h * c)
 
 
 @torch.no_grad()
@@ -88,8 +81,10 @@ def probe_run(run_dir: str, init: bool, n_samples: int) -> dict[str, float]:
     colour_t, kind_t = torch.tensor(colour), torch.tensor(kind)  # [N * 4], -1: empty quadrant
     quadrant = torch.arange(4).repeat(len(pix))  # [N * 4]
     shape = colour_t >= 0
-    feats = {"projector": emb.reshape(-1, emb.shape[-1]), "tower": _quadrants(tower),
-             "pixels": _quadrants(pixels.permute(0, 2, 3, 1).reshape(len(pix), -1, 3))}
+    pixel_grid = pixels.permute(0, 2, 3, 1).reshape(len(pix), -1, 3)  # [N, H*W, 3]
+    quadrants = lambda x: merge_patches(x, math.isqrt(x.shape[1]) // 2).flatten(0, 1)  # [N*4, F]
+    feats = {"projector": emb.reshape(-1, emb.shape[-1]), "tower": quadrants(tower),
+             "pixels": quadrants(pixel_grid)}
     out = {"image_rms": emb.pow(2).mean().sqrt().item(),
            "text_rms": torch.cat(text).pow(2).mean().sqrt().item()}
     for name, x in feats.items():

@@ -97,7 +97,7 @@ def questions(scene: list[Shape], rng: random.Random, n: int,
     present = any(s.color == color and s.kind == kind for s in scene)
     pool.append(("exists", f"is there a {color} {kind}?", "yes" if present else "no"))
     if not count:
-        pool = pool[1:]
+        pool = [q for q in pool if q[0] != "count"]
     return rng.sample(pool, min(n, len(pool)))
 
 

@@ -34,6 +34,15 @@ from moe_vlm.routing.loss_norm import LossNorm
 from moe_vlm.routing.router import RouterOutput
 
 
+def merge_patches(feats: Tensor, m: int) -> Tensor:
+    """feats [N, P, C] on a square, row-major patch grid -> [N, P / m^2, m * m * C]: each
+    m x m neighbourhood concatenated (pixel shuffle), neighbourhoods in row-major order."""
+    n, p, c = feats.shape
+    side = math.isqrt(p)
+    g = feats.reshape(n, side // m, m, side // m, m, c)  # [N, h, m, w, m, C]
+    return g.permute(0, 1, 3, 2, 4, 5).reshape(n, (side // m) ** 2, m * m * c)
+
+
 class Projector(nn.Module):
     """2-layer MLP with GELU (LLaVA-1.5's ``mlp2x_gelu``). With ``merge=m`` each m x m
     neighbourhood of patches is concatenated first (pixel shuffle), so an image costs
@@ -63,13 +72,9 @@ class Projector(nn.Module):
 
     def forward(self, feats: Tensor) -> Tensor:
         """feats [N, P, Dv] -> [N, P', D]."""
-        n, p, dv = feats.shape
-        m = self.merge
-        if m > 1:
-            side = math.isqrt(p)
-            self.n_tokens(p)  # validates the grid
-            g = feats.reshape(n, side // m, m, side // m, m, dv)  # [N, h, m, w, m, Dv]
-            feats = g.permute(0, 1, 3, 2, 4, 5).reshape(n, (side // m) ** 2, m * m * dv)
+        if self.merge > 1:
+            self.n_tokens(feats.shape[1])  # validates the grid
+            feats = merge_patches(feats, self.merge)
         return self.fc2(F.gelu(self.fc1(feats)))
 
 

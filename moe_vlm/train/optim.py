@@ -17,9 +17,10 @@ def param_groups(model: nn.Module, weight_decay: float, vision_lr_scale: float =
     """Decay matrices (linear, expert, router and embedding weights); no decay on
     norms and biases. The router's balance bias is a buffer, so no optimiser sees it.
 
-    ``vision_lr_scale != 1``: the vision tower's and projector's parameters go into two
-    more groups whose ``lr_scale`` the engines multiply the step's learning rate by. At 1
-    the groups are the two they always were, so older checkpoints' optimiser states load."""
+    ``vision_lr_scale != 1``: the vision tower's and projector's trainable parameters go
+    into two more groups whose ``lr_scale`` the engines multiply the step's learning rate
+    by. At 1, or for a model without them (text-only), the groups are the two they always
+    were, so older checkpoints' optimiser states load."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -29,7 +30,7 @@ def param_groups(model: nn.Module, weight_decay: float, vision_lr_scale: float =
         groups.setdefault((vision, decays), []).append(p)
     out = [{"params": groups.get((False, True), []), "weight_decay": weight_decay},
            {"params": groups.get((False, False), []), "weight_decay": 0.0}]
-    if vision_lr_scale != 1.0:
+    if (True, True) in groups or (True, False) in groups:  # a model with an image path
         out += [{"params": groups.get((True, True), []), "weight_decay": weight_decay,
                  "lr_scale": vision_lr_scale},
                 {"params": groups.get((True, False), []), "weight_decay": 0.0,
