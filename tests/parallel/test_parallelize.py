@@ -20,6 +20,7 @@ from moe_vlm.model import build_model
 from moe_vlm.parallel.parallelize import apply_compile, parallelize, repeated_blocks
 from moe_vlm.parallel.runtime import Layout
 from moe_vlm.train import train
+from moe_vlm.train.checkpoint import checkpoint_path
 from moe_vlm.train.rundir import read_jsonl
 from test_expert_parallel import _free_port  # noqa: E402
 
@@ -149,13 +150,16 @@ def _nan_at(monkeypatch, call: int) -> dict[str, int]:
 @pytest.mark.timeout(300)
 def test_deepspeed_skips_a_non_finite_step_like_the_torch_engine(tmp_path, monkeypatch):
     """``train.nan_policy=skip`` under both engines: step 2 is skipped (weights and
-    optimizer untouched), and the runs go on with the same losses."""
+    optimizer untouched), and the runs go on with the same losses. On the default VLM,
+    whose tower and projector learn at ``train.vision_lr_scale`` (0.1): DeepSpeed keeps the
+    scaled groups (the same losses, and the checkpoint's param groups are the torch
+    engine's, learning rates and ``lr_scale`` included)."""
     pytest.importorskip("deepspeed")
     import torch.distributed as dist
 
-    common = [*TEXT, "train.max_steps=4", "train.batch_size=4", "train.progress=false",
+    common = ["train.max_steps=4", "train.batch_size=4", "train.progress=false",
               "data.n_eval_samples=8", "train.log_every=1", "train.eval_every=4",
-              "train.nan_policy=skip"]
+              "train.nan_policy=skip", "train.ckpt_every=4", "train.vision_lr_scale=0.1"]
     rows, calls = {}, _nan_at(monkeypatch, 2)
     for engine in ("torch", "deepspeed"):
         calls["n"] = 0
@@ -180,3 +184,8 @@ def test_deepspeed_skips_a_non_finite_step_like_the_torch_engine(tmp_path, monke
             assert ds["loss"] == pytest.approx(pt["loss"], rel=2e-4)
     summary = json.loads((tmp_path / "deepspeed" / "summary.json").read_text())
     assert summary["parallel"]["engine"] == "deepspeed"
+    groups = {engine: torch.load(checkpoint_path(tmp_path / engine / "checkpoints", 4),
+                                 weights_only=False)["optimizer"]["param_groups"]
+              for engine in rows}
+    assert groups["deepspeed"] == groups["torch"]
+    assert sorted({g.get("lr_scale", 1.0) for g in groups["torch"]}) == [0.1, 1.0]
