@@ -205,7 +205,7 @@ def _finished(stage: Stage, d: Path) -> bool:
 
 
 # the default job as it was when the recorded tables were made (README "The default job")
-OLD_DEFAULT = ["train.vision_lr_scale=1.0", "data.count_questions_after=0"]
+OLD_DEFAULT = ["train.vision_lr_scale=1.0", "data.count_questions_after=0", "data.tokenizer=byte"]
 
 
 def run_stage(stage: Stage, d: Path, dirs: dict[str, Path], seed: int, steps: int) -> None:

@@ -41,7 +41,7 @@ ARMS: dict[str, list[str]] = {
 
 
 # the default job as it was when the recorded tables were made (README "The default job")
-OLD_DEFAULT = ["train.vision_lr_scale=1.0", "data.count_questions_after=0"]
+OLD_DEFAULT = ["train.vision_lr_scale=1.0", "data.count_questions_after=0", "data.tokenizer=byte"]
 
 
 def run_arm(arm: str, seed: int, steps: int, root: Path) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from moe_vlm.atomic import atomic_write
 
 ARMS = {"default": [], "vit_moe": ["experiment=vit_moe"], "encoder_free": ["experiment=encoder_free"]}
 # the default job as it was when the recorded table was made (README "The default job")
-OLD_DEFAULT = ["train.max_steps=1000", "train.vision_lr_scale=1.0", "data.count_questions_after=0"]
+OLD_DEFAULT = ["train.max_steps=1000", "train.vision_lr_scale=1.0", "data.count_questions_after=0",
+               "data.tokenizer=byte"]
 T_CRIT = {2: 4.303, 3: 3.182, 4: 2.776}  # two-sided 95% Student t by degrees of freedom
 OUT = Path(__file__).parent / "results" / "multimodal_vision.md"
 

@@ -76,7 +76,7 @@ def test_generated_answers_agree_with_teacher_forced_exact_match():
 def test_vlm_generated_accuracy_equals_eval_accuracy():
     """On held-out synthetic_vlm questions (images spliced in the prompt), per-answer and in
     total the generated scoring equals ``evaluate``'s teacher-forced one."""
-    cfg = load_config(["data.n_eval_samples=6", "model.init_std=0.3"])
+    cfg = load_config(["data.n_eval_samples=6", "model.init_std=0.3", "data.tokenizer=byte"])
     model = build_vlm(cfg, TOK.image_id, seed=0).eval()
     data = build_data(cfg.data, TOK, model.vision.cfg, model.n_image_tokens)
     samples = [data.eval[i] for i in range(len(data.eval))]
@@ -95,7 +95,7 @@ def test_cli_eval_prints_generated_answers_and_accuracy(tmp_path, capsys):
     from moe_vlm.commands import main
     from moe_vlm.commands.checkpoints import write_checkpoint_dir
 
-    cfg = load_config(["data.n_eval_samples=4", "model.init_std=0.3"])
+    cfg = load_config(["data.n_eval_samples=4", "model.init_std=0.3", "data.tokenizer=byte"])
     model = build_vlm(cfg, TOK.image_id, seed=0).eval()
     write_checkpoint_dir(tmp_path / "ckpt", cfg, model.state_dict(), "note.json", {})
     data = build_data(cfg.data, TOK, model.vision.cfg, model.n_image_tokens)
