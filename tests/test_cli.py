@@ -35,9 +35,9 @@ def test_default_job_short_version_answers_above_chance(tmp_path):
     assert 0.25 < s["chance_accuracy"] < 0.35
     # Measured 2026-12-02 with seeds 0-4 (this command with seed=S, one thread): 0.644-0.710
     # against chance 0.303, both colour question types 0.69-0.82 against 0.17 (the
-    # colours are read from the image by step 500-1000); seed 0 at two threads, this
-    # test: 0.662 (colours 0.67 and 0.72). The job is bit-reproducible on a given machine (same command, same
-    # numbers), so this either always passes there or always fails.
+    # colours are read from the image by step 500-1000); seed 0 at two threads, as here:
+    # 0.662 (colours 0.67 and 0.72). The job is bit-reproducible on a given machine (same
+    # command, same numbers), so this either always passes there or always fails.
     assert s["eval_accuracy"] > s["chance_accuracy"] + 0.25, s
     by_type = s["eval_accuracy_breakdown"]
     assert by_type["color_at"] > 0.5 and by_type["color_of"] > 0.5, by_type  # chance 1/6
