@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 from moe_vlm.analysis.paired import mean_std, paired_cell
 from moe_vlm.atomic import atomic_write
+from moe_vlm.data.synthetic_vlm import OLD_DEFAULT_JOB
 
 TEXT = ["vision=none", "data=synthetic_text"]  # the text-only tiny jobs
 
@@ -204,8 +205,7 @@ def _finished(stage: Stage, d: Path) -> bool:
     return (d / ".done").exists()
 
 
-# the default job as it was when the recorded tables were made (README "The default job")
-OLD_DEFAULT = ["train.vision_lr_scale=1.0", "data.count_questions_after=0", "data.tokenizer=byte"]
+OLD_DEFAULT = OLD_DEFAULT_JOB  # the default job as the recorded tables were made with
 
 
 def run_stage(stage: Stage, d: Path, dirs: dict[str, Path], seed: int, steps: int) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 from moe_vlm.analysis.paired import mean_std, paired_cell
 from moe_vlm.atomic import atomic_write
-from moe_vlm.data.synthetic_vlm import QUESTION_TYPES
+from moe_vlm.data.synthetic_vlm import OLD_DEFAULT_JOB, QUESTION_TYPES
 
 ARMS: dict[str, list[str]] = {
     "default": [],
@@ -40,8 +40,7 @@ ARMS: dict[str, list[str]] = {
 }
 
 
-# the default job as it was when the recorded tables were made (README "The default job")
-OLD_DEFAULT = ["train.vision_lr_scale=1.0", "data.count_questions_after=0", "data.tokenizer=byte"]
+OLD_DEFAULT = OLD_DEFAULT_JOB  # the default job as the recorded tables were made with
 
 
 def run_arm(arm: str, seed: int, steps: int, root: Path) -> dict[str, Any]:

@@ -23,11 +23,11 @@ import sys
 from pathlib import Path
 
 from moe_vlm.atomic import atomic_write
+from moe_vlm.data.synthetic_vlm import OLD_DEFAULT_JOB
 
 ARMS = {"default": [], "vit_moe": ["experiment=vit_moe"], "encoder_free": ["experiment=encoder_free"]}
-# the default job as it was when the recorded table was made (README "The default job")
-OLD_DEFAULT = ["train.max_steps=1000", "train.vision_lr_scale=1.0", "data.count_questions_after=0",
-               "data.tokenizer=byte"]
+# the default job as the recorded table was made with (1000 steps then)
+OLD_DEFAULT = ["train.max_steps=1000", *OLD_DEFAULT_JOB]
 T_CRIT = {2: 4.303, 3: 3.182, 4: 2.776}  # two-sided 95% Student t by degrees of freedom
 OUT = Path(__file__).parent / "results" / "multimodal_vision.md"
 
