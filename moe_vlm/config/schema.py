@@ -269,6 +269,11 @@ class DataConfig(_Section):
     # questions (a curriculum: counting, learned first, locks the image tokens into shape
     # presence and the colour/shape lookups never form; README "The default job")
     count_questions_after: int = 0
+    # synthetic_vlm: steps of pre-training the vision tower and projector on the scenes'
+    # attributes (kind, colour, size per quadrant) before the run's first step, the set's
+    # stand-in for a pre-trained image encoder (moe_vlm.train.vision_pretrain); 0 = off.
+    # Other data sets have no scene attributes and ignore it (as count_questions_after).
+    vision_pretrain_steps: int = 0
 
 
 def v2pe_enabled(d: DataConfig) -> bool:

@@ -382,7 +382,8 @@ def validate(cfg: Config) -> Config:
                   ("routing.bias_update_rate", r.bias_update_rate),
                   ("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip),
                   ("train.max_skipped_steps", t.max_skipped_steps),
-                  ("data.count_questions_after", cfg.data.count_questions_after)])
+                  ("data.count_questions_after", cfg.data.count_questions_after),
+                  ("data.vision_pretrain_steps", cfg.data.vision_pretrain_steps)])
     # theta and the frequency factors are divisors of the rotary frequencies; eps divides
     # in RMSNorm and AdamW: 0 or a negative value gives inf/NaN on the first step.
     _positive([("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps),

@@ -18,12 +18,13 @@ from moe_vlm.config.schema import Config
 from moe_vlm.errors import ConfigError
 
 # Keys that drive the run without changing what a step computes (to float rounding), or
-# that only apply when a run starts fresh (train.init_from, upcycle.*).
+# that only apply when a run starts fresh (train.init_from, upcycle.*,
+# data.vision_pretrain_steps).
 FREE = ("train.max_steps", "train.stop_after_steps", "train.progress", "train.prefetch", "train.log_every",
         "train.eval_every", "train.ckpt_every", "train.keep_checkpoints", "train.device",
         "train.micro_batch_size", "train.deterministic", "train.trust_checkpoint",
-        "train.allow_changes", "train.init_from", "moe.backend", "model.loss_chunk", "upcycle", "parallel",
-        "run", "log")
+        "train.allow_changes", "train.init_from", "data.vision_pretrain_steps", "moe.backend",
+        "model.loss_chunk", "upcycle", "parallel", "run", "log")
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

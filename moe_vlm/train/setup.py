@@ -136,6 +136,34 @@ def _model_and_data(cfg: Config, tokenizer: Any, device: torch.device) -> tuple[
     return model, build_data(cfg.data, tokenizer, model.vision.cfg, model.n_image_tokens)
 
 
+def _pretrain_vision(cfg: Config, model: nn.Module, layout: Layout) -> Optional[dict[str, Any]]:
+    """``data.vision_pretrain_steps`` on a fresh run (not a resume, ``train.init_from`` or an
+    upcycle, whose weights come from elsewhere): the tower and projector pre-trained on the
+    synthetic scenes' attributes (``moe_vlm.train.vision_pretrain``); its report, or None
+    when off, for data without the scenes, or when nothing it would train is trainable
+    (an encoder-free model, or ``train.trainable`` without the vision groups). Every rank computes the same stage;
+    rank 0's result is broadcast so the ranks start from identical weights."""
+    from moe_vlm.train.vision_pretrain import image_path_params, pretrain_steps, pretrain_vision
+    steps = pretrain_steps(cfg)
+    if not steps or getattr(model, "projector", None) is None or not image_path_params(model):
+        return None
+    report = pretrain_vision(model, steps, cfg.train.batch_size, cfg.train.lr, cfg.seed,
+                             cfg.data.seed)
+    if layout.is_main:
+        change = ", ".join(f"{a} {report.accuracy_before[a]:.2f} -> {report.accuracy_after[a]:.2f}"
+                           for a in report.accuracy_after)
+        print(f"vision pre-training (data.vision_pretrain_steps={steps}): held-out quadrant "
+              f"accuracy {change}", flush=True)
+    if layout.distributed:
+        names = [n for n, _ in model.named_parameters() if n.startswith(("vision.", "projector."))]
+        params = dict(model.named_parameters())
+        ref = layout.broadcast({n: params[n].detach().cpu() for n in names})
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(ref[n])
+    return report.as_dict()
+
+
 def _load_checkpoint_weights(model: nn.Module, state: dict[str, Any], ckpt_dir: Path) -> None:
     try:
         model.load_state_dict(state["model"])
@@ -166,6 +194,9 @@ def setup_run(cfg: Config, run_dir: Path, layout: Layout, state: Optional[dict[s
         from moe_vlm.upcycling.upcycle import upcycle_from_config
         upcycled = upcycle_from_config(model, cfg)
     n_params = apply_trainable(model, list(t_cfg.trainable))
+    vision_pretrain = None
+    if state is None and not t_cfg.init_from and cfg.upcycle.method == "none":
+        vision_pretrain = _pretrain_vision(cfg, model, layout)
     counts = count_params(model)
     moes = model.moe_layers()
     summary = RunSummary(
@@ -176,7 +207,8 @@ def setup_run(cfg: Config, run_dir: Path, layout: Layout, state: Optional[dict[s
         expert_backend=moes[0].experts.backend_name(
             torch.empty(0, cfg.model.d_model, device=device)) if moes else None,
         parallel=layout.describe(), config=asdict(cfg),
-        chance_accuracy=data.chance_accuracy, init_from=t_cfg.init_from or None, upcycle=upcycled)
+        chance_accuracy=data.chance_accuracy, init_from=t_cfg.init_from or None, upcycle=upcycled,
+        vision_pretrain=vision_pretrain)
     if moes:
         summary.expert_memory = expert_memory(model, cfg.moe.ternary)
         summary.expert_bytes = summary.expert_memory["expert_bytes"]

@@ -17,7 +17,8 @@ _OMIT = {"omit_if_none": True}
 # Carried over from the checkpoint's summary when a run resumes.
 RESUMED = ("initial_eval_loss", "initial_eval_accuracy", "tokens_seen", "wall_time_s",
            "skipped_steps", "final_train_loss", "final_eval_loss", "eval_accuracy",
-           "caption_loss", "upcycle", "changed_on_resume", "eval_accuracy_breakdown")
+           "caption_loss", "upcycle", "changed_on_resume", "eval_accuracy_breakdown",
+           "vision_pretrain")
 
 
 @dataclass
@@ -38,6 +39,8 @@ class RunSummary:
     chance_accuracy: Optional[float] = field(default=None, metadata=_OMIT)
     init_from: Optional[str] = field(default=None, metadata=_OMIT)
     upcycle: Optional[dict[str, Any]] = field(default=None, metadata=_OMIT)  # its report
+    # data.vision_pretrain_steps: the stage's report (moe_vlm.train.vision_pretrain)
+    vision_pretrain: Optional[dict[str, Any]] = field(default=None, metadata=_OMIT)
     steps: int = 0
     tokens_seen: int = 0  # real (non-padding) tokens trained on
     wall_time_s: float = 0.0  # summed over every call that trained this run

@@ -95,11 +95,12 @@ LAYOUTS = {
     "ep2_capacity": (2, [*TEXT, "parallel.ep=2", "train.micro_batch_size=2",
                          "routing.capacity_factor=1.0"]),
     # parallelize's whole order: EP, activation checkpointing, then FSDP
-    "vlm_ep2_ac_fsdp": (2, ["parallel.ep=2", "parallel.activation_checkpointing=full",
-                            "parallel.fsdp=true", "train.micro_batch_size=2"]),
+    "vlm_ep2_ac_fsdp": (2, ["parallel.ep=2", "data.vision_pretrain_steps=2",
+                            "parallel.activation_checkpointing=full", "parallel.fsdp=true",
+                            "train.micro_batch_size=2"]),
     # modality-aware routing (a router per modality) and V2PE positions under EP
-    "vlm_ep2_modality_v2pe": (2, ["parallel.ep=2", "train.micro_batch_size=2",
-                                  "routing.modality=routers", "data.v2pe_delta=0.5",
+    "vlm_ep2_modality_v2pe": (2, ["parallel.ep=2", "data.vision_pretrain_steps=2",
+                                  "train.micro_batch_size=2", "routing.modality=routers", "data.v2pe_delta=0.5",
                                   "data.v2pe_train_deltas=[1.0,0.5,0.25]"]),
     # modality expert groups in an encoder-free VLM (raw patches reach the experts) under EP
     "vlm_ep2_groups_encoder_free": (2, ["experiment=encoder_free", "parallel.ep=2",

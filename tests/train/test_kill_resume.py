@@ -23,7 +23,7 @@ from moe_vlm.train.rundir import read_jsonl
 
 ARGS = ["train.max_steps=40", "train.ckpt_every=5", "train.log_every=1", "train.eval_every=20",
         "train.batch_size=8", "data.n_eval_samples=16", "train.progress=false",
-        "train.warmup_steps=2"]
+        "train.warmup_steps=2", "data.vision_pretrain_steps=20"]  # a resume must not redo it
 TIMING = {"tokens_per_s"}  # wall-clock fields: the only ones allowed to differ
 
 

@@ -12,7 +12,8 @@ from moe_vlm.train.checkpoint import list_checkpoints
 from moe_vlm.train.rundir import read_jsonl
 
 BASE = ["train.max_steps=6", "train.ckpt_every=2", "train.log_every=1", "train.eval_every=3",
-        "train.batch_size=4", "data.n_eval_samples=8", "train.progress=false"]
+        "train.batch_size=4", "data.n_eval_samples=8", "train.progress=false",
+        "data.vision_pretrain_steps=3"]  # a resume must not redo it
 
 
 @pytest.mark.parametrize("options", [

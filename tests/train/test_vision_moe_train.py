@@ -20,6 +20,7 @@ from moe_vlm.train.rundir import read_jsonl
 from test_kill_resume import assert_same_run  # noqa: E402
 
 SMALL = ["train.max_steps=3", "train.batch_size=4", "data.n_eval_samples=4", "train.progress=false",
+         "data.vision_pretrain_steps=0",
          "train.warmup_steps=1", "train.log_every=1", "train.eval_every=3", "train.ckpt_every=1"]
 
 

@@ -14,7 +14,9 @@ from moe_vlm.errors import UserError
 from moe_vlm.train import train
 from moe_vlm.train.rundir import read_jsonl
 
+# The tower pre-training (data.vision_pretrain_steps) is tested in test_vision_pretrain.py
 VLM_FAST = ["train.batch_size=4", "data.n_eval_samples=8", "train.progress=false",
+            "data.vision_pretrain_steps=0",
             "train.warmup_steps=2", "train.eval_every=100", "train.log_every=1"]
 
 
