@@ -20,10 +20,10 @@ def _run(args, cwd):
 
 @pytest.mark.timeout(600)
 def test_default_job_short_version_answers_above_chance(tmp_path):
-    # The default VLM job with a third of its steps (same model, data, tokenizer, learning
-    # rates, schedule shape and curriculum: count questions join halfway): held-out answers
-    # must beat uniform guessing clearly, the colour questions too, i.e. the model reads
-    # the images.
+    # The default VLM job with a third of its steps (same model, data, tokenizer, vision
+    # pre-training, learning rates, schedule shape and curriculum: count questions join
+    # halfway): held-out answers must beat uniform guessing clearly, the colour and shape
+    # questions too, i.e. the model reads the images.
     r = _run(["train", "train.max_steps=1000", "train.eval_every=500", "train.ckpt_every=500",
               "train.progress=false"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -33,14 +33,17 @@ def test_default_job_short_version_answers_above_chance(tmp_path):
     assert s["status"] == "completed" and s["steps"] == 1000
     assert s["final_eval_loss"] < 0.1 * s["initial_eval_loss"]
     assert 0.25 < s["chance_accuracy"] < 0.35
-    # Measured 2026-12-02 with seeds 0-4 (this command with seed=S, one thread): 0.644-0.710
-    # against chance 0.303, both colour question types 0.69-0.82 against 0.17 (the
-    # colours are read from the image by step 500-1000); seed 0 at two threads, as here:
-    # 0.662 (colours 0.67 and 0.72). The job is bit-reproducible on a given machine (same
-    # command, same numbers), so this either always passes there or always fails.
-    assert s["eval_accuracy"] > s["chance_accuracy"] + 0.25, s
+    # Measured 2026-12-02 with seeds 0-4 (this command with seed=S, one thread), the vision
+    # pre-training included: 0.705-0.781 against chance 0.303, both colour question types
+    # 0.70-0.79 against 0.17, the shape questions 0.43-0.71 against 0.33 (seed 3 the 0.43;
+    # in the full 3000-step job it passes 0.5 at step 1250, the others at 500). The job is
+    # bit-reproducible on a given machine (same command, same numbers), so this either
+    # always passes there or always fails.
+    assert s["eval_accuracy"] > s["chance_accuracy"] + 0.3, s
     by_type = s["eval_accuracy_breakdown"]
-    assert by_type["color_at"] > 0.5 and by_type["color_of"] > 0.5, by_type  # chance 1/6
+    assert by_type["color_at"] > 0.6 and by_type["color_of"] > 0.6, by_type  # chance 1/6
+    assert by_type["kind_at"] > 0.4, by_type  # chance 1/3
+    assert s["vision_pretrain"]["accuracy_after"]["kind"] > 0.9, s["vision_pretrain"]
     assert s["eval_accuracy"] > s["initial_eval_accuracy"]
     assert set(s["eval_accuracy_breakdown"]) == {"count", "color_at", "kind_at", "color_of", "exists"}
     assert (runs[0].parent / "config.yaml").is_file()
