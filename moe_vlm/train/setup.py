@@ -141,8 +141,8 @@ def _pretrain_vision(cfg: Config, model: nn.Module, layout: Layout) -> Optional[
     upcycle, whose weights come from elsewhere): the tower and projector pre-trained on the
     synthetic scenes' attributes (``moe_vlm.train.vision_pretrain``); its report, or None
     when off, for data without the scenes, or when nothing it would train is trainable
-    (an encoder-free model, or ``train.trainable`` without the vision groups). Every rank computes the same stage;
-    rank 0's result is broadcast so the ranks start from identical weights."""
+    (an encoder-free model, or ``train.trainable`` without the vision groups). Every rank
+    computes the same stage; rank 0's result is broadcast so the ranks start identical."""
     from moe_vlm.train.vision_pretrain import image_path_params, pretrain_steps, pretrain_vision
     steps = pretrain_steps(cfg)
     if not steps or getattr(model, "projector", None) is None or not image_path_params(model):
@@ -155,12 +155,12 @@ def _pretrain_vision(cfg: Config, model: nn.Module, layout: Layout) -> Optional[
         print(f"vision pre-training (data.vision_pretrain_steps={steps}): held-out quadrant "
               f"accuracy {change}", flush=True)
     if layout.distributed:
-        names = [n for n, _ in model.named_parameters() if n.startswith(("vision.", "projector."))]
-        params = dict(model.named_parameters())
-        ref = layout.broadcast({n: params[n].detach().cpu() for n in names})
+        params = {n: p for n, p in model.named_parameters()
+                  if n.startswith(("vision.", "projector."))}
+        ref = layout.broadcast({n: p.detach().cpu() for n, p in params.items()})
         with torch.no_grad():
-            for n in names:
-                params[n].copy_(ref[n])
+            for n, p in params.items():
+                p.copy_(ref[n])
     return report.as_dict()
 
 

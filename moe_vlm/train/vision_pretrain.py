@@ -1,5 +1,5 @@
 """Pre-train the vision tower and projector on the synthetic scenes' attributes, before
-the run's first step (``vision.pretrain_steps``): the synthetic set's stand-in for the
+the run's first step (``data.vision_pretrain_steps``): the synthetic set's stand-in for the
 pre-trained image encoder (CLIP, SigLIP, an ImageNet ViT) every real VLM starts from.
 
 Why: a freshly initialised tower trained only through the decoder's answers never learns
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +47,7 @@ class PretrainReport:
     accuracy_after: dict[str, float]
 
     def as_dict(self) -> dict:
-        return {"steps": self.steps, "final_loss": self.final_loss,
-                "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after}
+        return asdict(self)
 
 
 def scene_batch(rng: random.Random, n: int, image_size: int, mean: Tensor, std: Tensor
