@@ -155,8 +155,18 @@ class KrajewskiModel:
         return np.array(out)
 
 
+CLARK_LOG_UV_LIMIT = 40.0
+"""``|log u|, |log v|`` cap for the Clark fit. Without a dense point (E = 1) ``e_start`` is
+not identified: the loss flattens as ``u = 1/e_start - 1/e_max -> inf`` and a start may walk
+until ``exp(log u)`` overflows, which reported ``e_start = 0.0`` (an invalid law). The cap
+keeps every parameter finite and valid (``e_start >= ~4e-18``); the loss is flat there."""
+
+
 class ClarkModel:
-    """``log10 L = a x + b' z + c x z + d'``, ``x = log10 N - m``, ``z = log10 E_hat(E; u, v)``."""
+    """``log10 L = a x + b' z + c x z + d'``, ``x = log10 N - m``, ``z = log10 E_hat(E; u, v)``.
+
+    ``log u`` and ``log v`` are clipped to ``[-CLARK_LOG_UV_LIMIT, CLARK_LOG_UV_LIMIT]``
+    (gradient zero outside), so no start can overflow them."""
 
     law = "clark"
     names = ("a", "b_c", "c", "d_c", "log_u", "log_v")
@@ -175,25 +185,30 @@ class ClarkModel:
         return np.log(e_hat) / LN10, e_hat, s, u, v
 
     def forward(self, theta: np.ndarray) -> tuple[np.ndarray, tuple]:
-        a, b, c, d, lu, lv = (theta[:, i, None] for i in range(6))
-        z, e_hat, s, u, v = self._z(lu, lv)
+        a, b, c, d = (theta[:, i, None] for i in range(4))
+        luv = theta[:, 4:6]                                                  # [K, 2]
+        inside = np.abs(luv) < CLARK_LOG_UV_LIMIT                            # [K, 2]
+        luv = np.clip(luv, -CLARK_LOG_UV_LIMIT, CLARK_LOG_UV_LIMIT)
+        z, e_hat, s, u, v = self._z(luv[:, 0, None], luv[:, 1, None])
         pred = LN10 * (a * self.x + b * z + c * self.x * z + d)              # [K, n] natural log
-        return pred, (theta, z, e_hat, s, u, v)
+        return pred, (theta, inside, z, e_hat, s, u, v)
 
     def backward(self, cache: tuple, dpred: np.ndarray) -> np.ndarray:
-        theta, z, e_hat, s, u, v = cache
+        theta, inside, z, e_hat, s, u, v = cache
         b, c = theta[:, 1, None], theta[:, 2, None]
         k = dpred * LN10                                                    # [K, n]
         dz_coef = dpred * (b + c * self.x)          # d pred / d ln(E_hat) = (b + c x) (LN10 cancels)
         dln_du = -e_hat / (s * s * u)               # d ln E_hat / d log u
         dln_dv = -e_hat * v                         # d ln E_hat / d log v
         return np.column_stack([(k * self.x).sum(1), (k * z).sum(1), (k * self.x * z).sum(1),
-                                k.sum(1), (dz_coef * dln_du).sum(1), (dz_coef * dln_dv).sum(1)])
+                                k.sum(1), (dz_coef * dln_du).sum(1) * inside[:, 0],
+                                (dz_coef * dln_dv).sum(1) * inside[:, 1]])
 
     def to_params(self, theta: np.ndarray) -> dict[str, np.ndarray]:
         theta = np.atleast_2d(theta)
         a, b, c, d = theta[:, 0], theta[:, 1], theta[:, 2], theta[:, 3]
-        u, v = np.exp(theta[:, 4]), np.exp(theta[:, 5])
+        luv = np.clip(theta[:, 4:6], -CLARK_LOG_UV_LIMIT, CLARK_LOG_UV_LIMIT)
+        u, v = np.exp(luv[:, 0]), np.exp(luv[:, 1])
         return {"a": a, "b": b - c * self.m, "c": c, "d": d - a * self.m,
                 "e_start": 1.0 / (u + v), "e_max": 1.0 / v}
 

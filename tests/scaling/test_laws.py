@@ -92,3 +92,20 @@ def test_model_forward_matches_law_and_gradient_matches_finite_differences(which
         num = (fg(th + step, np.arange(2))[0] - fg(th - step, np.arange(2))[0]) / (2 * eps)
         np.testing.assert_allclose(g[:, i], num, rtol=1e-5, atol=1e-9)
     assert np.allclose(f, huber(model.forward(th)[0] - y, 0.01).sum(1))
+
+
+def test_clark_model_stays_valid_far_out():
+    """Without a dense point e_start is not identified and a start can walk log u out
+    until exp overflows (CI saw e_start = 0.0, which clark_loss rejects). The model clips
+    log u and log v, so predictions and parameters stay finite and valid there, with a
+    zero gradient along the clipped coordinate."""
+    N, E = np.repeat([1e7, 1e8, 1e9], 3), np.tile([8.0, 16.0, 64.0], 3)
+    model = ClarkModel(N, E)
+    theta = np.array([[-0.08, -0.1, 0.008, 1.1, 1000.0, np.log(1 / 300.0)]])
+    pred, cache = model.forward(theta)
+    assert np.all(np.isfinite(pred))
+    p = {k: float(v[0]) for k, v in model.to_params(theta).items()}
+    assert 0 < p["e_start"] < p["e_max"]
+    np.testing.assert_allclose(np.log(clark_loss(N, E, **p)), pred[0], rtol=1e-12)
+    g = model.backward(cache, np.ones_like(pred))
+    assert np.all(np.isfinite(g)) and g[0, 4] == 0.0 and g[0, 5] != 0.0
