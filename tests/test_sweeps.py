@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from moe_vlm.analysis.results import collect_results
 from moe_vlm.config.loader import (
@@ -19,6 +20,7 @@ from moe_vlm.config.loader import (
     load_config,
     register_schema,
     searchpath_override,
+    to_config,
 )
 
 STUDIES = sorted(p.stem for p in (experiments_dir() / "sweep").glob("*.yaml") if not p.stem.startswith("_"))
@@ -41,12 +43,25 @@ def test_the_promised_studies_exist():
 
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_point_of_every_study_is_a_valid_config(study):
+    """Each point through the full validation. The first point of a study is composed by
+    Hydra as a run would be; the others, where every axis is a dotted key, are merged
+    onto the study's composed (unresolved) config and validated the same way (``to_config``),
+    5x cheaper than a Hydra composition per point (~190 points)."""
     params = sweep_params(study)
     assert params, f"{study} sweeps nothing"
     keys = list(params)
-    for values in itertools.product(*params.values()):
-        cfg = load_config([f"sweep={study}", *(f"{k}={v}" for k, v in zip(keys, values))])
-        assert cfg.run.name == study and cfg.vision.name == "none"
+    points = [[f"{k}={v}" for k, v in zip(keys, values)] for values in itertools.product(*params.values())]
+    cfg = load_config([f"sweep={study}", *points[0]])
+    assert cfg.run.name == study and cfg.vision.name == "none"
+    if any("." not in k for k in keys):  # a config-group axis (routing=NAME) needs Hydra
+        configs = (load_config([f"sweep={study}", *point]) for point in points[1:])
+    else:
+        register_schema()
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            base = compose(config_name="config", overrides=[searchpath_override(), f"sweep={study}"])
+        configs = (to_config(OmegaConf.merge(base, OmegaConf.from_dotlist(point))) for point in points[1:])
+    for point, cfg in zip(points[1:], configs):
+        assert cfg.run.name == study and cfg.vision.name == "none", point
 
 
 # The study's other axes pinned to one value, and the small synthetic set instead of the
