@@ -73,7 +73,7 @@ def test_cli_train_help_prints_it_and_writes_nothing(capsys, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     main(["train", "--help"])
     out = capsys.readouterr().out
-    assert "  train.max_steps (int) = 3000" in out and "  moe.n_shared (int) = 1" in out
+    assert "  train.max_steps (int) = 2500" in out and "  moe.n_shared (int) = 1" in out
     main(["train", "routing=switch_top1", "-h"])
     assert "  routing.capacity_factor (float | null) = 1.25" in capsys.readouterr().out
     assert not any(tmp_path.iterdir())
