@@ -108,12 +108,27 @@ def _is_utf8(path: Path) -> bool:
 
 def _load_json_rows(path: Path) -> Any:
     """``datasets`` JSON loader (in memory), cache in a temporary directory that is
-    removed again. Local files need no network, so no offline switch is set."""
-    import datasets
+    removed again.
 
-    with tempfile.TemporaryDirectory(prefix="moe_vlm_datasets_") as cache:
-        return datasets.load_dataset("json", data_files=str(path), split="train",
-                                     cache_dir=cache, keep_in_memory=True)
+    Even for a local file, ``load_dataset`` counts a "download" with an HTTP HEAD request
+    to the Hub (``datasets.load.increase_load_count``) unless
+    ``datasets.config.HF_UPDATE_DOWNLOAD_COUNTS`` is off: a request leaving the machine
+    that nobody asked for, and without a network a 3-5 s stall (DNS) on the first load.
+    It is switched off for the call and restored after."""
+    import datasets
+    from datasets import config as ds_config
+
+    counts = getattr(ds_config, "HF_UPDATE_DOWNLOAD_COUNTS", None)
+    ds_config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    try:
+        with tempfile.TemporaryDirectory(prefix="moe_vlm_datasets_") as cache:
+            return datasets.load_dataset("json", data_files=str(path), split="train",
+                                         cache_dir=cache, keep_in_memory=True)
+    finally:
+        if counts is None:
+            del ds_config.HF_UPDATE_DOWNLOAD_COUNTS
+        else:
+            ds_config.HF_UPDATE_DOWNLOAD_COUNTS = counts
 
 
 def _load_rows(path: Path, where: str) -> tuple[Any, dict[int, _Skip]]:

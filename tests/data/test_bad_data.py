@@ -210,3 +210,28 @@ def test_corrupt_hf_tokenizer_dir(tmp_path: Path, name: str, content: bytes) -> 
     assert "data.tokenizer_path" in str(e.value) and str(tmp_path / "tok") in str(e.value)
     if not name.startswith("wrong_shape"):  # not JSON at all: the message names the file
         assert str(tmp_path / "tok" / "tokenizer.json") in str(e.value)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "stream"])
+def test_reading_local_rows_opens_no_connection(tree: Path, monkeypatch, streaming: bool) -> None:
+    """``datasets.load_dataset`` pings the Hub to count downloads, even for a local file
+    (a 5 s DNS stall without a network, and a request nobody asked for): switched off, so
+    no address is looked up and no socket connects while the rows are read."""
+    import socket
+
+    calls: list[tuple] = []
+
+    def record(name: str):
+        def refuse(*args, **kwargs):
+            calls.append((name, args[:2]))
+            raise OSError("network disabled in this test")
+        return refuse
+
+    monkeypatch.setattr(socket, "getaddrinfo", record("getaddrinfo"))
+    monkeypatch.setattr(socket, "create_connection", record("create_connection"))
+    (tree / "rows.jsonl").write_text(_line(GOOD) + _line(TEXT))
+    cfg = DataConfig(name="llava", image_dir=str(tree / "images"), seq_len=SEQ,
+                     eval_path=str(tree / "eval_ok.jsonl"), streaming=streaming,
+                     path=str(tree / "rows.jsonl"))
+    samples, _ = _first_samples(cfg)
+    assert len(samples) == 2 and calls == []
