@@ -118,6 +118,12 @@ class WandbTracker:
         wandb = _import("wandb", "log.wandb")
         lc = cfg.log
         self.wandb = wandb
+        if lc.wandb_mode != "online":
+            # The run's mode alone is not enough: W&B records its own usage telemetry
+            # (e.g. the time each run.log takes to encode) through a process-wide
+            # recorder built from the *global* settings, and exports it over HTTP unless
+            # those are offline too (wandb 0.31). Offline means nothing leaves the machine.
+            wandb.setup(settings=wandb.Settings(mode=str(lc.wandb_mode)))
         self.run = wandb.init(
             project=lc.wandb_project, entity=lc.wandb_entity, name=tracker_name(cfg, run_dir),
             id=run_id, resume="allow", dir=str(run_dir), mode=lc.wandb_mode, config=config,
