@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -24,6 +25,30 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 TEXT = ["vision=none", "data=synthetic_text"]  # text-only decoder runs
 FAST = [*TEXT, "train.lr=3e-3", "train.batch_size=4", "data.seq_len=32", "data.n_eval_samples=8",
         "train.progress=false", "train.warmup_steps=2"]
+
+
+_LOCAL_HOSTS = {"", "localhost", "::1", "0.0.0.0", socket.gethostname(), socket.getfqdn()}
+
+
+@pytest.fixture(autouse=True)
+def no_remote_hosts(monkeypatch):
+    """Nothing reaches past this machine at run time (no model, tokenizer or data
+    downloads, no telemetry): every address lookup of another host is refused and fails
+    the test at teardown, also where the caller swallows the error (``datasets`` and W&B
+    did, for their usage counters). Processes a test starts are not covered."""
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def guard(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else ("" if host is None else str(host))
+        if name not in _LOCAL_HOSTS and not name.startswith("127."):
+            lookups.append(name)
+            raise OSError(f"tests run offline: refused to look up {name!r}")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", guard)
+    yield lookups
+    assert not lookups, f"the test tried to reach {sorted(set(lookups))}"
 
 
 @pytest.fixture
