@@ -27,7 +27,7 @@ FAST = [*TEXT, "train.lr=3e-3", "train.batch_size=4", "data.seq_len=32", "data.n
         "train.progress=false", "train.warmup_steps=2"]
 
 
-_LOCAL_HOSTS = {"", "localhost", "::1", "0.0.0.0", socket.gethostname(), socket.getfqdn()}
+_LOCAL_HOSTS = {"", "localhost", "::1", "0.0.0.0", socket.gethostname()}  # no getfqdn: a DNS query
 
 
 @pytest.fixture(autouse=True)
