@@ -115,20 +115,14 @@ def _load_json_rows(path: Path) -> Any:
     ``datasets.config.HF_UPDATE_DOWNLOAD_COUNTS`` is off: a request leaving the machine
     that nobody asked for, and without a network a 3-5 s stall (DNS) on the first load.
     It is switched off for the call and restored after."""
-    import datasets
-    from datasets import config as ds_config
+    from unittest import mock
 
-    counts = getattr(ds_config, "HF_UPDATE_DOWNLOAD_COUNTS", None)
-    ds_config.HF_UPDATE_DOWNLOAD_COUNTS = False
-    try:
-        with tempfile.TemporaryDirectory(prefix="moe_vlm_datasets_") as cache:
-            return datasets.load_dataset("json", data_files=str(path), split="train",
-                                         cache_dir=cache, keep_in_memory=True)
-    finally:
-        if counts is None:
-            del ds_config.HF_UPDATE_DOWNLOAD_COUNTS
-        else:
-            ds_config.HF_UPDATE_DOWNLOAD_COUNTS = counts
+    import datasets
+
+    with mock.patch.object(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False, create=True), \
+            tempfile.TemporaryDirectory(prefix="moe_vlm_datasets_") as cache:
+        return datasets.load_dataset("json", data_files=str(path), split="train",
+                                     cache_dir=cache, keep_in_memory=True)
 
 
 def _load_rows(path: Path, where: str) -> tuple[Any, dict[int, _Skip]]:
